@@ -1,0 +1,103 @@
+"""The ``nbia-proxy`` command line: ``serve`` (the default)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from proxy import __version__
+from proxy.config import Settings, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbia-proxy", description="A local caching gateway for the NBIA REST API."
+    )
+    parser.add_argument("--version", action="version", version=f"nbia-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="run the gateway (default)")
+    _add_settings_flags(serve)
+    return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so that only flags the user gave override env and file values.
+    parser.add_argument("--config", type=Path, help="TOML settings file (env NBIA_PROXY_CONFIG)")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument("--upstream", help="main NBIA base URL")
+    parser.add_argument("--nlst-upstream", help="NLST base URL (mounted at /nlst/)")
+    parser.add_argument("--data-dir", type=Path, help="where the database and files live")
+    parser.add_argument("--log-level", help="debug, info, warning or error")
+    parser.add_argument(
+        "--token-on-v4",
+        action="store_const",
+        const=True,
+        help="also send the service token on v4 requests",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from flags, the environment and the config file, in that order of strength."""
+    config = args.config or (
+        Path(os.environ["NBIA_PROXY_CONFIG"]) if os.environ.get("NBIA_PROXY_CONFIG") else None
+    )
+    flags = {
+        name: getattr(args, name, None)
+        for name in (
+            "host",
+            "port",
+            "upstream",
+            "nlst_upstream",
+            "data_dir",
+            "log_level",
+            "token_on_v4",
+        )
+    }
+    return load_settings(config, **flags)
+
+
+def serve(settings: Settings) -> None:
+    """Run the gateway in the foreground until interrupted."""
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        # The upstream's own Date and Server headers are relayed instead.
+        server_header=False,
+        date_header=False,
+        access_log=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nbia-proxy`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"nbia-proxy: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        serve(settings)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""Settings: every knob of the gateway, read from flags, ``NBIA_PROXY_*`` variables or a TOML file.
+
+Precedence, highest first: command-line flag, environment variable, config file, default.
+Nothing is read at import time; :func:`load_settings` builds a fresh :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+#: NBIA's public guest account; the real server accepts any password for it.
+GUEST_USERNAME = "nbia_guest"
+
+
+class Settings(BaseSettings):
+    """The gateway's configuration. Field names map to ``NBIA_PROXY_<NAME>`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="NBIA_PROXY_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
+    upstream: str = Field(
+        "https://services.cancerimagingarchive.net",
+        description="Base URL of the main NBIA server (mounted at /).",
+    )
+    nlst_upstream: str = Field(
+        "https://nlst.cancerimagingarchive.net",
+        description="Base URL of the NLST server (mounted at /nlst/).",
+    )
+    data_dir: Path = Field(
+        Path("nbia-proxy-data"), description="Where the gateway keeps its database and files."
+    )
+    username: str = Field(GUEST_USERNAME, description="Service account for the main upstream.")
+    password: SecretStr = Field(SecretStr(""), description="Service account password.")
+    password_file: Path | None = Field(
+        None, description="File holding the service account password (wins over `password`)."
+    )
+    nlst_username: str | None = Field(
+        None, description="Service account for NLST (default: the main account)."
+    )
+    nlst_password: SecretStr | None = Field(
+        None, description="NLST password (default: the main password)."
+    )
+    client_id: str = Field("nbia", description="OAuth client_id sent with the password grant.")
+    token_on_v4: bool = Field(
+        False, description="Also send the service token on v4 requests (v4 works anonymously)."
+    )
+    token_refresh_margin_seconds: float = Field(
+        60.0, ge=0, description="Refresh the service token this long before it expires."
+    )
+    client_token_lifetime_seconds: int = Field(
+        7200, gt=0, description="Lifetime of tokens the gateway issues to its own clients."
+    )
+    connect_timeout_seconds: float = Field(10.0, gt=0, description="Upstream connect timeout.")
+    read_timeout_seconds: float = Field(
+        120.0, gt=0, description="Longest wait for the next upstream byte."
+    )
+    max_upstream_connections: int = Field(
+        100, gt=0, description="Connection pool size per upstream."
+    )
+    max_request_body_bytes: int = Field(
+        8 * 1024 * 1024, gt=0, description="Largest request body accepted from a client."
+    )
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @field_validator("upstream", "nlst_upstream")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("an upstream URL must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _read_password_file(self) -> Settings:
+        if self.password_file is not None:
+            text = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            self.password = SecretStr(text)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags arrive as init kwargs; the config file is merged in load_settings, below env.
+        return (init_settings, env_settings)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from (in order of strength) ``overrides``, the environment and a TOML file.
+
+    ``overrides`` holds only the flags the user actually gave; ``None`` values are ignored.
+    """
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    file_values = _read_config_file(config_file) if config_file else {}
+    env_names = _names_set_in_environment()
+    # A file value applies only where neither a flag nor the environment set that field.
+    merged = {k: v for k, v in file_values.items() if k not in env_names} | flags
+    return Settings(**merged)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    # Accept both a flat file and one with a [nbia-proxy] table.
+    table = data.get("nbia-proxy", data)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected a table of settings")
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def _names_set_in_environment() -> set[str]:
+    import os
+
+    prefix = "NBIA_PROXY_"
+    return {name[len(prefix) :].lower() for name in os.environ if name.upper().startswith(prefix)}

@@ -1,0 +1,189 @@
+"""The gateway's hot path: a raw ASGI app in front of the FastAPI control app.
+
+Every request whose path (below an upstream's mount) starts with ``/nbia-api/`` is handled here
+without framework routing: the token endpoints are answered locally, everything else is
+forwarded to the upstream under the same path. Other paths (``/healthz``, ``/_proxy/...``)
+fall through to the control app.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from urllib.parse import parse_qsl
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.client_tokens import ClientTokens, TokenAnswer
+from proxy.config import Settings
+from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
+from proxy.errors import ClientError, GatewayError
+from proxy.forwarding import OutgoingRequest, open_upstream
+from proxy.headers import find
+from proxy.responses import send_error, send_json
+from proxy.streaming import relay_buffered, relay_stream
+from proxy.upstream import Upstream
+
+log = logging.getLogger("nbia_proxy.gateway")
+
+_API_PREFIX = "/nbia-api/"
+_FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
+class Gateway:
+    """Routes NBIA paths to their upstream; hands the rest to ``control_app``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstreams: list[Upstream],
+        client_tokens: ClientTokens,
+        control_app: ASGIApp,
+    ) -> None:
+        self.settings = settings
+        # Longest mount first, so /nlst/... is not taken by the root mount.
+        self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
+        self.client_tokens = client_tokens
+        self.control_app = control_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.control_app(scope, receive, send)
+            return
+        routed = self._route(scope["path"])
+        if routed is None:
+            await self.control_app(scope, receive, send)
+            return
+        upstream, path = routed
+        started = time.perf_counter()
+        state = _Progress()
+        try:
+            await self._handle(upstream, path, scope, receive, _tracking(send, state))
+        except GatewayError as exc:
+            log.warning("%s %s -> %s: %s", scope["method"], path, exc.status, exc.message)
+            if not state.started:
+                await send_error(send, exc.status, exc.message, exc.upstream)
+            state.status = exc.status
+        finally:
+            log.debug(
+                "%s %s%s -> %s in %.1f ms",
+                scope["method"],
+                upstream.config.mount,
+                path,
+                state.status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    def _route(self, path: str) -> tuple[Upstream, str] | None:
+        for upstream in self.upstreams:
+            mount = upstream.config.mount
+            if path.startswith(mount + _API_PREFIX):
+                return upstream, path[len(mount) :]
+        return None
+
+    async def _handle(
+        self, upstream: Upstream, path: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        method: str = scope["method"]
+        _reject_dot_segments(path)
+        if path in TOKEN_PATHS:
+            await self._answer_token(method, scope, receive, send)
+            return
+        if path in LOGOUT_PATHS:
+            auth = find(scope["headers"], b"authorization")
+            answer = self.client_tokens.answer_logout(auth.decode("latin-1") if auth else None)
+            await _send_answer(send, answer)
+            return
+        if method not in _FORWARDED_METHODS:
+            raise ClientError(f"method {method} is not supported", status=405)
+        mount = upstream.config.mount.encode()
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if not raw_path.startswith(mount):
+            raise ClientError("malformed request path")
+        request = OutgoingRequest(
+            method=method,
+            raw_path=raw_path[len(mount) :],
+            query=scope["query_string"],
+            headers=list(scope["headers"]),
+            body=await _read_body(receive, self.settings.max_request_body_bytes),
+        )
+        endpoint = lookup(path)
+        response = await open_upstream(
+            upstream, request, token_use_for(path), self.settings.token_on_v4
+        )
+        buffer = (
+            endpoint is not None and not endpoint.payload.is_binary and method in ("GET", "POST")
+        )
+        if buffer:
+            await relay_buffered(response, upstream.name, send, [])
+        else:
+            await relay_stream(response, upstream.name, receive, send, [])
+
+    async def _answer_token(self, method: str, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive, 64 * 1024)
+        if method == "POST":
+            form = _form(body)
+        elif method == "GET":  # tcia-utils 1.0 sent the grant as a query string
+            form = _form(scope["query_string"])
+        else:
+            raise ClientError(f"method {method} is not supported here", status=405)
+        await _send_answer(send, self.client_tokens.answer_token_request(form))
+
+
+class _Progress:
+    """What has been sent so far, for logging and for not answering twice."""
+
+    __slots__ = ("started", "status")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.status = 0
+
+
+def _tracking(send: Send, state: _Progress) -> Send:
+    async def tracked(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            state.started = True
+            state.status = message["status"]
+        await send(message)
+
+    return tracked
+
+
+def _reject_dot_segments(path: str) -> None:
+    # The upstream (and httpx's URL normaliser) would resolve these; refuse rather than guess.
+    if any(segment in (".", "..") for segment in path.split("/")):
+        raise ClientError("dot segments are not allowed in paths")
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientError("client disconnected", status=499)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(f"request body larger than {limit} bytes", status=413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _form(raw: bytes) -> dict[str, str]:
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise ClientError("form body is not valid UTF-8") from exc
+    return dict(pairs)
+
+
+async def _send_answer(send: Send, answer: TokenAnswer) -> None:
+    no_store = [(b"cache-control", b"no-store")]
+    if answer.body is None:
+        await send({"type": "http.response.start", "status": answer.status, "headers": no_store})
+        await send({"type": "http.response.body", "body": b""})
+    else:
+        await send_json(send, answer.status, answer.body, no_store)

@@ -1,0 +1,37 @@
+"""Small raw-ASGI senders for the answers the gateway writes itself."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import Send
+
+from proxy.headers import RawHeaders
+
+
+async def send_bytes(
+    send: Send, status: int, body: bytes, headers: RawHeaders | None = None
+) -> None:
+    """Send a complete response with an exact Content-Length."""
+    all_headers = list(headers or [])
+    all_headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(
+    send: Send, status: int, payload: Any, headers: RawHeaders | None = None
+) -> None:
+    """Send ``payload`` as a compact JSON document."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    all_headers = [(b"content-type", b"application/json")] + list(headers or [])
+    await send_bytes(send, status, body, all_headers)
+
+
+async def send_error(send: Send, status: int, message: str, upstream: str | None = None) -> None:
+    """Send the gateway's error shape: ``{"error": ..., "upstream": ...}``."""
+    payload = {"error": message}
+    if upstream is not None:
+        payload["upstream"] = upstream
+    await send_json(send, status, payload, [(b"cache-control", b"no-store")])

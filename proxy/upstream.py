@@ -1,0 +1,89 @@
+"""Named upstreams: where each mount point's requests go, and with which service account."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+from pydantic import SecretStr
+
+from proxy.config import Settings
+from proxy.service_token import ServiceToken
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One NBIA server: its name, the path prefix it is mounted at, and its account."""
+
+    name: str
+    mount: str  # "" for the root mount, "/nlst" for NLST; never ends with "/"
+    url: str
+    username: str
+    password: SecretStr
+
+
+def upstream_configs(settings: Settings) -> list[UpstreamConfig]:
+    """The configured upstreams, longest mount first so that ``/nlst`` wins over ``/``."""
+    configs = [
+        UpstreamConfig("nbia", "", settings.upstream, settings.username, settings.password),
+        UpstreamConfig(
+            "nlst",
+            "/nlst",
+            settings.nlst_upstream,
+            settings.nlst_username or settings.username,
+            settings.nlst_password or settings.password,
+        ),
+    ]
+    return sorted(configs, key=lambda c: len(c.mount), reverse=True)
+
+
+class Upstream:
+    """A configured upstream with its HTTP connection pool and service token."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.base_url = httpx.URL(config.url)
+        self.client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout_seconds,
+                read=settings.read_timeout_seconds,
+                write=settings.read_timeout_seconds,
+                pool=settings.connect_timeout_seconds,
+            ),
+            limits=httpx.Limits(
+                max_connections=settings.max_upstream_connections,
+                max_keepalive_connections=settings.max_upstream_connections,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.token = ServiceToken(
+            client=self.client,
+            token_url=str(self.base_url.join("/nbia-api/oauth/token")),
+            upstream=config.name,
+            username=config.username,
+            password=config.password,
+            client_id=settings.client_id,
+            refresh_margin_seconds=settings.token_refresh_margin_seconds,
+            clock=clock,
+        )
+
+    def url_for(self, raw_path: bytes, query: bytes) -> httpx.URL:
+        """The upstream URL for a client path (below the mount) and raw query, bytes kept."""
+        base_path = self.base_url.raw_path.split(b"?", 1)[0].rstrip(b"/")
+        target = base_path + raw_path + (b"?" + query if query else b"")
+        return self.base_url.copy_with(raw_path=target)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
