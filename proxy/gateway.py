@@ -21,7 +21,7 @@ from proxy.errors import ClientError, GatewayError
 from proxy.forwarding import OutgoingRequest, open_upstream
 from proxy.headers import find
 from proxy.responses import send_error, send_json
-from proxy.streaming import relay_buffered, relay_stream
+from proxy.streaming import StreamBroken, relay_buffered, relay_stream
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.gateway")
@@ -64,6 +64,15 @@ class Gateway:
             if not state.started:
                 await send_error(send, exc.status, exc.message, exc.upstream)
             state.status = exc.status
+        except StreamBroken:
+            raise  # the server must abort the connection: the client sees a broken transfer
+        except Exception:
+            log.exception("unexpected error on %s %s", scope["method"], path)
+            if not state.started:
+                await send_error(send, 500, "internal gateway error")
+                state.status = 500
+            else:
+                raise
         finally:
             log.debug(
                 "%s %s%s -> %s in %.1f ms",
@@ -108,13 +117,12 @@ class Gateway:
             body=await _read_body(receive, self.settings.max_request_body_bytes),
         )
         endpoint = lookup(path)
+        # Catalogued text payloads are read whole; binaries and unknown endpoints stream.
+        buffer = endpoint is not None and not endpoint.payload.is_binary
         response = await open_upstream(
-            upstream, request, token_use_for(path), self.settings.token_on_v4
+            upstream, request, token_use_for(path), self.settings.token_on_v4, bulk=not buffer
         )
-        buffer = (
-            endpoint is not None and not endpoint.payload.is_binary and method in ("GET", "POST")
-        )
-        if buffer:
+        if buffer and method in ("GET", "POST"):
             await relay_buffered(response, upstream.name, send, [])
         else:
             await relay_stream(response, upstream.name, receive, send, [])

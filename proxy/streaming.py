@@ -17,7 +17,7 @@ import logging
 import httpx
 from starlette.types import Receive, Send
 
-from proxy.forwarding import translate
+from proxy.forwarding import UpstreamResponse, translate
 from proxy.headers import RawHeaders, for_client
 from proxy.responses import send_bytes
 
@@ -29,7 +29,7 @@ class StreamBroken(Exception):
 
 
 async def relay_stream(
-    response: httpx.Response, upstream: str, receive: Receive, send: Send, extra: RawHeaders
+    response: UpstreamResponse, upstream: str, receive: Receive, send: Send, extra: RawHeaders
 ) -> int:
     """Stream ``response`` to the client; return the number of body bytes sent."""
     headers = for_client(response.headers.raw) + extra
@@ -69,7 +69,7 @@ async def relay_stream(
 
 
 async def relay_buffered(
-    response: httpx.Response, upstream: str, send: Send, extra: RawHeaders
+    response: UpstreamResponse, upstream: str, send: Send, extra: RawHeaders
 ) -> bytes:
     """Read the whole (small) body first, then answer with an exact Content-Length."""
     try:

@@ -53,14 +53,15 @@ class Upstream:
         self.config = config
         self.name = config.name
         self.base_url = httpx.URL(config.url)
+        self.timeout = httpx.Timeout(
+            connect=settings.connect_timeout_seconds,
+            read=settings.read_timeout_seconds,
+            write=settings.read_timeout_seconds,
+            pool=settings.connect_timeout_seconds,
+        )
         self.client = httpx.AsyncClient(
             transport=transport,
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout_seconds,
-                read=settings.read_timeout_seconds,
-                write=settings.read_timeout_seconds,
-                pool=settings.connect_timeout_seconds,
-            ),
+            timeout=self.timeout,
             limits=httpx.Limits(
                 max_connections=settings.max_upstream_connections,
                 max_keepalive_connections=settings.max_upstream_connections,
