@@ -1,0 +1,80 @@
+"""Run the real gateway under uvicorn in a background thread, on a free loopback port.
+
+httpx's ASGITransport buffers whole bodies and skips the server's connection handling, so
+streaming, disconnects and aborted transfers are only observable over a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+from proxy.app import create_app
+from proxy.config import Settings
+from proxy.gateway import Gateway
+
+
+def make_settings(
+    data_dir: Path, upstream: str, nlst_upstream: str | None = None, **extra: Any
+) -> Settings:
+    """Settings for a test gateway: loopback upstreams and a private data dir."""
+    return Settings(
+        upstream=upstream,
+        nlst_upstream=nlst_upstream or upstream,
+        data_dir=data_dir,
+        connect_timeout_seconds=extra.pop("connect_timeout_seconds", 2.0),
+        read_timeout_seconds=extra.pop("read_timeout_seconds", 5.0),
+        **extra,
+    )
+
+
+class GatewayServer:
+    """The gateway app served by uvicorn in a thread; ``url`` is its base URL."""
+
+    def __init__(self, settings: Settings, **create_kwargs: Any) -> None:
+        self.settings = settings
+        self.app: Gateway = create_app(settings, **create_kwargs)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def __enter__(self) -> GatewayServer:
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            log_config=None,
+            lifespan="on",
+            server_header=False,
+            date_header=False,
+            access_log=False,
+        )
+        server = uvicorn.Server(config)  # signal handlers are skipped off the main thread
+        self._server = server
+        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
