@@ -24,21 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Secrets are never taken from the command line, where ``ps`` would show them.
+_NO_FLAG = frozenset({"password", "nlst_password"})
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    # Defaults are None so that only flags the user gave override env and file values.
+    """One flag per setting, generated from :class:`Settings` so none is forgotten."""
     parser.add_argument("--config", type=Path, help="TOML settings file (env NBIA_PROXY_CONFIG)")
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    parser.add_argument("--upstream", help="main NBIA base URL")
-    parser.add_argument("--nlst-upstream", help="NLST base URL (mounted at /nlst/)")
-    parser.add_argument("--data-dir", type=Path, help="where the database and files live")
-    parser.add_argument("--log-level", help="debug, info, warning or error")
-    parser.add_argument(
-        "--token-on-v4",
-        action="store_const",
-        const=True,
-        help="also send the service token on v4 requests",
-    )
+    for name, field in Settings.model_fields.items():
+        if name in _NO_FLAG:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (env NBIA_PROXY_{name.upper()})"
+        # Defaults are None so that only flags actually given override env and file values.
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -46,18 +48,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     config = args.config or (
         Path(os.environ["NBIA_PROXY_CONFIG"]) if os.environ.get("NBIA_PROXY_CONFIG") else None
     )
-    flags = {
-        name: getattr(args, name, None)
-        for name in (
-            "host",
-            "port",
-            "upstream",
-            "nlst_upstream",
-            "data_dir",
-            "log_level",
-            "token_on_v4",
-        )
-    }
+    flags = {name: getattr(args, name, None) for name in Settings.model_fields}
     return load_settings(config, **flags)
 
 
@@ -91,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
-    except (ValidationError, ValueError, OSError) as exc:
+    except ValidationError as exc:
+        # One line per bad setting, without echoing the value (it might be a secret).
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            print(f"nbia-proxy: invalid setting {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
         print(f"nbia-proxy: invalid settings: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":

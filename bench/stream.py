@@ -1,0 +1,201 @@
+"""Streaming benchmark: a large series zip direct, through the gateway, and through nginx.
+
+Run on purpose (not part of the test suite)::
+
+    .venv/bin/python -m bench.stream --size-mb 1024 --rounds 3
+
+It starts the fake NBIA upstream (tests/fake_nbia) with a large series, the gateway, and nginx
+(Debian package ``nginx-light`` or ``nginx``; ``proxy_buffering off``, one worker) in front of
+the same upstream, then downloads the zip with curl from each, interleaving the three so that
+machine noise hits them alike. It prints MB/s per path (median of the rounds), the ratios from
+this one run, and the gateway's peak RSS (VmHWM) during the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass {upstream};
+      proxy_http_version 1.1;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def start_fake_upstream(size_mb: int) -> tuple[subprocess.Popen[str], str, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_nbia", "--port", str(port), "--big-zip-mb", str(size_mb)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    values: dict[str, str] = {}
+    assert process.stdout is not None
+    while "big_series_uid" not in values or "url" not in values:
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError("the fake upstream exited before printing its URL")
+        key, _, value = line.strip().partition("=")
+        values[key] = value
+    wait_for_port(port)
+    return process, values["url"], values["big_series_uid"]
+
+
+def start_gateway(upstream: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream,
+        "--data-dir", str(data_dir), "--log-level", "warning",
+    ]  # fmt: skip
+    process = subprocess.Popen(command)
+    wait_for_port(port, timeout=30)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def start_nginx(upstream: str, tmp: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if binary is None:
+        print("nginx not found (apt-get install nginx-light); skipping the nginx row")
+        return None, None
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream))
+    process = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
+    wait_for_port(port, timeout=30)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def download(url: str) -> tuple[float, int]:
+    """Download with curl to /dev/null; return (MB/s, bytes)."""
+    out = subprocess.run(
+        ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return float(out[0]) / 1e6, int(out[1])
+
+
+def digest(url: str) -> str:
+    md5 = hashlib.md5()
+    with subprocess.Popen(["curl", "-s", "-f", url], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        for block in iter(lambda: proc.stdout.read(1 << 20), b""):  # type: ignore[union-attr]
+            md5.update(block)
+    return md5.hexdigest()
+
+
+def peak_rss_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) of a process in MB, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="size of the series zip")
+    parser.add_argument("--rounds", type=int, default=3, help="downloads per path")
+    args = parser.parse_args(argv)
+    if shutil.which("curl") is None:
+        print("curl is required", file=sys.stderr)
+        return 2
+
+    processes: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            print(f"building a {args.size_mb} MB series zip in the fake upstream ...", flush=True)
+            fake, upstream, uid = start_fake_upstream(args.size_mb)
+            processes.append(fake)
+            gateway, gateway_url = start_gateway(upstream, tmp / "data")
+            processes.append(gateway)
+            nginx, nginx_url = start_nginx(upstream, tmp)
+            if nginx is not None:
+                processes.append(nginx)
+            path = f"/nbia-api/services/v4/getImage?SeriesInstanceUID={uid}"
+            targets = {"direct": upstream + path, "gateway": gateway_url + path}
+            if nginx_url:
+                targets["nginx"] = nginx_url + path
+
+            rss_before, _ = peak_rss_mb(gateway.pid)
+            expected = digest(targets["direct"])
+            identical = digest(targets["gateway"]) == expected
+            speeds: dict[str, list[float]] = {name: [] for name in targets}
+            for _ in range(args.rounds):
+                for name, url in targets.items():
+                    mbps, size = download(url)
+                    speeds[name].append(mbps)
+            _, rss_peak = peak_rss_mb(gateway.pid)
+
+            print(f"\npayload: {size / 1e6:.0f} MB zip, {args.rounds} rounds, curl to /dev/null")
+            medians = {name: statistics.median(values) for name, values in speeds.items()}
+            for name, values in speeds.items():
+                rounds = ", ".join(f"{v:.0f}" for v in values)
+                print(f"{name:8s} median {medians[name]:7.0f} MB/s   (rounds: {rounds})")
+            print(f"gateway / direct = {medians['gateway'] / medians['direct']:.2f}")
+            if "nginx" in medians:
+                print(f"nginx   / direct = {medians['nginx'] / medians['direct']:.2f}")
+                print(f"gateway / nginx  = {medians['gateway'] / medians['nginx']:.2f}")
+            print(f"gateway RSS: {rss_before:.0f} MB at start, peak {rss_peak:.0f} MB")
+            print(f"bytes identical through the gateway: {identical}")
+        finally:
+            for process in reversed(processes):
+                process.terminate()
+            for process in processes:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
