@@ -1,0 +1,174 @@
+"""Failures become short JSON answers with the right status, within the configured time limits."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.fake_nbia import FakeServer
+from tests.gateway_server import GatewayServer, make_settings
+
+V4_LIST = "/nbia-api/services/v4/getCollectionValues"
+
+
+def _zip(fake: FakeServer) -> str:
+    return f"/nbia-api/services/v4/getImage?SeriesInstanceUID={fake.app.big_series_uid}"
+
+
+@pytest.fixture
+def quick_gateway(
+    tmp_path: Path, nbia_upstream: FakeServer, nlst_upstream: FakeServer
+) -> Iterator[GatewayServer]:
+    """A gateway with short upstream time limits."""
+    settings = make_settings(
+        tmp_path,
+        nbia_upstream.url,
+        nlst_upstream.url,
+        connect_timeout_seconds=1.0,
+        read_timeout_seconds=0.5,
+        max_request_body_bytes=64 * 1024,
+    )
+    with GatewayServer(settings) as server:
+        yield server
+
+
+def _assert_gateway_error(response: httpx.Response, status: int) -> dict[str, str]:
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert isinstance(body["error"], str) and body["error"]
+    assert len(response.content) < 300
+    return body
+
+
+@pytest.mark.parametrize("kind", ["metadata", "binary"])
+def test_upstream_down_is_a_fast_502(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer, kind: str
+) -> None:
+    path = V4_LIST if kind == "metadata" else _zip(nbia_upstream)
+    nbia_upstream.stop()
+    started = time.monotonic()
+    response = httpx.get(quick_gateway.url + path, timeout=10)
+    assert time.monotonic() - started < 2
+    body = _assert_gateway_error(response, 502)
+    assert body["upstream"] == "nbia"
+    assert "unreachable" in body["error"]
+
+
+@pytest.mark.parametrize("kind", ["metadata", "binary"])
+def test_slow_upstream_is_a_504_within_the_read_timeout(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer, kind: str
+) -> None:
+    path = V4_LIST if kind == "metadata" else _zip(nbia_upstream)
+    nbia_upstream.app.slow(seconds_before_headers=3.0)
+    started = time.monotonic()
+    response = httpx.get(quick_gateway.url + path, timeout=10)
+    assert time.monotonic() - started < 2
+    body = _assert_gateway_error(response, 504)
+    assert body == {"error": "upstream timed out", "upstream": "nbia"}
+
+
+@pytest.mark.parametrize("kind", ["metadata", "binary"])
+def test_connection_dropped_without_answer_is_a_502(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer, kind: str
+) -> None:
+    path = V4_LIST if kind == "metadata" else _zip(nbia_upstream)
+    nbia_upstream.app.drop_connection_next(1)
+    _assert_gateway_error(httpx.get(quick_gateway.url + path, timeout=10), 502)
+    # The next request is fine again.
+    assert httpx.get(quick_gateway.url + path, timeout=10).status_code == 200
+
+
+def test_upstream_error_statuses_pass_through_unchanged(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """An upstream 500 or 429 is NBIA's answer: relayed as is, body and Retry-After included."""
+    fake = nbia_upstream.app
+    fake.fail_next(1, status=500)
+    direct_500 = httpx.get(nbia_upstream.url + V4_LIST)
+    fake.fail_next(1, status=500)
+    through = httpx.get(quick_gateway.url + V4_LIST)
+    assert (through.status_code, through.content) == (500, direct_500.content)
+    fake.fail_next(1, status=429, retry_after=7)
+    limited = httpx.get(quick_gateway.url + V4_LIST)
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "7"
+
+
+def test_oversized_body_is_a_413(quick_gateway: GatewayServer, nbia_upstream: FakeServer) -> None:
+    form = {"list": ",".join(["1.2.3.4.5.6.7.8.9"] * 10_000)}  # about 180 KB > the 64 KB limit
+    response = httpx.post(quick_gateway.url + "/nbia-api/services/v4/getSeriesMetadata", data=form)
+    _assert_gateway_error(response, 413)
+    assert nbia_upstream.app.requests == []
+
+
+def _raw_request(url: str, target: str) -> tuple[int, bytes]:
+    """Send a request line exactly as given (clients normalise dot segments away)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/nbia-api/services/v4/../../../etc/passwd",
+        "/nbia-api/services/./v4/getCollectionValues",
+        "/nlst/nbia-api/services/v1/../v4/getSeries",
+    ],
+)
+def test_dot_segments_are_refused(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer, target: str
+) -> None:
+    status, body = _raw_request(quick_gateway.url, target)
+    assert status == 400
+    assert b"dot segments" in body
+    assert nbia_upstream.app.requests == []
+
+
+def test_unknown_gateway_path_is_a_json_404(quick_gateway: GatewayServer) -> None:
+    response = httpx.get(quick_gateway.url + "/no/such/thing")
+    assert response.status_code == 404
+    assert response.json() == {"error": "not found"}
+
+
+def test_unknown_nbia_endpoint_is_forwarded(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """NBIA keeps adding endpoints: ones missing from the table still reach the upstream."""
+    path = "/nbia-api/services/v4/getSomethingNew?Collection=X"
+    direct = httpx.get(nbia_upstream.url + path)
+    through = httpx.get(quick_gateway.url + path)
+    assert (through.status_code, through.content) == (direct.status_code, direct.content)
+    assert len(nbia_upstream.app.requests_to("/v4/getSomethingNew")) == 2
+
+
+def test_hop_by_hop_request_headers_are_dropped(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    headers = {
+        "Connection": "keep-alive, X-Hop-Only",
+        "X-Hop-Only": "1",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic c2VjcmV0",
+        "Cookie": "JSESSIONID=abc",
+        "X-End-To-End": "2",
+        "Accept": "application/json",
+    }
+    httpx.get(quick_gateway.url + V4_LIST, headers=headers)
+    (seen,) = nbia_upstream.app.requests_to("/v4/getCollectionValues")
+    for dropped in ("x-hop-only", "te", "proxy-authorization", "cookie"):
+        assert dropped not in seen.headers
+    assert "x-hop-only" not in seen.headers.get("connection", "").lower()
+    assert seen.headers["x-end-to-end"] == "2"
+    assert seen.headers["accept"] == "application/json"
