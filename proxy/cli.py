@@ -14,12 +14,15 @@ from proxy.config import Settings, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviated flags: `--password x` must not be taken as `--password-file x`.
     parser = argparse.ArgumentParser(
-        prog="nbia-proxy", description="A local caching gateway for the NBIA REST API."
+        prog="nbia-proxy",
+        description="A local caching gateway for the NBIA REST API.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"nbia-proxy {__version__}")
     commands = parser.add_subparsers(dest="command")
-    serve = commands.add_parser("serve", help="run the gateway (default)")
+    serve = commands.add_parser("serve", help="run the gateway (default)", allow_abbrev=False)
     _add_settings_flags(serve)
     return parser
 

@@ -259,6 +259,6 @@ def token_use_for(path: str) -> TokenUse:
 def _resource_part(path: str) -> str:
     if path.startswith(_SERVICES):
         return path[len(_SERVICES) :]
-    if path.startswith(_KEYCLOAK_ALIAS + "v"):
+    if path.startswith(_KEYCLOAK_ALIAS):
         return path[len(_KEYCLOAK_ALIAS) :]
     return ""
