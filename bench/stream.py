@@ -69,7 +69,8 @@ def wait_for_port(port: int, timeout: float = 600.0) -> None:
 def start_fake_upstream(size_mb: int) -> tuple[subprocess.Popen[str], str, str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_nbia", "--port", str(port), "--big-zip-mb", str(size_mb)],
+        [sys.executable, "-m", "tests.fake_nbia", "--port", str(port)]
+        + ["--big-zip-mb", str(size_mb)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -97,7 +98,7 @@ def start_gateway(upstream: str, data_dir: Path) -> tuple[subprocess.Popen[bytes
 
 
 def start_nginx(upstream: str, tmp: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if binary is None:
         print("nginx not found (apt-get install nginx-light); skipping the nginx row")
         return None, None

@@ -1,0 +1,143 @@
+"""Binary endpoints (zips, single images, hashes, thumbnails) for v1, v2, v4 and root."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from .dataset import Series
+from .dicom import ZipLayout, make_jpeg
+from .responses import ApiError, Reply, bad_request, no_access, server_error, text
+from .routing import Call, route
+
+
+def _series(call: Call, uid: str) -> Series:
+    series = call.fake.dataset.find_series(uid)
+    if series is None:
+        raise no_access(uid, public_api=call.generation == "v1")
+    return series
+
+
+def _yes(value: str | None) -> bool:
+    return (value or "").lower() == "yes"
+
+
+def zip_reply(call: Call, layout: ZipLayout) -> Reply:
+    """A streamed series zip: octet-stream, attachment, no Content-Length."""
+    uid = call.require("SeriesInstanceUID")
+    _series(call, uid)
+    body = call.fake.images.zip_for(uid, layout)
+    return Reply(
+        200,
+        body,
+        "application/octet-stream",
+        [("content-disposition", f'attachment; filename="{uid}.zip"')],
+        stream=True,
+        zip=True,
+    )
+
+
+@route("v4", "getImage", allowed=("SeriesInstanceUID", "NewFileNames", "IncludeMD5"))
+def get_image_v4(call: Call) -> Reply:
+    return zip_reply(
+        call, ZipLayout(new_names=_yes(call.get("NewFileNames")), md5=_yes(call.get("IncludeMD5")))
+    )
+
+
+@route("v1", "getImage")
+@route("v2", "getImage")
+def get_image_legacy(call: Call) -> Reply:
+    return zip_reply(call, ZipLayout(new_names=_yes(call.get("NewFileNames"))))
+
+
+@route("v4", "getImageWithMD5Hash", allowed=("SeriesInstanceUID",))
+@route("v2", "getImageWithMD5Hash")
+@route("v1", "getImageWithMD5Hash")
+def get_image_with_md5(call: Call) -> Reply:
+    return zip_reply(call, ZipLayout(license=False, md5=True))
+
+
+@route("v4", "getSingleImage", allowed=("SeriesInstanceUID", "SOPInstanceUID"))
+@route("v2", "getSingleImage")
+@route("v1", "getSingleImage")
+def get_single_image(call: Call) -> Reply:
+    uid = call.require("SeriesInstanceUID")
+    sop = call.require("SOPInstanceUID")
+    _series(call, uid)
+    data = call.fake.images.instance_bytes(uid, sop)
+    if data is None:
+        raise no_access(uid, public_api=call.generation == "v1")
+    return Reply(
+        200, data, "application/dicom", [("content-disposition", f"attachment; filename={sop}.dcm")]
+    )
+
+
+def _md5_of_sop(call: Call, sop: str) -> str:
+    for series in call.fake.dataset.series:
+        for inst in call.fake.images.instances(series.uid):
+            if inst.sop_uid == sop:
+                return inst.md5
+    raise server_error(None)
+
+
+@route("v4", "getMD5HashForImage", allowed=("SOPInstanceUID",))
+def get_md5_for_image_v4(call: Call) -> Reply:
+    return text(_md5_of_sop(call, call.require("SOPInstanceUID")))
+
+
+@route("v2", "getM5HashForImage")
+@route("v1", "getM5HashForImage")
+def get_md5_for_image_legacy(call: Call) -> Reply:
+    return text(_md5_of_sop(call, call.require("SOPInstanceUid")))
+
+
+def md5_hierarchy(call: Call) -> Reply:
+    """MD5 over the sorted MD5s below the given level (series < study < patient < collection)."""
+    data = call.fake.dataset
+    levels: dict[str, Callable[[Series, str], bool]] = {
+        "SeriesInstanceUID": lambda s, v: s.uid == v,
+        "StudyInstanceUID": lambda s, v: s.study_uid == v,
+        "PatientID": lambda s, v: s.patient_id == v,
+        "Collection": lambda s, v: s.collection.lower() == v.lower(),
+    }
+    for param, test in levels.items():
+        value = call.get(param)
+        if value:
+            series = [s for s in data.series if test(s, value)]
+            break
+    else:
+        raise bad_request(
+            "A parameter, SeriesInstanceUID, StudyInstanceUID, PatientID or "
+            "Collection, is required for this API call."
+        )
+    if not series:
+        return Reply(200)
+    per_series = []
+    for s in series:
+        inner = "".join(sorted(i.md5 for i in call.fake.images.instances(s.uid)))
+        per_series.append(hashlib.md5(inner.encode()).hexdigest())
+    digest = hashlib.md5("".join(sorted(per_series)).encode()).hexdigest()
+    return text(digest)  # no trailing newline
+
+
+route(
+    "v4",
+    "getMD5Hierarchy",
+    "POST",
+    allowed=("SeriesInstanceUID", "StudyInstanceUID", "PatientID", "Collection"),
+)(md5_hierarchy)
+route("root", "getMD5Hierarchy", "POST")(md5_hierarchy)
+
+
+def thumbnail(call: Call) -> Reply:
+    series_uid, sop = call.get("seriesUID"), call.get("objectUID")
+    series = call.fake.dataset.find_series(series_uid or "")
+    insts = call.fake.images.instances(series_uid or "") if series else []
+    inst = next((i for i in insts if i.sop_uid == sop), None)
+    if series is None or inst is None:
+        raise ApiError(text("WADO request failed: image not found", 400))
+    return Reply(200, make_jpeg(series.pk // 65_536 + inst.number), "image/jpeg")
+
+
+route("v4", "getThumbnail", "POST", allowed=("seriesUID", "objectUID"))(thumbnail)
+route("root", "getThumbnail", "POST")(thumbnail)
