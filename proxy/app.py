@@ -1,19 +1,21 @@
-"""Assembling the gateway: upstreams, token registry, the raw hot path and the control app."""
+"""Assembling the gateway: upstreams, tokens, cache, the raw hot path and the control app."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
-from proxy import __version__
+from proxy.cache.store import CacheStore
+from proxy.cache.tiers import CacheSettings, TieredCache
 from proxy.client_tokens import ClientTokens
 from proxy.config import Settings
+from proxy.control import control_app
+from proxy.db import database_url, make_engine, migrate
 from proxy.gateway import Gateway
 from proxy.upstream import Upstream, upstream_configs
 
@@ -23,39 +25,53 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] = time.monotonic,
+    cache_clock: Callable[[], float] = time.time,
 ) -> Gateway:
-    """Build the ASGI app for ``settings``. ``transport`` and ``clock`` are test seams."""
+    """Build the ASGI app for ``settings``. ``transport`` and the clocks are test seams.
+
+    Nothing touches the network or the database until the app's lifespan starts.
+    """
     upstreams = [
         Upstream(config, settings, transport=transport, clock=clock)
         for config in upstream_configs(settings)
     ]
-    control = _control_app(upstreams)
-    return Gateway(
-        settings, upstreams, ClientTokens(settings.client_token_lifetime_seconds, clock), control
+    cache = build_cache(settings, cache_clock) if settings.cache_enabled else None
+    control = control_app(upstreams, cache, _lifespan(settings, upstreams, cache))
+    tokens = ClientTokens(settings.client_token_lifetime_seconds, clock)
+    return Gateway(settings, upstreams, tokens, control, cache)
+
+
+def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> TieredCache:
+    """The tiered cache on the configured database (not yet started)."""
+    url = database_url(settings.database_url, settings.data_dir)
+    return TieredCache(
+        CacheStore(make_engine(url)),
+        CacheSettings(
+            max_bytes=settings.cache_max_bytes,
+            memory_bytes=settings.cache_memory_bytes,
+            recheck_seconds=settings.cache_recheck_seconds,
+            keep_expired_seconds=settings.cache_keep_expired_seconds,
+        ),
+        clock,
     )
 
 
-def _control_app(upstreams: list[Upstream]) -> FastAPI:
+def _lifespan(
+    settings: Settings, upstreams: list[Upstream], cache: TieredCache | None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        for upstream in upstreams:
-            await upstream.aclose()
+        if cache is not None:
+            if settings.auto_migrate:
+                url = database_url(settings.database_url, settings.data_dir)
+                await asyncio.to_thread(migrate, url)
+            await asyncio.to_thread(cache.start)
+        try:
+            yield
+        finally:
+            for upstream in upstreams:
+                await upstream.aclose()
+            if cache is not None:
+                await asyncio.to_thread(cache.close)
 
-    app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = "not found" if exc.status_code == 404 else str(exc.detail).lower()
-        return JSONResponse({"error": message}, status_code=exc.status_code)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, object]:
-        """Liveness: the gateway process answers. Upstream health is not checked here."""
-        return {
-            "status": "ok",
-            "version": __version__,
-            "upstreams": {u.name: {"mount": u.config.mount or "/"} for u in upstreams},
-        }
-
-    return app
+    return lifespan

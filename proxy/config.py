@@ -71,6 +71,36 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, gt=0, description="Largest request body accepted from a client."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    workers: int = Field(1, ge=1, le=64, description="Gateway worker processes.")
+    database_url: str | None = Field(
+        None,
+        description="Cache database URL (default: SQLite in the data dir; postgresql://... "
+        "for several replicas).",
+    )
+    auto_migrate: bool = Field(
+        True, description="Bring the database schema up to date when the gateway starts."
+    )
+    cache_enabled: bool = Field(True, description="Cache metadata answers.")
+    cache_max_bytes: int = Field(
+        1024**3, gt=0, description="Cache size cap; least recently used entries go first."
+    )
+    cache_memory_bytes: int = Field(
+        64 * 1024**2, ge=0, description="Size of the in-process memory tier."
+    )
+    cache_ttl: dict[str, float] = Field(
+        default_factory=dict,
+        description='Lifetimes by endpoint pattern, e.g. {"v4/getSeries": 3600}; '
+        "first match wins, before the defaults.",
+    )
+    cache_negative_ttl_seconds: float = Field(
+        60.0, ge=0, description="Lifetime of 400/404 answers (0: never stored)."
+    )
+    cache_keep_expired_seconds: float = Field(
+        7 * 24 * 3600.0, ge=0, description="How long expired entries are kept before the sweep."
+    )
+    cache_recheck_seconds: float = Field(
+        5.0, ge=0, description="Age after which a memory copy is checked against the database."
+    )
 
     @field_validator("upstream", "nlst_upstream")
     @classmethod

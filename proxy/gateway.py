@@ -14,14 +14,16 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy.cache.serving import AGE_ZERO, BYPASS, CachePolicy, cache_key, serve_cacheable
+from proxy.cache.tiers import TieredCache
 from proxy.client_tokens import ClientTokens, TokenAnswer
 from proxy.config import Settings
 from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
 from proxy.errors import ClientError, GatewayError
 from proxy.forwarding import OutgoingRequest, open_upstream
-from proxy.headers import find
-from proxy.responses import send_error, send_json
-from proxy.streaming import StreamBroken, relay_buffered, relay_stream
+from proxy.headers import find, for_client
+from proxy.responses import send_bytes, send_error, send_json
+from proxy.streaming import StreamBroken, read_whole, relay_stream
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.gateway")
@@ -39,8 +41,15 @@ class Gateway:
         upstreams: list[Upstream],
         client_tokens: ClientTokens,
         control_app: ASGIApp,
+        cache: TieredCache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache
+        self.cache_policy = CachePolicy(
+            ttl_overrides=tuple(settings.cache_ttl.items()),
+            negative_ttl_seconds=settings.cache_negative_ttl_seconds,
+            token_on_v4=settings.token_on_v4,
+        )
         # Longest mount first, so /nlst/... is not taken by the root mount.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
         self.client_tokens = client_tokens
@@ -117,15 +126,25 @@ class Gateway:
             body=await _read_body(receive, self.settings.max_request_body_bytes),
         )
         endpoint = lookup(path)
+        if self.cache is not None and endpoint is not None and endpoint.cacheable:
+            key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
+            if key is not None and method in ("GET", "POST"):
+                await serve_cacheable(
+                    self.cache, self.cache_policy, upstream, endpoint, request, key, send
+                )
+                return
         # Catalogued text payloads are read whole; binaries and unknown endpoints stream.
         buffer = endpoint is not None and not endpoint.payload.is_binary
         response = await open_upstream(
             upstream, request, token_use_for(path), self.settings.token_on_v4, bulk=not buffer
         )
+        extra = [BYPASS] if "age" in response.headers else [BYPASS, AGE_ZERO]
         if buffer and method in ("GET", "POST"):
-            await relay_buffered(response, upstream.name, send, [])
+            body = await read_whole(response, upstream.name)
+            kept = for_client(response.headers.raw)
+            await send_bytes(send, response.status_code, body, kept + extra)
         else:
-            await relay_stream(response, upstream.name, receive, send, [])
+            await relay_stream(response, upstream.name, receive, send, extra)
 
     async def _answer_token(self, method: str, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive, 64 * 1024)

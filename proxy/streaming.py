@@ -19,7 +19,6 @@ from starlette.types import Receive, Send
 
 from proxy.forwarding import UpstreamResponse, translate
 from proxy.headers import RawHeaders, for_client
-from proxy.responses import send_bytes
 
 log = logging.getLogger("nbia_proxy.stream")
 
@@ -68,18 +67,14 @@ async def relay_stream(
     return sent
 
 
-async def relay_buffered(
-    response: UpstreamResponse, upstream: str, send: Send, extra: RawHeaders
-) -> bytes:
-    """Read the whole (small) body first, then answer with an exact Content-Length."""
+async def read_whole(response: UpstreamResponse, upstream: str) -> bytes:
+    """Read a (small) body completely; raw bytes, content encoding kept."""
     try:
-        body = b"".join([chunk async for chunk in response.aiter_raw()])
+        return b"".join([chunk async for chunk in response.aiter_raw()])
     except httpx.HTTPError as exc:
         raise translate(exc, upstream) from exc
     finally:
         await response.aclose()
-    await send_bytes(send, response.status_code, body, for_client(response.headers.raw) + extra)
-    return body
 
 
 async def _client_gone(receive: Receive) -> None:

@@ -48,7 +48,8 @@ def clock(nbia_upstream: FakeServer, nlst_upstream: FakeServer) -> Clock:
 def _gateway(
     tmp_path: Path, nbia: FakeServer, nlst: FakeServer, clock: Clock, **extra: Any
 ) -> GatewayServer:
-    settings = make_settings(tmp_path, nbia.url, nlst.url, **extra)
+    # Token behaviour is about forwarding: the cache would answer repeated calls itself.
+    settings = make_settings(tmp_path, nbia.url, nlst.url, cache_enabled=False, **extra)
     return GatewayServer(settings, clock=clock)
 
 

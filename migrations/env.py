@@ -1,0 +1,35 @@
+"""Alembic environment: runs migrations on the URL given by proxy.db.alembic_config."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import text
+
+from proxy.cache.tables import Base
+from proxy.db import make_engine
+
+target_metadata = Base.metadata
+
+
+def run_migrations_online() -> None:
+    url = context.config.get_main_option("sqlalchemy.url")
+    assert url is not None
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together take turns; the loser then finds nothing to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(7239001)"))
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            compare_type=True,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline migrations are not supported; run `nbia-proxy migrate`")
+run_migrations_online()

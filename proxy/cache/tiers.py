@@ -1,0 +1,150 @@
+"""The cache as the gateway sees it: a memory tier in front of the SQL store.
+
+Lookups try the in-process memory tier (bounded by bytes, least recently used out first) and
+then the database, read in a worker thread so the event loop never waits on disk. A memory copy
+is checked against the database again after ``recheck_seconds``, so a purge made by another
+process or replica reaches this one within that time. Stores go to memory at once and to the
+database through the single writer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from proxy.cache.policy import CacheKey
+from proxy.cache.store import CacheStore, EndpointStats, Entry
+from proxy.cache.writer import Housekeeping, Writer
+
+
+@dataclass(slots=True)
+class _Held:
+    entry: Entry
+    checked_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The knobs of the cache (see :class:`proxy.config.Settings`)."""
+
+    max_bytes: int
+    memory_bytes: int
+    recheck_seconds: float
+    keep_expired_seconds: float
+
+
+class TieredCache:
+    """Memory tier + SQL store + writer thread, with per-endpoint hit and miss counts."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        settings: CacheSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._memory: LRUCache[str, _Held] = LRUCache(
+            maxsize=max(settings.memory_bytes, 1), getsizeof=lambda held: held.entry.size
+        )
+        self._served: set[str] = set()
+        self._counts: dict[str, list[int]] = {}
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbia-proxy-read")
+        self.writer = Writer(
+            store,
+            Housekeeping(settings.max_bytes, settings.keep_expired_seconds),
+            self._take_bookkeeping,
+            clock,
+        )
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def close(self) -> None:
+        self.writer.stop()
+        self._readers.shutdown(wait=True)
+        self.store.engine.dispose()
+
+    def from_memory(self, digest: str) -> Entry | None:
+        """The memory copy if it is current enough to trust without the database."""
+        held = self._memory.get(digest)
+        if held is None or self.clock() - held.checked_at > self.settings.recheck_seconds:
+            return None
+        return held.entry
+
+    async def lookup(self, digest: str) -> Entry | None:
+        """The stored answer for ``digest`` (fresh or not), or None."""
+        entry = self.from_memory(digest)
+        if entry is not None:
+            return entry
+        loop = asyncio.get_running_loop()
+        entry = await loop.run_in_executor(self._readers, self.store.get, digest)
+        if entry is None:
+            self._memory.pop(digest, None)
+        else:
+            self._remember(entry)
+        return entry
+
+    def store_entry(self, key: CacheKey, entry: Entry) -> None:
+        """Keep ``entry`` in memory now and in the database soon."""
+        self._remember(entry)
+        self.writer.put(key, entry)
+
+    def count(self, endpoint: str, hit: bool) -> None:
+        """Record a hit (and that the entry was used) or a miss for ``endpoint``."""
+        counts = self._counts.get(endpoint)
+        if counts is None:
+            counts = self._counts[endpoint] = [0, 0]
+        counts[0 if hit else 1] += 1
+
+    def served(self, digest: str) -> None:
+        self._served.add(digest)
+
+    async def purge(
+        self,
+        *,
+        pattern: str | None = None,
+        collection: str | None = None,
+        series: str | None = None,
+    ) -> tuple[int, int]:
+        """Delete matching entries everywhere; returns (entries, bytes) removed."""
+        future = self.writer.submit(
+            lambda: self.store.purge(pattern=pattern, collection=collection, series=series)
+        )
+        result: tuple[int, int] = await asyncio.wrap_future(future)
+        # Memory copies are cheap to lose: drop them all rather than match the filters twice.
+        self._memory.clear()
+        return result
+
+    async def stats(self) -> list[EndpointStats]:
+        """Per-endpoint entries and bytes, with hits and misses counted so far."""
+        await asyncio.wrap_future(self.writer.submit(self.writer_tidy))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self.store.stats)
+
+    def writer_tidy(self) -> None:
+        """Flush the bookkeeping now (runs on the writer thread)."""
+        served, counts = self._take_bookkeeping()
+        if served:
+            self.store.touch(served, self.clock())
+        if counts:
+            self.store.add_counts(counts)
+
+    def memory_bytes(self) -> int:
+        return int(self._memory.currsize)
+
+    def _remember(self, entry: Entry) -> None:
+        if entry.size <= self._memory.maxsize:
+            self._memory[entry.digest] = _Held(entry, self.clock())
+
+    def _take_bookkeeping(self) -> tuple[set[str], dict[str, list[int]]]:
+        # Swapping the objects is atomic under the GIL; the event loop keeps adding to new ones.
+        served, self._served = self._served, set()
+        counts, self._counts = self._counts, {}
+        return served, counts

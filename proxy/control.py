@@ -1,0 +1,89 @@
+"""The control app: the gateway's own endpoints, under paths that cannot collide with NBIA's.
+
+``/healthz`` and ``/_proxy/...``; every ``/nbia-api/`` path is handled by the gateway before
+it gets here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from proxy import __version__
+from proxy.cache.store import EndpointStats
+from proxy.cache.tiers import TieredCache
+from proxy.upstream import Upstream
+
+
+def stats_document(rows: list[EndpointStats], extra: dict[str, Any]) -> dict[str, Any]:
+    """Cache statistics as JSON: totals and one object per endpoint."""
+    hits = sum(r.hits for r in rows)
+    misses = sum(r.misses for r in rows)
+    return {
+        "entries": sum(r.entries for r in rows),
+        "bytes": sum(r.bytes for r in rows),
+        "hits": hits,
+        "misses": misses,
+        "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+        **extra,
+        "endpoints": {
+            r.endpoint: {
+                "entries": r.entries,
+                "bytes": r.bytes,
+                "hits": r.hits,
+                "misses": r.misses,
+                "hit_ratio": None if r.hit_ratio is None else round(r.hit_ratio, 4),
+            }
+            for r in rows
+        },
+    }
+
+
+def control_app(
+    upstreams: list[Upstream],
+    cache: TieredCache | None,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+) -> FastAPI:
+    app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = "not found" if exc.status_code == 404 else str(exc.detail).lower()
+        return JSONResponse({"error": message}, status_code=exc.status_code)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        """Liveness: the gateway process answers. Upstream health is not checked here."""
+        return {
+            "status": "ok",
+            "version": __version__,
+            "cache": cache is not None,
+            "upstreams": {u.name: {"mount": u.config.mount or "/"} for u in upstreams},
+        }
+
+    @app.get("/_proxy/cache/stats")
+    async def cache_stats() -> dict[str, Any]:
+        """Entries, bytes, hits, misses and hit ratio, in total and per endpoint."""
+        if cache is None:
+            raise StarletteHTTPException(404, "the cache is disabled")
+        extra = {"memory_bytes": cache.memory_bytes(), "write_errors": cache.writer.errors}
+        return stats_document(await cache.stats(), extra)
+
+    @app.delete("/_proxy/cache")
+    async def cache_purge(
+        path: str | None = Query(None, max_length=200, description="endpoint glob, v4/getSeries*"),
+        collection: str | None = Query(None, max_length=200),
+        series: str | None = Query(None, max_length=200),
+    ) -> dict[str, int]:
+        """Delete everything, or the entries matching all the given filters."""
+        if cache is None:
+            raise StarletteHTTPException(404, "the cache is disabled")
+        entries, size = await cache.purge(pattern=path, collection=collection, series=series)
+        return {"purged_entries": entries, "purged_bytes": size}
+
+    return app
