@@ -1,16 +1,29 @@
-"""The ``nbia-proxy`` command line: ``serve`` (the default)."""
+"""The ``nbia-proxy`` command line.
+
+``serve`` (the default) runs the gateway; ``migrate`` brings the database schema up to date;
+``cache stats`` and ``cache purge`` inspect and empty the cache directly in its database, so they
+work whether a gateway is running or not (running gateways drop purged memory copies within
+``cache_recheck_seconds``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from proxy import __version__
 from proxy.config import Settings, load_settings
+
+#: Secrets are never taken from the command line, where ``ps`` would show them.
+_NO_FLAG = frozenset({"password", "nlst_password"})
+#: How ``serve --workers N`` hands the parent's settings to each worker process.
+_SETTINGS_ENV = "NBIA_PROXY_WORKER_SETTINGS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser("serve", help="run the gateway (default)", allow_abbrev=False)
     _add_settings_flags(serve)
+    migrate = commands.add_parser("migrate", help="bring the database schema up to date")
+    _add_settings_flags(migrate)
+    cache = commands.add_parser("cache", help="inspect or empty the cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    stats = cache_commands.add_parser("stats", help="entries, bytes, hits and misses (JSON)")
+    _add_settings_flags(stats)
+    purge = cache_commands.add_parser(
+        "purge", help="delete everything, or what matches all the given filters"
+    )
+    purge.add_argument("--path", dest="purge_path", help="endpoint glob, e.g. 'v4/getSeries*'")
+    purge.add_argument("--collection", dest="purge_collection", help="a Collection name")
+    purge.add_argument("--series", dest="purge_series", help="a SeriesInstanceUID")
+    _add_settings_flags(purge)
     return parser
-
-
-#: Secrets are never taken from the command line, where ``ps`` would show them.
-_NO_FLAG = frozenset({"password", "nlst_password"})
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +64,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         # Defaults are None so that only flags actually given override env and file values.
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif field.annotation == dict[str, float]:
+            parser.add_argument(flag, dest=name, type=json.loads, metavar="JSON", help=help_text)
         else:
             parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
 
@@ -64,17 +88,73 @@ def serve(settings: Settings) -> None:
 
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        log_config=None,
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,
         # The upstream's own Date and Server headers are relayed instead.
-        server_header=False,
-        date_header=False,
-        access_log=False,
-    )
+        "server_header": False,
+        "date_header": False,
+        "access_log": False,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # Several processes: migrate once here, then let each worker build its app from the
+    # settings passed down in the environment (workers must not race on migrations).
+    if settings.cache_enabled and settings.auto_migrate:
+        run_migrations(settings)
+    os.environ[_SETTINGS_ENV] = json.dumps(_plain(settings))
+    uvicorn.run("proxy.cli:worker_app", factory=True, workers=settings.workers, **options)
+
+
+def worker_app() -> Any:
+    """App factory for ``serve --workers N`` (called in each worker process)."""
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+
+    values = json.loads(os.environ[_SETTINGS_ENV])
+    settings = Settings(**values | {"auto_migrate": False})
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def run_migrations(settings: Settings) -> str:
+    """Upgrade the configured database to the newest schema; return its URL (password hidden)."""
+    from sqlalchemy.engine import make_url
+
+    from proxy.db import database_url, migrate
+
+    url = database_url(settings.database_url, settings.data_dir)
+    migrate(url)
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _plain(settings: Settings) -> dict[str, Any]:
+    values = settings.model_dump(mode="json", exclude={"password_file"})
+    for name in ("password", "nlst_password"):
+        secret = getattr(settings, name)
+        values[name] = secret.get_secret_value() if isinstance(secret, SecretStr) else None
+    return values
+
+
+def run_cache_command(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """``cache stats`` / ``cache purge`` straight on the database."""
+    from proxy.app import build_cache
+    from proxy.control import stats_document
+
+    run_migrations(settings)
+    cache = build_cache(settings)
+    try:
+        if args.cache_command == "stats":
+            return stats_document(cache.store.stats(), {})
+        entries, size = cache.store.purge(
+            pattern=args.purge_path, collection=args.purge_collection, series=args.purge_series
+        )
+        return {"purged_entries": entries, "purged_bytes": size}
+    finally:
+        cache.store.engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         serve(settings)
+    elif args.command == "migrate":
+        print(f"nbia-proxy: database at {run_migrations(settings)} is up to date")
+    elif args.command == "cache":
+        print(json.dumps(run_cache_command(args, settings), indent=2))
     return 0
 
 

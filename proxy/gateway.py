@@ -14,7 +14,16 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from proxy.cache.serving import AGE_ZERO, BYPASS, CachePolicy, cache_key, serve_cacheable
+from proxy.cache.policy import CacheKey
+from proxy.cache.serving import (
+    AGE_ZERO,
+    BYPASS,
+    CachePolicy,
+    cache_key,
+    send_hit,
+    serve_cacheable,
+)
+from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.client_tokens import ClientTokens, TokenAnswer
 from proxy.config import Settings
@@ -29,6 +38,10 @@ from proxy.upstream import Upstream
 log = logging.getLogger("nbia_proxy.gateway")
 
 _API_PREFIX = "/nbia-api/"
+_SLOW_PATH_HEADERS = frozenset(
+    {b"cache-control", b"pragma", b"content-length", b"transfer-encoding"}
+)
+_KNOWN_KEYS_LIMIT = 100_000
 _FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
@@ -54,11 +67,17 @@ class Gateway:
         self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
         self.client_tokens = client_tokens
         self.control_app = control_app
+        self._known_keys: dict[tuple[str, bytes], CacheKey] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.control_app(scope, receive, send)
             return
+        if self.cache is not None and scope["method"] == "GET":
+            entry = self._fresh_entry_for(scope)
+            if entry is not None:
+                await send_hit(self.cache, entry, send)
+                return
         routed = self._route(scope["path"])
         if routed is None:
             await self.control_app(scope, receive, send)
@@ -91,6 +110,32 @@ class Gateway:
                 state.status,
                 (time.perf_counter() - started) * 1000,
             )
+
+    def _fresh_entry_for(self, scope: Scope) -> Entry | None:
+        """The hit path: a GET seen before, answered from memory without parsing anything.
+
+        ``_known_keys`` maps the raw request (path with mount, query bytes) to the cache key that
+        the full path computed for it; only plain GETs without a body are recorded there.
+        """
+        key = self._known_keys.get((scope["path"], scope["query_string"]))
+        if key is None:
+            return None
+        for name, _ in scope["headers"]:
+            # A body, or a client asking for a fresh answer, takes the full path.
+            if name in _SLOW_PATH_HEADERS:
+                return None
+        assert self.cache is not None
+        entry = self.cache.from_memory(key.digest)
+        if entry is None or entry.expires_at <= self.cache.clock():
+            return None
+        return entry
+
+    def _remember_key(self, scope: Scope, request: OutgoingRequest, key: CacheKey) -> None:
+        if request.method != "GET" or request.body:
+            return
+        if len(self._known_keys) >= _KNOWN_KEYS_LIMIT:
+            self._known_keys.clear()  # crude but bounded; the full path refills it
+        self._known_keys[(scope["path"], scope["query_string"])] = key
 
     def _route(self, path: str) -> tuple[Upstream, str] | None:
         for upstream in self.upstreams:
@@ -129,6 +174,7 @@ class Gateway:
         if self.cache is not None and endpoint is not None and endpoint.cacheable:
             key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
             if key is not None and method in ("GET", "POST"):
+                self._remember_key(scope, request, key)
                 await serve_cacheable(
                     self.cache, self.cache_policy, upstream, endpoint, request, key, send
                 )
