@@ -17,13 +17,14 @@ import argparse
 import hashlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench import common
+from bench.common import Process
 
 NGINX_CONF = """
 worker_processes 1;
@@ -50,64 +51,17 @@ http {{
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def start_fake_upstream(size_mb: int) -> tuple[subprocess.Popen[str], str, str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_nbia", "--port", str(port)]
-        + ["--big-zip-mb", str(size_mb)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    values: dict[str, str] = {}
-    assert process.stdout is not None
-    while "big_series_uid" not in values or "url" not in values:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError("the fake upstream exited before printing its URL")
-        key, _, value = line.strip().partition("=")
-        values[key] = value
-    wait_for_port(port)
+def start_fake_upstream(size_mb: int) -> tuple[Process, str, str]:
+    process, values = common.start_fake_upstream(["--big-zip-mb", str(size_mb)])
     return process, values["url"], values["big_series_uid"]
 
 
-def start_gateway(upstream: str, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream,
-        "--data-dir", str(data_dir), "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(command)
-    wait_for_port(port, timeout=30)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def start_nginx(upstream: str, tmp: Path) -> tuple[subprocess.Popen[bytes] | None, str | None]:
-    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+def start_nginx(upstream: str, tmp: Path) -> tuple[Process | None, str | None]:
+    binary = common.find_nginx()
     if binary is None:
         print("nginx not found (apt-get install nginx-light); skipping the nginx row")
         return None, None
-    port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream))
-    process = subprocess.Popen([binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
-    wait_for_port(port, timeout=30)
-    return process, f"http://127.0.0.1:{port}"
+    return common.start_nginx(binary, NGINX_CONF, tmp, upstream=upstream)
 
 
 def download(url: str) -> tuple[float, int]:
@@ -148,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         print("curl is required", file=sys.stderr)
         return 2
 
-    processes: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
+    processes: list[Process] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         try:
             print(f"building a {args.size_mb} MB series zip in the fake upstream ...", flush=True)
             fake, upstream, uid = start_fake_upstream(args.size_mb)
             processes.append(fake)
-            gateway, gateway_url = start_gateway(upstream, tmp / "data")
+            gateway, gateway_url = common.start_gateway(upstream, tmp / "data")
             processes.append(gateway)
             nginx, nginx_url = start_nginx(upstream, tmp)
             if nginx is not None:
@@ -187,13 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gateway RSS: {rss_before:.0f} MB at start, peak {rss_peak:.0f} MB")
             print(f"bytes identical through the gateway: {identical}")
         finally:
-            for process in reversed(processes):
-                process.terminate()
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            common.stop_processes(processes)
     return 0
 
 

@@ -16,9 +16,6 @@ def run_migrations_online() -> None:
     assert url is not None
     engine = make_engine(url)
     with engine.connect() as connection:
-        if connection.dialect.name == "postgresql":
-            # Replicas starting together take turns; the loser then finds nothing to do.
-            connection.execute(text("SELECT pg_advisory_xact_lock(7239001)"))
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
@@ -26,6 +23,9 @@ def run_migrations_online() -> None:
             render_as_batch=connection.dialect.name == "sqlite",
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Replicas starting together take turns; the later ones find nothing to do.
+                connection.execute(text("SELECT pg_advisory_xact_lock(7239001)"))
             context.run_migrations()
     engine.dispose()
 
