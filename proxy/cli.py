@@ -89,6 +89,8 @@ def serve(settings: Settings) -> None:
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = {
+        # uvicorn's httptools protocol, plus a shortcut for fresh cache hits.
+        "http": "proxy.hit_protocol:HitProtocol",
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),

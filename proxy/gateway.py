@@ -68,13 +68,14 @@ class Gateway:
         self.client_tokens = client_tokens
         self.control_app = control_app
         self._known_keys: dict[tuple[str, bytes], CacheKey] = {}
+        self.shortcut_hits = 0  # hits answered by proxy.hit_protocol without ASGI
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.control_app(scope, receive, send)
             return
         if self.cache is not None and scope["method"] == "GET":
-            entry = self._fresh_entry_for(scope)
+            entry = self.fresh_entry(scope["path"], scope["query_string"], scope["headers"])
             if entry is not None:
                 await send_hit(self.cache, entry, send)
                 return
@@ -111,16 +112,18 @@ class Gateway:
                 (time.perf_counter() - started) * 1000,
             )
 
-    def _fresh_entry_for(self, scope: Scope) -> Entry | None:
+    def fresh_entry(
+        self, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> Entry | None:
         """The hit path: a GET seen before, answered from memory without parsing anything.
 
         ``_known_keys`` maps the raw request (path with mount, query bytes) to the cache key that
         the full path computed for it; only plain GETs without a body are recorded there.
         """
-        key = self._known_keys.get((scope["path"], scope["query_string"]))
+        key = self._known_keys.get((path, query))
         if key is None:
             return None
-        for name, _ in scope["headers"]:
+        for name, _ in headers:
             # A body, or a client asking for a fresh answer, takes the full path.
             if name in _SLOW_PATH_HEADERS:
                 return None

@@ -18,6 +18,7 @@ import uvicorn
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.gateway import Gateway
+from proxy.hit_protocol import HitProtocol
 
 
 def make_settings(
@@ -52,6 +53,7 @@ class GatewayServer:
             log_level="warning",
             log_config=None,
             lifespan="on",
+            http=HitProtocol,
             server_header=False,
             date_header=False,
             access_log=False,

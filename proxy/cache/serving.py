@@ -71,18 +71,19 @@ async def serve_cacheable(
     response = await open_upstream(upstream, request, endpoint.token, policy.token_on_v4)
     body = await read_whole(response, upstream.name)
     kept = for_client(response.headers.raw)
-    await send_bytes(send, response.status_code, body, [*kept, MISS, AGE_ZERO])
     seconds = lifetime(
         response.status_code,
         ttl_for(endpoint, policy.ttl_overrides),
         policy.negative_ttl_seconds,
     )
     if seconds is not None:
+        # Stored before the client sees the answer, so its next request is already a hit.
         now = cache.clock()
         entry = Entry(
             key.digest, endpoint.path, response.status_code, kept, body, now, now + seconds
         )
         cache.store_entry(key, entry)
+    await send_bytes(send, response.status_code, body, [*kept, MISS, AGE_ZERO])
 
 
 async def send_hit(cache: TieredCache, entry: Entry, send: Send) -> None:

@@ -37,6 +37,7 @@ class Entry:
     expires_at: float
     wire_headers: RawHeaders = field(init=False)
     size: int = field(init=False)
+    wire_head: bytes | None = field(init=False, default=None)  # see proxy.hit_protocol
 
     def __post_init__(self) -> None:
         self.wire_headers = [*self.headers, (b"content-length", b"%d" % len(self.body))]

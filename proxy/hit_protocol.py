@@ -1,0 +1,105 @@
+"""uvicorn's httptools protocol with a shortcut for cache hits.
+
+For every request uvicorn builds an ASGI scope, a request/response cycle and an asyncio task;
+for a cache hit that bookkeeping costs several times more than the answer itself. This protocol
+answers a plain keep-alive ``GET`` that the gateway has answered before, and whose stored copy
+is fresh in memory, straight from the parser callback with one ``transport.write``. Anything
+else (a miss, a body, ``no-cache``, pipelining, HTTP/1.0, an upgrade, a percent-encoded path)
+goes down uvicorn's ordinary path unchanged.
+"""
+
+from __future__ import annotations
+
+import http
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from proxy.cache.store import Entry
+from proxy.gateway import Gateway
+
+
+def find_gateway(app: Any) -> Gateway | None:
+    """The Gateway inside uvicorn's middleware wrappers, if any."""
+    for _ in range(10):
+        if isinstance(app, Gateway):
+            return app
+        app = getattr(app, "app", None)
+    return None
+
+
+def status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("ascii"))
+
+
+def response_head(entry: Entry) -> bytes:
+    """Status line and stored headers (with Content-Length), computed once per entry."""
+    if entry.wire_head is None:
+        lines = [status_line(entry.status)]
+        lines += [name + b": " + value + b"\r\n" for name, value in entry.wire_headers]
+        entry.wire_head = b"".join(lines)
+    return entry.wire_head
+
+
+class HitProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that writes fresh cache hits without an ASGI round trip."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gateway = find_gateway(self.app)
+        self._answered = False  # the current request was answered by the shortcut
+
+    def on_headers_complete(self) -> None:
+        answer = self._hit() if self._gateway is not None else None
+        if answer is None:
+            super().on_headers_complete()
+            return
+        self._answered = True
+        self.transport.write(answer)
+        # What uvicorn does after a response: count it, re-arm keep-alive, resume reading.
+        self.on_response_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._answered:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._answered:
+            self._answered = False
+            return
+        super().on_message_complete()
+
+    def _hit(self) -> bytes | None:
+        parser = self.parser
+        if (
+            parser.get_method() != b"GET"
+            or parser.get_http_version() != "1.1"
+            or not parser.should_keep_alive()
+            or parser.should_upgrade()
+            or self.pipeline
+            or (self.cycle is not None and not self.cycle.response_complete)
+        ):
+            return None
+        url = httptools.parse_url(self.url)
+        raw_path: bytes = url.path
+        if b"%" in raw_path:
+            return None  # the gateway keys on the decoded path; let uvicorn decode it
+        try:
+            path = self.root_path + raw_path.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        assert self._gateway is not None
+        cache = self._gateway.cache
+        entry = self._gateway.fresh_entry(path, url.query or b"", self.headers)
+        if entry is None or cache is None:
+            return None
+        age = max(0, int(cache.clock() - entry.created_at))
+        cache.count(entry.endpoint, hit=True)
+        cache.served(entry.digest)
+        self._gateway.shortcut_hits += 1
+        return b"%sx-cache: HIT\r\nage: %d\r\n\r\n%s" % (response_head(entry), age, entry.body)
