@@ -74,19 +74,28 @@ class CacheStore:
     # reads --------------------------------------------------------------------------------
 
     def get(self, digest: str) -> Entry | None:
-        with Session(self.engine) as session:
-            row = session.get(CacheEntry, digest)
-            if row is None:
-                return None
-            return Entry(
-                digest=row.key,
-                endpoint=row.endpoint,
-                status=row.status,
-                headers=_decode_headers(row.headers),
-                body=bytes(row.body),
-                created_at=row.created_at,
-                expires_at=row.expires_at,
-            )
+        # Core, not the ORM: this is the read behind every memory-tier miss.
+        query = select(
+            CacheEntry.endpoint,
+            CacheEntry.status,
+            CacheEntry.headers,
+            CacheEntry.body,
+            CacheEntry.created_at,
+            CacheEntry.expires_at,
+        ).where(CacheEntry.key == digest)
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        if row is None:
+            return None
+        return Entry(
+            digest=digest,
+            endpoint=row.endpoint,
+            status=row.status,
+            headers=_decode_headers(row.headers),
+            body=bytes(row.body),
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+        )
 
     def total_bytes(self) -> int:
         with Session(self.engine) as session:
