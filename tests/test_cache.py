@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -386,3 +387,51 @@ def test_tcia_utils_second_identical_call_never_reaches_the_upstream(
     assert first[1] is not None and second[1] is not None and first[1].equals(second[1])
     assert upstream_count(nbia_upstream, "/v4/getSeries") == 1
     assert upstream_count(nbia_upstream, "/v4/getSeriesMetadata") == 1
+
+
+# --- the protocol shortcut -------------------------------------------------------------------
+
+
+def _raw_get(url: str, target: str, version: str = "1.1") -> bytes:
+    """One request with a hand-written request line (clients would normalise it)."""
+    parts = httpx.URL(url)
+    with socket.create_connection((parts.host, parts.port), timeout=5) as sock:
+        sock.sendall(
+            f"GET {target} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_hits_take_the_protocol_shortcut_and_match_the_asgi_path(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """A plain keep-alive GET hit skips ASGI; any other form still hits, the long way round."""
+    miss = get(gw, SERIES)
+    short = get(gw, SERIES)
+    assert gw.app.shortcut_hits == 1
+    encoded = get(gw, SERIES.replace("getSeries", "get%53eries"))  # decoded by uvicorn: ASGI
+    assert gw.app.shortcut_hits == 1
+    head, _, body = _raw_get(gw.url, SERIES, version="1.0").partition(b"\r\n\r\n")
+    assert gw.app.shortcut_hits == 1
+    for answer in (short, encoded):
+        assert (answer.status_code, answer.headers["x-cache"]) == (200, "HIT")
+        assert answer.content == miss.content
+        assert answer.headers["content-type"] == miss.headers["content-type"]
+        assert answer.headers["content-length"] == str(len(miss.content))
+    assert b"x-cache: HIT" in head and body == miss.content
+    assert upstream_count(nbia_upstream, "/v4/getSeries") == 1
+
+
+def test_shortcut_keeps_the_connection_usable(gw: GatewayServer) -> None:
+    """Many hits and a miss on one keep-alive connection, in order, all complete."""
+    get(gw, SERIES)
+    with httpx.Client(base_url=gw.url, timeout=10) as client:
+        answers = [client.get(SERIES) for _ in range(50)]
+        other = client.get(f"{S}/v4/getCollectionValues")
+        answers.append(client.get(SERIES))
+    assert [a.headers["x-cache"] for a in answers] == ["HIT"] * 51
+    assert other.headers["x-cache"] == "MISS" and other.json()
+    assert gw.app.shortcut_hits == 51

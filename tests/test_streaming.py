@@ -7,9 +7,6 @@ ASGITransport buffers whole bodies and could not show any of this.
 from __future__ import annotations
 
 import hashlib
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +17,7 @@ import pytest
 import requests
 
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer
+from tests.gateway_server import GatewayProcess, GatewayServer
 
 MIB = 1024 * 1024
 
@@ -107,36 +104,11 @@ def test_client_disconnect_closes_the_upstream_request(
     assert _connections_to(nbia_upstream.port) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def gateway_process(tmp_path: Path, nbia_upstream: FakeServer) -> Iterator[tuple[str, int]]:
+def gateway_process(tmp_path: Path, nbia_upstream: FakeServer) -> Iterator[GatewayProcess]:
     """The gateway as its own process (so its memory can be measured alone)."""
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "proxy", "serve", "--port", str(port),
-        "--upstream", nbia_upstream.url, "--data-dir", str(tmp_path / "data"),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(url + "/healthz", timeout=1)
-            break
-        except httpx.TransportError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("gateway process did not start") from None
-            time.sleep(0.05)
-    yield url, process.pid
-    process.terminate()
-    process.wait(timeout=10)
+    with GatewayProcess(nbia_upstream.url, tmp_path / "data") as process:
+        yield process
 
 
 def _rss_mib(pid: int) -> float:
@@ -144,10 +116,10 @@ def _rss_mib(pid: int) -> float:
 
 
 def test_memory_stays_flat_for_a_large_zip_and_a_slow_client(
-    gateway_process: tuple[str, int], nbia_upstream: FakeServer
+    gateway_process: GatewayProcess, nbia_upstream: FakeServer
 ) -> None:
     """Relaying 192 MiB to a client that stalls first grows the gateway by a few MiB at most."""
-    url, pid = gateway_process
+    url, pid = gateway_process.url, gateway_process.pid
     fake = nbia_upstream.app
     fake.set_big_zip_bytes(192 * MIB)
     path = _zip_path(fake.big_series_uid)
