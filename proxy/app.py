@@ -17,6 +17,7 @@ from proxy.config import Settings
 from proxy.control import control_app
 from proxy.db import database_url, make_engine, migrate
 from proxy.gateway import Gateway
+from proxy.shield import ShieldCounters
 from proxy.upstream import Upstream, upstream_configs
 
 
@@ -31,14 +32,15 @@ def create_app(
 
     Nothing touches the network or the database until the app's lifespan starts.
     """
+    counters = ShieldCounters()
     upstreams = [
-        Upstream(config, settings, transport=transport, clock=clock)
+        Upstream(config, settings, transport=transport, clock=clock, counters=counters)
         for config in upstream_configs(settings)
     ]
     cache = build_cache(settings, cache_clock) if settings.cache_enabled else None
-    control = control_app(upstreams, cache, _lifespan(settings, upstreams, cache))
+    control = control_app(upstreams, cache, counters, _lifespan(settings, upstreams, cache))
     tokens = ClientTokens(settings.client_token_lifetime_seconds, clock)
-    return Gateway(settings, upstreams, tokens, control, cache)
+    return Gateway(settings, upstreams, tokens, control, cache, counters)
 
 
 def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> TieredCache:

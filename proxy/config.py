@@ -98,6 +98,34 @@ class Settings(BaseSettings):
     cache_keep_expired_seconds: float = Field(
         7 * 24 * 3600.0, ge=0, description="How long expired entries are kept before the sweep."
     )
+    cache_max_stale_seconds: float = Field(
+        3 * 24 * 3600.0,
+        ge=0,
+        description="When the upstream fails, serve an expired entry up to this long past expiry.",
+    )
+    offline: bool = Field(False, description="Answer only from the cache; misses get 504.")
+    request_deadline_seconds: float = Field(
+        120.0, gt=0, description="Longest a client waits for the start of an answer."
+    )
+    upstream_max_concurrency: int = Field(
+        32, gt=0, description="Upstream requests in flight at once, per upstream."
+    )
+    upstream_rate_per_second: float = Field(
+        0.0, ge=0, description="Upstream requests started per second, per upstream (0: no limit)."
+    )
+    upstream_queue_timeout_seconds: float = Field(
+        30.0, gt=0, description="Longest wait for an upstream slot before a 503."
+    )
+    retry_budget_seconds: float = Field(
+        60.0, ge=0, description="Total time spent retrying a read after upstream 429/503."
+    )
+    retry_max_attempts: int = Field(4, ge=0, description="Retries of a read after 429/503.")
+    circuit_failure_threshold: int = Field(
+        5, gt=0, description="Upstream failures in a row that open the circuit."
+    )
+    circuit_cooldown_seconds: float = Field(
+        30.0, gt=0, description="How long an open circuit rests before one probe."
+    )
     cache_recheck_seconds: float = Field(
         5.0, ge=0, description="Age after which a memory copy is checked against the database."
     )

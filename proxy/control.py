@@ -6,8 +6,10 @@ it gets here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -17,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from proxy import __version__
 from proxy.cache.store import EndpointStats
 from proxy.cache.tiers import TieredCache
+from proxy.shield import ShieldCounters
 from proxy.upstream import Upstream
 
 
@@ -44,9 +47,25 @@ def stats_document(rows: list[EndpointStats], extra: dict[str, Any]) -> dict[str
     }
 
 
+def shield_document(upstreams: list[Upstream], counters: ShieldCounters) -> dict[str, Any]:
+    """What the upstream shield did, and the state of each upstream's breaker and queue."""
+    return {
+        **asdict(counters),
+        "upstreams": {
+            u.name: {
+                "circuit": u.breaker.state,
+                "queued": u.limiter.waiting,
+                "paused_for_seconds": round(max(0.0, u.limiter.paused_until - time.monotonic()), 1),
+            }
+            for u in upstreams
+        },
+    }
+
+
 def control_app(
     upstreams: list[Upstream],
     cache: TieredCache | None,
+    counters: ShieldCounters,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
 ) -> FastAPI:
     app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
@@ -71,7 +90,11 @@ def control_app(
         """Entries, bytes, hits, misses and hit ratio, in total and per endpoint."""
         if cache is None:
             raise StarletteHTTPException(404, "the cache is disabled")
-        extra = {"memory_bytes": cache.memory_bytes(), "write_errors": cache.writer.errors}
+        extra = {
+            "memory_bytes": cache.memory_bytes(),
+            "write_errors": cache.writer.errors,
+            "shield": shield_document(upstreams, counters),
+        }
         return stats_document(await cache.stats(), extra)
 
     @app.delete("/_proxy/cache")

@@ -17,6 +17,7 @@ class GatewayError(Exception):
     """Base class: carries the HTTP status and a short, secret-free message."""
 
     status = 500
+    retry_after: float | None = None  # seconds, sent as Retry-After when set
 
     def __init__(self, message: str, *, upstream: str | None = None) -> None:
         super().__init__(message)

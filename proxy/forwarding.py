@@ -8,7 +8,9 @@ token once and retries once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -17,6 +19,12 @@ from proxy import rawhttp
 from proxy.endpoints import TokenUse
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import RawHeaders, for_upstream
+from proxy.shield import (
+    FAILURE_STATUSES,
+    OVERLOAD_STATUSES,
+    backoff_seconds,
+    retry_after_seconds,
+)
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.forward")
@@ -86,6 +94,68 @@ async def _send(
         raise UpstreamUnreachable(
             f"upstream unreachable ({type(exc).__name__})", upstream=upstream.name
         ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a read is retried after the upstream answers 429 or 503."""
+
+    max_attempts: int
+    budget_seconds: float
+
+
+async def open_shielded(
+    upstream: Upstream,
+    request: OutgoingRequest,
+    token_use: TokenUse,
+    token_on_v4: bool,
+    *,
+    bulk: bool = False,
+    retry: RetryPolicy | None = None,
+) -> UpstreamResponse:
+    """:func:`open_upstream` behind the upstream's breaker and limiter, with retries for reads.
+
+    ``retry`` is None for requests that must not be repeated (side effects). The breaker counts
+    transport failures and 5xx answers; a 429/503 with ``Retry-After`` pauses every upstream
+    request of the gateway for that long, not only this one.
+    """
+    counters = upstream.limiter.counters
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        upstream.breaker.before()
+        async with upstream.limiter.slot():
+            try:
+                response = await open_upstream(upstream, request, token_use, token_on_v4, bulk=bulk)
+            except UpstreamError:
+                upstream.breaker.failure()
+                raise
+        status = response.status_code
+        if status in FAILURE_STATUSES:
+            upstream.breaker.failure()
+        else:
+            upstream.breaker.success()
+        if status not in OVERLOAD_STATUSES:
+            return response
+        if status == 429:
+            counters.upstream_429 += 1
+        else:
+            counters.upstream_503 += 1
+        told = retry_after_seconds(response.headers.get("retry-after"))
+        if told is not None:
+            upstream.limiter.pause(told)
+        delay = told if told is not None else backoff_seconds(attempt)
+        spent = time.monotonic() - started
+        if retry is None or attempt >= retry.max_attempts or spent + delay > retry.budget_seconds:
+            return response
+        await response.aclose()
+        attempt += 1
+        counters.retries += 1
+        log.info(
+            "upstream %s answered %d; retry %d in %.1f s", upstream.name, status, attempt, delay
+        )
+        if told is None:
+            await asyncio.sleep(delay)  # with Retry-After, the limiter's pause does the waiting
 
 
 def translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:

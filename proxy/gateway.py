@@ -8,6 +8,7 @@ fall through to the control app.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from urllib.parse import parse_qsl
@@ -19,6 +20,7 @@ from proxy.cache.serving import (
     AGE_ZERO,
     BYPASS,
     CachePolicy,
+    ShieldPolicy,
     cache_key,
     send_hit,
     serve_cacheable,
@@ -28,10 +30,11 @@ from proxy.cache.tiers import TieredCache
 from proxy.client_tokens import ClientTokens, TokenAnswer
 from proxy.config import Settings
 from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
-from proxy.errors import ClientError, GatewayError
-from proxy.forwarding import OutgoingRequest, open_upstream
+from proxy.errors import ClientError, GatewayError, UpstreamTimeout
+from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
 from proxy.headers import find, for_client
 from proxy.responses import send_bytes, send_error, send_json
+from proxy.shield import Coalescer, ShieldCounters
 from proxy.streaming import StreamBroken, read_whole, relay_stream
 from proxy.upstream import Upstream
 
@@ -55,9 +58,20 @@ class Gateway:
         client_tokens: ClientTokens,
         control_app: ASGIApp,
         cache: TieredCache | None = None,
+        counters: ShieldCounters | None = None,
     ) -> None:
+        counters = counters or ShieldCounters()
         self.settings = settings
         self.cache = cache
+        self.counters = counters
+        self.shield = ShieldPolicy(
+            coalescer=Coalescer(counters),
+            counters=counters,
+            retry=RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds),
+            max_stale_seconds=settings.cache_max_stale_seconds,
+            deadline_seconds=settings.request_deadline_seconds,
+            offline=settings.offline,
+        )
         self.cache_policy = CachePolicy(
             ttl_overrides=tuple(settings.cache_ttl.items()),
             negative_ttl_seconds=settings.cache_negative_ttl_seconds,
@@ -91,7 +105,7 @@ class Gateway:
         except GatewayError as exc:
             log.warning("%s %s -> %s: %s", scope["method"], path, exc.status, exc.message)
             if not state.started:
-                await send_error(send, exc.status, exc.message, exc.upstream)
+                await send_error(send, exc.status, exc.message, exc.upstream, exc.retry_after)
             state.status = exc.status
         except StreamBroken:
             raise  # the server must abort the connection: the client sees a broken transfer
@@ -179,14 +193,35 @@ class Gateway:
             if key is not None and method in ("GET", "POST"):
                 self._remember_key(scope, request, key)
                 await serve_cacheable(
-                    self.cache, self.cache_policy, upstream, endpoint, request, key, send
+                    self.cache,
+                    self.cache_policy,
+                    self.shield,
+                    upstream,
+                    endpoint,
+                    request,
+                    key,
+                    send,
                 )
                 return
+        if self.settings.offline:
+            raise UpstreamTimeout("offline and not cached", upstream=upstream.name)
         # Catalogued text payloads are read whole; binaries and unknown endpoints stream.
         buffer = endpoint is not None and not endpoint.payload.is_binary
-        response = await open_upstream(
-            upstream, request, token_use_for(path), self.settings.token_on_v4, bulk=not buffer
-        )
+        # Reads may be retried after 429/503; side effects and unknown POSTs never are.
+        read = method in ("GET", "HEAD") if endpoint is None else not endpoint.side_effect
+        try:
+            async with asyncio.timeout(self.settings.request_deadline_seconds):
+                response = await open_shielded(
+                    upstream,
+                    request,
+                    token_use_for(path),
+                    self.settings.token_on_v4,
+                    bulk=not buffer,
+                    retry=self.shield.retry if read else None,
+                )
+        except TimeoutError as exc:
+            message = "no answer within the request deadline"
+            raise UpstreamTimeout(message, upstream=upstream.name) from exc
         extra = [BYPASS] if "age" in response.headers else [BYPASS, AGE_ZERO]
         if buffer and method in ("GET", "POST"):
             body = await read_whole(response, upstream.name)

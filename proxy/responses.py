@@ -29,9 +29,18 @@ async def send_json(
     await send_bytes(send, status, body, all_headers)
 
 
-async def send_error(send: Send, status: int, message: str, upstream: str | None = None) -> None:
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    upstream: str | None = None,
+    retry_after: float | None = None,
+) -> None:
     """Send the gateway's error shape: ``{"error": ..., "upstream": ...}``."""
     payload = {"error": message}
     if upstream is not None:
         payload["upstream"] = upstream
-    await send_json(send, status, payload, [(b"cache-control", b"no-store")])
+    headers = [(b"cache-control", b"no-store")]
+    if retry_after is not None:
+        headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
+    await send_json(send, status, payload, headers)

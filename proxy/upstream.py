@@ -11,6 +11,7 @@ from pydantic import SecretStr
 
 from proxy.config import Settings
 from proxy.service_token import ServiceToken
+from proxy.shield import Breaker, Limiter, ShieldCounters
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ class Upstream:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
+        counters: ShieldCounters | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -78,6 +80,23 @@ class Upstream:
             client_id=settings.client_id,
             refresh_margin_seconds=settings.token_refresh_margin_seconds,
             clock=clock,
+        )
+
+        counters = counters or ShieldCounters()
+        # The limiter sleeps in real time, so it always reads the real clock.
+        self.limiter = Limiter(
+            config.name,
+            settings.upstream_max_concurrency,
+            settings.upstream_rate_per_second,
+            settings.upstream_queue_timeout_seconds,
+            counters,
+        )
+        self.breaker = Breaker(
+            config.name,
+            settings.circuit_failure_threshold,
+            settings.circuit_cooldown_seconds,
+            counters,
+            clock,
         )
 
     def url_for(self, raw_path: bytes, query: bytes) -> httpx.URL:

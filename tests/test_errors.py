@@ -33,6 +33,7 @@ def quick_gateway(
         connect_timeout_seconds=1.0,
         read_timeout_seconds=0.5,
         max_request_body_bytes=64 * 1024,
+        retry_max_attempts=0,  # what the upstream says reaches the client as is
     )
     with GatewayServer(settings) as server:
         yield server

@@ -6,6 +6,7 @@ with ``Age: 0``. A client's ``Cache-Control: no-cache`` skips the stored answer 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from starlette.types import Send
@@ -14,16 +15,33 @@ from proxy.cache.policy import CacheKey, lifetime, make_key, parameters, ttl_for
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.endpoints import Endpoint, TokenUse
-from proxy.forwarding import OutgoingRequest, open_upstream
-from proxy.headers import find, for_client
+from proxy.errors import GatewayError, UpstreamTimeout
+from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
+from proxy.headers import RawHeaders, find, for_client
 from proxy.responses import send_bytes
+from proxy.shield import FAILURE_STATUSES, OVERLOAD_STATUSES, Coalescer, ShieldCounters
 from proxy.streaming import read_whole
 from proxy.upstream import Upstream
 
 HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
 BYPASS = (b"x-cache", b"BYPASS")
+STALE = (b"x-cache", b"STALE")
+#: Upstream answers that a stale copy may stand in for.
+UNHEALTHY_STATUSES = OVERLOAD_STATUSES | FAILURE_STATUSES
 AGE_ZERO = (b"age", b"0")
+
+
+@dataclass(frozen=True, slots=True)
+class ShieldPolicy:
+    """How the gateway protects the upstream and copes with its failures."""
+
+    coalescer: Coalescer[Answer]
+    counters: ShieldCounters
+    retry: RetryPolicy
+    max_stale_seconds: float
+    deadline_seconds: float
+    offline: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,39 +69,108 @@ def cache_key(
     return make_key(upstream.name, identity, request.method, endpoint, pairs)
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream answer read whole: what every coalesced waiter receives."""
+
+    status: int
+    headers: RawHeaders
+    body: bytes
+
+
 async def serve_cacheable(
     cache: TieredCache,
     policy: CachePolicy,
+    shield: ShieldPolicy,
     upstream: Upstream,
     endpoint: Endpoint,
     request: OutgoingRequest,
     key: CacheKey,
     send: Send,
 ) -> None:
-    """Answer from the cache if a fresh entry exists, else fetch, answer and store."""
+    """Answer from the cache if fresh; else fetch once for all identical waiters, and store.
+
+    When the upstream cannot answer (transport error, time-out, 5xx, 429, open circuit) an
+    expired entry within ``max_stale_seconds`` is served instead, marked ``X-Cache: STALE``.
+    """
     headers = request.headers
-    if not wants_fresh(find(headers, b"cache-control"), find(headers, b"pragma")):
-        entry = await cache.lookup(key.digest)
-        if entry is not None and entry.expires_at > cache.clock():
-            await send_hit(cache, entry, send)
-            return
+    entry = await cache.lookup(key.digest)
+    fresh_wanted = wants_fresh(find(headers, b"cache-control"), find(headers, b"pragma"))
+    if entry is not None and not fresh_wanted and entry.expires_at > cache.clock():
+        await send_hit(cache, entry, send)
+        return
+    if shield.offline:
+        if entry is None:
+            raise UpstreamTimeout("offline and not cached", upstream=upstream.name)
+        await send_stale(cache, entry, send, shield)
+        return
     cache.count(endpoint.path, hit=False)
-    response = await open_upstream(upstream, request, endpoint.token, policy.token_on_v4)
-    body = await read_whole(response, upstream.name)
-    kept = for_client(response.headers.raw)
+
+    async def fetch() -> Answer:
+        response = await open_shielded(
+            upstream, request, endpoint.token, policy.token_on_v4, retry=shield.retry
+        )
+        body = await read_whole(response, upstream.name)
+        answer = Answer(response.status_code, for_client(response.headers.raw), body)
+        _store(cache, policy, endpoint, key, answer)
+        return answer
+
+    try:
+        async with asyncio.timeout(shield.deadline_seconds):
+            answer = await shield.coalescer.run(key.digest, fetch)
+    except (GatewayError, TimeoutError) as exc:
+        if _usable_stale(cache, entry, shield):
+            assert entry is not None
+            await send_stale(cache, entry, send, shield)
+            return
+        if isinstance(exc, TimeoutError):
+            raise UpstreamTimeout(
+                "no answer within the request deadline", upstream=upstream.name
+            ) from exc
+        raise
+    if answer.status in UNHEALTHY_STATUSES and _usable_stale(cache, entry, shield):
+        assert entry is not None
+        await send_stale(cache, entry, send, shield)
+        return
+    await send_bytes(send, answer.status, answer.body, [*answer.headers, MISS, AGE_ZERO])
+
+
+def _store(
+    cache: TieredCache, policy: CachePolicy, endpoint: Endpoint, key: CacheKey, answer: Answer
+) -> None:
     seconds = lifetime(
-        response.status_code,
-        ttl_for(endpoint, policy.ttl_overrides),
-        policy.negative_ttl_seconds,
+        answer.status, ttl_for(endpoint, policy.ttl_overrides), policy.negative_ttl_seconds
     )
     if seconds is not None:
-        # Stored before the client sees the answer, so its next request is already a hit.
+        # Stored before any client sees the answer, so the next request is already a hit.
         now = cache.clock()
         entry = Entry(
-            key.digest, endpoint.path, response.status_code, kept, body, now, now + seconds
+            key.digest,
+            endpoint.path,
+            answer.status,
+            answer.headers,
+            answer.body,
+            now,
+            now + seconds,
         )
         cache.store_entry(key, entry)
-    await send_bytes(send, response.status_code, body, [*kept, MISS, AGE_ZERO])
+
+
+def _usable_stale(cache: TieredCache, entry: Entry | None, shield: ShieldPolicy) -> bool:
+    return (
+        entry is not None
+        and entry.status == 200
+        and cache.clock() - entry.expires_at <= shield.max_stale_seconds
+    )
+
+
+async def send_stale(cache: TieredCache, entry: Entry, send: Send, shield: ShieldPolicy) -> None:
+    """Send an expired entry because the upstream could not answer."""
+    shield.counters.stale_served += 1
+    age = max(0, int(cache.clock() - entry.created_at))
+    headers = [*entry.wire_headers, STALE, (b"age", b"%d" % age)]
+    await send({"type": "http.response.start", "status": entry.status, "headers": headers})
+    await send({"type": "http.response.body", "body": entry.body})
 
 
 async def send_hit(cache: TieredCache, entry: Entry, send: Send) -> None:

@@ -124,17 +124,9 @@ class TieredCache:
 
     async def stats(self) -> list[EndpointStats]:
         """Per-endpoint entries and bytes, with hits and misses counted so far."""
-        await asyncio.wrap_future(self.writer.submit(self.writer_tidy))
+        await asyncio.wrap_future(self.writer.submit(self.writer.record_bookkeeping))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self.store.stats)
-
-    def writer_tidy(self) -> None:
-        """Flush the bookkeeping now (runs on the writer thread)."""
-        served, counts = self._take_bookkeeping()
-        if served:
-            self.store.touch(served, self.clock())
-        if counts:
-            self.store.add_counts(counts)
 
     def memory_bytes(self) -> int:
         return int(self._memory.currsize)

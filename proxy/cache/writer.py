@@ -144,12 +144,16 @@ class Writer:
             log.exception("cache job failed")
             job.future.set_exception(exc)
 
-    def _tidy(self) -> None:
+    def record_bookkeeping(self) -> None:
+        """Write which entries were served and the hit/miss counts (writer thread only)."""
         served, counts = self._collect()
         if served:
             self._store.touch(served, self._clock())
         if counts:
             self._store.add_counts(counts)
+
+    def _tidy(self) -> None:
+        self.record_bookkeeping()
         self._evict()
         swept = self._store.sweep(self._clock() - self._housekeeping.keep_expired_seconds)
         if swept:

@@ -1,0 +1,224 @@
+"""Shielding the upstream: one request per key, a concurrency cap, backoff on 429/503, a breaker.
+
+* :class:`Coalescer` runs one fetch per cache key; concurrent identical misses wait for it and
+  share its outcome, error included, with no time-out that would send them upstream anyway.
+* :class:`Limiter` caps concurrent upstream requests (and optionally their rate); a request that
+  waits longer than the queue time-out is refused with 503 and ``Retry-After``. When the upstream
+  says it is overloaded (429/503 with ``Retry-After``), every upstream request of the gateway
+  waits until then, not only the one that was told.
+* :class:`Breaker` opens after repeated upstream failures, refuses at once during a cool-down,
+  then lets one probe through and closes again when it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Generic, TypeVar
+
+from proxy.errors import UpstreamError
+
+T = TypeVar("T")
+
+#: Upstream answers that mean "not now": retried for reads, and stale copies may stand in.
+OVERLOAD_STATUSES = frozenset({429, 503})
+FAILURE_STATUSES = frozenset({500, 502, 503, 504})
+
+
+class Overloaded(UpstreamError):
+    """The gateway's own upstream queue is full (503 with Retry-After)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, upstream: str, retry_after: float) -> None:
+        super().__init__(message, upstream=upstream)
+        self.retry_after = retry_after
+
+
+class CircuitOpen(UpstreamError):
+    """The breaker is open: the upstream failed repeatedly and is resting (503)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, upstream: str, retry_after: float) -> None:
+        super().__init__(message, upstream=upstream)
+        self.retry_after = retry_after
+
+
+@dataclass
+class ShieldCounters:
+    """What the shield did, for the stats endpoint."""
+
+    coalesced: int = 0
+    stale_served: int = 0
+    retries: int = 0
+    upstream_429: int = 0
+    upstream_503: int = 0
+    rejected_queue_full: int = 0
+    rejected_circuit_open: int = 0
+
+
+class Coalescer(Generic[T]):
+    """Single flight per key: the first caller fetches, concurrent callers share the outcome."""
+
+    def __init__(self, counters: ShieldCounters) -> None:
+        self._flights: dict[str, asyncio.Future[T]] = {}
+        self._counters = counters
+
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        flight = self._flights.get(key)
+        if flight is None:
+            # A task of its own: the first client hanging up must not cancel it for the others.
+            flight = asyncio.ensure_future(fetch())
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        else:
+            self._counters.coalesced += 1
+        return await asyncio.shield(flight)
+
+
+@dataclass
+class Limiter:
+    """Concurrency cap, optional token bucket and a gateway-wide pause after upstream overload."""
+
+    upstream: str
+    max_concurrency: int
+    rate_per_second: float
+    queue_timeout: float
+    counters: ShieldCounters
+    clock: Callable[[], float] = time.monotonic
+    _slots: asyncio.Semaphore = field(init=False)
+    _tokens: float = field(init=False, default=0.0)
+    _refilled_at: float = field(init=False, default=0.0)
+    paused_until: float = 0.0
+    waiting: int = 0
+
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.max_concurrency)
+        self._tokens = max(1.0, self.rate_per_second)
+        self._refilled_at = self.clock()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every upstream request for ``seconds`` (the upstream asked us to slow down)."""
+        self.paused_until = max(self.paused_until, self.clock() + seconds)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Wait for a free slot (bounded by the queue time-out), then hold it."""
+        deadline = self.clock() + self.queue_timeout
+        self.waiting += 1
+        try:
+            try:
+                async with asyncio.timeout(self.queue_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                self.counters.rejected_queue_full += 1
+                raise Overloaded(
+                    "too many requests waiting for the upstream",
+                    upstream=self.upstream,
+                    retry_after=max(1.0, self.queue_timeout),
+                ) from None
+        finally:
+            self.waiting -= 1
+        try:
+            await self._wait_for_pause_and_rate(deadline)
+            yield
+        finally:
+            self._slots.release()
+
+    async def _wait_for_pause_and_rate(self, deadline: float) -> None:
+        while True:
+            now = self.clock()
+            wait = self.paused_until - now
+            if self.rate_per_second > 0:
+                self._tokens = min(
+                    self.rate_per_second,
+                    self._tokens + (now - self._refilled_at) * self.rate_per_second,
+                )
+                self._refilled_at = now
+                if self._tokens < 1:
+                    wait = max(wait, (1 - self._tokens) / self.rate_per_second)
+            if wait <= 0:
+                if self.rate_per_second > 0:
+                    self._tokens -= 1
+                return
+            if now + wait > deadline:
+                self.counters.rejected_queue_full += 1
+                raise Overloaded(
+                    "the upstream asked the gateway to slow down",
+                    upstream=self.upstream,
+                    retry_after=max(1.0, wait),
+                )
+            await asyncio.sleep(wait)
+
+
+@dataclass
+class Breaker:
+    """Closed → open after ``threshold`` failures in a row → half-open probe after the cool-down."""
+
+    upstream: str
+    threshold: int
+    cooldown: float
+    counters: ShieldCounters
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    opened_at: float | None = None
+    probing: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
+
+    def before(self) -> None:
+        """Raise :class:`CircuitOpen` unless a request may go upstream now."""
+        if self.opened_at is None:
+            return
+        remaining = self.cooldown - (self.clock() - self.opened_at)
+        if remaining > 0 or self.probing:
+            self.counters.rejected_circuit_open += 1
+            raise CircuitOpen(
+                "upstream failing; circuit open",
+                upstream=self.upstream,
+                retry_after=max(1.0, remaining),
+            )
+        self.probing = True  # this request is the probe
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+        self.probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.probing or self.failures >= self.threshold:
+            self.opened_at = self.clock()
+        self.probing = False
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` value (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def backoff_seconds(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Exponential backoff with full jitter: somewhere in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0, min(cap, base * (2**attempt)))

@@ -1,0 +1,296 @@
+"""Shielding TCIA and surviving its outages, end to end over real sockets with the fake's faults."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.shield import retry_after_seconds
+from tests.fake_nbia import FakeServer
+from tests.gateway_server import GatewayServer, make_settings
+
+S = "/nbia-api/services"
+SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
+DAY = 86400.0
+
+
+class Clock:
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
+
+
+@pytest.fixture
+def wall() -> Clock:
+    return Clock(1_800_000_000.0)
+
+
+@pytest.fixture
+def mono() -> Clock:
+    return Clock(1_000.0)
+
+
+@pytest.fixture
+def make_gateway(
+    tmp_path: Path,
+    wall: Clock,
+    mono: Clock,
+    nbia_upstream: FakeServer,
+    nlst_upstream: FakeServer,
+) -> GatewayFactory:
+    def build(**extra: Any) -> GatewayServer:
+        settings = make_settings(tmp_path, nbia_upstream.url, nlst_upstream.url, **extra)
+        return GatewayServer(settings, clock=mono, cache_clock=wall)
+
+    return build
+
+
+@pytest.fixture
+def gw(make_gateway: GatewayFactory) -> Iterator[GatewayServer]:
+    with make_gateway() as server:
+        yield server
+
+
+def get(server: GatewayServer, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.get(server.url + path, timeout=30, **kwargs)
+
+
+def burst(count: int, call: Callable[[int], httpx.Response]) -> list[httpx.Response]:
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+def shield_stats(server: GatewayServer) -> dict[str, Any]:
+    return dict(get(server, "/_proxy/cache/stats").json()["shield"])
+
+
+# --- coalescing ------------------------------------------------------------------------------
+
+
+def test_100_identical_cold_gets_cause_one_upstream_request(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    nbia_upstream.app.slow(seconds_before_headers=1.0, path_contains="getSeries")
+    answers = burst(100, lambda _: get(gw, SERIES))
+    assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == 1
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1 and answers[0].content
+    assert shield_stats(gw)["coalesced"] == 99
+
+
+def test_100_identical_cold_form_posts_cause_one_upstream_request(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    uids = [s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung"][:3]
+    nbia_upstream.app.slow(seconds_before_headers=1.0, path_contains="getSeriesMetadata")
+    body = "list=" + ",".join(uids)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    answers = burst(
+        100,
+        lambda _: httpx.post(
+            gw.url + f"{S}/v4/getSeriesMetadata", content=body, headers=headers, timeout=30
+        ),
+    )
+    assert len(nbia_upstream.app.requests_to("/v4/getSeriesMetadata")) == 1
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1 and b"," in answers[0].content
+
+
+def test_a_failed_leader_gives_its_waiters_the_same_error_not_a_stampede(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    nbia_upstream.app.slow(seconds_before_headers=0.5, path_contains="getSeries")
+    nbia_upstream.app.fail_next(1, status=500, path_contains="getSeries")
+    answers = burst(20, lambda _: get(gw, SERIES))
+    assert {a.status_code for a in answers} == {500}
+    assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == 1
+
+
+# --- stale-if-error and outages ------------------------------------------------------------
+
+
+def test_upstream_down_serves_warm_entries_stale_and_cold_ones_fail_fast(
+    gw: GatewayServer, nbia_upstream: FakeServer, wall: Clock
+) -> None:
+    fresh = get(gw, SERIES)
+    wall.advance(2 * DAY)  # expired (series metadata lives a day), still within max staleness
+    nbia_upstream.stop()
+    started = time.monotonic()
+    stale = get(gw, SERIES)
+    assert time.monotonic() - started < 1.0
+    assert (stale.status_code, stale.headers["x-cache"]) == (200, "STALE")
+    assert stale.headers["age"] == str(int(2 * DAY)) and stale.content == fresh.content
+    started = time.monotonic()
+    cold = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")
+    assert time.monotonic() - started < 1.0
+    assert cold.status_code == 502 and cold.json()["upstream"] == "nbia"
+    nbia_upstream.start()
+    recovered = get(gw, SERIES)
+    assert (recovered.status_code, recovered.headers["x-cache"]) == (200, "MISS")
+    assert get(gw, SERIES).headers["x-cache"] == "HIT"
+    assert shield_stats(gw)["stale_served"] == 1
+
+
+def test_too_old_entries_are_not_served_stale(
+    gw: GatewayServer, nbia_upstream: FakeServer, wall: Clock
+) -> None:
+    get(gw, SERIES)
+    wall.advance(DAY + 4 * DAY)  # past the default three days of staleness
+    nbia_upstream.stop()
+    assert get(gw, SERIES).status_code == 502
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_error_bursts_are_covered_by_stale_copies_and_never_cached(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer, wall: Clock, status: int
+) -> None:
+    with make_gateway(retry_max_attempts=0) as gw:
+        good = get(gw, SERIES)
+        wall.advance(2 * DAY)
+        nbia_upstream.app.fail_next(3, status=status, path_contains="getSeries")
+        for _ in range(3):
+            stale = get(gw, SERIES)
+            assert (stale.status_code, stale.headers["x-cache"]) == (200, "STALE")
+        after = get(gw, SERIES)
+        assert (after.status_code, after.headers["x-cache"], after.content) == (
+            200,
+            "MISS",
+            good.content,
+        )
+
+
+def test_connection_reset_without_answer_falls_back_to_stale(
+    gw: GatewayServer, nbia_upstream: FakeServer, wall: Clock
+) -> None:
+    get(gw, SERIES)
+    wall.advance(2 * DAY)
+    nbia_upstream.app.drop_connection_next(1, path_contains="getSeries")
+    assert get(gw, SERIES).headers["x-cache"] == "STALE"
+    nbia_upstream.app.drop_connection_next(1, path_contains="getSeries")
+    assert get(gw, f"{S}/v4/getSeries?Collection=4D-Lung").status_code == 502
+
+
+# --- 429 and limits --------------------------------------------------------------------------
+
+
+def test_upstream_429_with_retry_after_is_retried_not_passed_on(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """A burst of 50 distinct requests meets 20 upstream 429s; no client sees one."""
+    nbia_upstream.app.fail_next(20, status=429, retry_after=1, path_contains="getSeries")
+    started = time.monotonic()
+    answers = burst(50, lambda i: get(gw, f"{S}/v4/getSeries?Collection=Burst{i:02d}"))
+    elapsed = time.monotonic() - started
+    assert [a.status_code for a in answers] == [200] * 50
+    assert elapsed < 20
+    counters = shield_stats(gw)
+    assert counters["upstream_429"] == 20 and counters["retries"] >= 20
+
+
+def test_side_effects_are_never_retried(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
+    uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
+    nbia_upstream.app.fail_next(1, status=503, retry_after=1, path_contains="createSharedList")
+    answer = httpx.post(
+        gw.url + f"{S}/createSharedList",
+        content=f"list={uid}&name=once",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code == 503
+    assert len(nbia_upstream.app.requests_to("/createSharedList")) == 1
+
+
+def test_full_upstream_queue_answers_503_with_retry_after(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    nbia_upstream.app.slow(seconds_before_headers=2.0, path_contains="getSeries")
+    with make_gateway(upstream_max_concurrency=1, upstream_queue_timeout_seconds=0.5) as gw:
+        answers = burst(3, lambda i: get(gw, f"{S}/v4/getSeries?Collection=Q{i}"))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200, 503, 503]
+    refused = next(a for a in answers if a.status_code == 503)
+    assert refused.json()["error"] and int(refused.headers["retry-after"]) >= 1
+
+
+# --- breaker, offline, deadline ----------------------------------------------------------------
+
+
+def test_circuit_opens_after_repeated_failures_and_closes_after_a_probe(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer, mono: Clock, wall: Clock
+) -> None:
+    with make_gateway(circuit_failure_threshold=3, circuit_cooldown_seconds=30) as gw:
+        get(gw, SERIES)
+        wall.advance(2 * DAY)
+        nbia_upstream.stop()
+        for i in range(3):
+            assert get(gw, f"{S}/v4/getSeries?Collection=F{i}").status_code == 502
+        refused = get(gw, f"{S}/v4/getSeries?Collection=F9")
+        assert refused.status_code == 503 and "circuit" in refused.json()["error"]
+        assert "retry-after" in refused.headers
+        assert get(gw, SERIES).headers["x-cache"] == "STALE"  # open circuit: stale, instantly
+        assert shield_stats(gw)["upstreams"]["nbia"]["circuit"] == "open"
+        nbia_upstream.start()
+        assert get(gw, f"{S}/v4/getSeries?Collection=F9").status_code == 503  # still resting
+        mono.advance(31)
+        probe = get(gw, f"{S}/v4/getSeries?Collection=F9")
+        assert probe.status_code == 200
+        assert shield_stats(gw)["upstreams"]["nbia"]["circuit"] == "closed"
+        assert get(gw, SERIES).headers["x-cache"] == "MISS"
+
+
+def test_offline_mode_answers_only_from_the_cache(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer, wall: Clock
+) -> None:
+    with make_gateway() as online:
+        warm = get(online, SERIES)
+    wall.advance(30 * DAY)  # offline, even an old copy beats nothing
+    with make_gateway(offline=True) as offline:
+        served = get(offline, SERIES)
+        missing = get(offline, f"{S}/v4/getSeries?Collection=4D-Lung")
+        uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
+        binary = get(offline, f"{S}/v4/getImage?SeriesInstanceUID={uid}")
+    assert (served.status_code, served.headers["x-cache"]) == (200, "STALE")
+    assert served.content == warm.content
+    assert missing.status_code == 504 and missing.json()["error"] == "offline and not cached"
+    assert binary.status_code == 504
+    assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == 1
+
+
+def test_every_request_has_an_overall_deadline(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer, wall: Clock
+) -> None:
+    """A hanging upstream costs a client the deadline, not forever (tcia-utils sets no time-out)."""
+    with make_gateway(request_deadline_seconds=1.0, read_timeout_seconds=30.0) as gw:
+        get(gw, SERIES)
+        wall.advance(2 * DAY)
+        nbia_upstream.app.slow(seconds_before_headers=5.0)
+        started = time.monotonic()
+        cold = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")
+        stale = get(gw, SERIES)
+        uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
+        binary = get(gw, f"{S}/v4/getImage?SeriesInstanceUID={uid}")
+        elapsed = time.monotonic() - started
+    assert cold.status_code == 504 and "deadline" in cold.json()["error"]
+    assert stale.headers["x-cache"] == "STALE"
+    assert binary.status_code == 504
+    assert elapsed < 4.5
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after_seconds("7") == 7.0
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
