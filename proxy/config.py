@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     retry_budget_seconds: float = Field(
         60.0, ge=0, description="Total time spent retrying a read after upstream 429/503."
     )
-    retry_max_attempts: int = Field(4, ge=0, description="Retries of a read after 429/503.")
+    retry_max_attempts: int = Field(10, ge=0, description="Retries of a read after 429/503.")
     circuit_failure_threshold: int = Field(
         5, gt=0, description="Upstream failures in a row that open the circuit."
     )

@@ -136,7 +136,9 @@ async def open_shielded(
         else:
             upstream.breaker.success()
         if status not in OVERLOAD_STATUSES:
+            upstream.limiter.succeeded()
             return response
+        upstream.limiter.overloaded()
         if status == 429:
             counters.upstream_429 += 1
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from typing import Generic, TypeVar
 from proxy.errors import UpstreamError
 
 T = TypeVar("T")
+
+_CALM_SECONDS = 30.0  # no overload for this long: forget the learned rate
+_ADDITIVE_STEP = 0.1  # requests/second gained per successful upstream request
 
 #: Upstream answers that mean "not now": retried for reads, and stale copies may stand in.
 OVERLOAD_STATUSES = frozenset({429, 503})
@@ -100,15 +104,45 @@ class Limiter:
     _refilled_at: float = field(init=False, default=0.0)
     paused_until: float = 0.0
     waiting: int = 0
+    #: Learned after upstream 429/503s: halved on overload (at most once a second), raised a
+    #: little on every success, forgotten after a calm spell (AIMD, as TCP does).
+    adaptive_rate: float | None = None
+    _overloaded_at: float = field(init=False, default=-1e9)
+    _starts: deque[float] = field(init=False, default_factory=deque)
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrency)
         self._tokens = max(1.0, self.rate_per_second)
         self._refilled_at = self.clock()
 
+    @property
+    def rate(self) -> float:
+        """Requests per second allowed now (0: unlimited)."""
+        rates = [r for r in (self.rate_per_second, self.adaptive_rate) if r]
+        return min(rates) if rates else 0.0
+
     def pause(self, seconds: float) -> None:
         """Hold every upstream request for ``seconds`` (the upstream asked us to slow down)."""
         self.paused_until = max(self.paused_until, self.clock() + seconds)
+
+    def overloaded(self) -> None:
+        """The upstream said 429/503: slow the whole gateway down."""
+        now = self.clock()
+        if now - self._overloaded_at < 1.0:
+            return  # one decision per second, however many answers said so
+        self._overloaded_at = now
+        recent = sum(1 for t in self._starts if now - t < 1.0)
+        current = self.adaptive_rate or float(max(recent, 2))
+        self.adaptive_rate = max(1.0, min(current, float(max(recent, 2))) / 2)
+        self._tokens = min(self._tokens, 1.0)
+
+    def succeeded(self) -> None:
+        if self.adaptive_rate is None:
+            return
+        if self.clock() - self._overloaded_at > _CALM_SECONDS:
+            self.adaptive_rate = None
+        else:
+            self.adaptive_rate += _ADDITIVE_STEP
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -138,17 +172,18 @@ class Limiter:
         while True:
             now = self.clock()
             wait = self.paused_until - now
-            if self.rate_per_second > 0:
-                self._tokens = min(
-                    self.rate_per_second,
-                    self._tokens + (now - self._refilled_at) * self.rate_per_second,
-                )
+            rate = self.rate
+            if rate > 0:
+                self._tokens = min(max(rate, 1.0), self._tokens + (now - self._refilled_at) * rate)
                 self._refilled_at = now
                 if self._tokens < 1:
-                    wait = max(wait, (1 - self._tokens) / self.rate_per_second)
+                    wait = max(wait, (1 - self._tokens) / rate)
             if wait <= 0:
-                if self.rate_per_second > 0:
+                if rate > 0:
                     self._tokens -= 1
+                self._starts.append(now)
+                while self._starts and now - self._starts[0] > 1.0:
+                    self._starts.popleft()
                 return
             if now + wait > deadline:
                 self.counters.rejected_queue_full += 1

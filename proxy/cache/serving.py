@@ -107,6 +107,11 @@ async def serve_cacheable(
     cache.count(endpoint.path, hit=False)
 
     async def fetch() -> Answer:
+        # A flight that just finished may have stored the answer while this request was still
+        # looking it up: use it rather than start a second upstream request.
+        stored = cache.from_memory(key.digest)
+        if stored is not None and not fresh_wanted and stored.expires_at > cache.clock():
+            return Answer(stored.status, stored.headers, stored.body)
         response = await open_shielded(
             upstream, request, endpoint.token, policy.token_on_v4, retry=shield.retry
         )

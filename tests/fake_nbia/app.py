@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,9 @@ class FakeNBIA:
         self.requests: list[LoggedRequest] = []
         self.shared_lists: dict[str, SharedList] = {}
         self.require_token_on_v4 = False
+        self._rate: tuple[float, float] = (0.0, 1.0)
+        self._recent: list[float] = []
+        self.rate_limited = 0
 
     # --- state ----------------------------------------------------------------
 
@@ -69,6 +73,8 @@ class FakeNBIA:
         self.tokens.reset()
         self.faults.reset()
         self.require_token_on_v4 = False
+        self.rate_limit(0)
+        self.rate_limited = 0  # 429s sent by rate_limit()
 
     def requests_to(self, path_suffix: str) -> list[LoggedRequest]:
         with self._lock:
@@ -192,6 +198,27 @@ class FakeNBIA:
         """The next `n` matching requests are read, then the socket closes with no answer."""
         self.faults.drop_next(n, path_contains, include_token)
 
+    def rate_limit(self, per_second: float, retry_after: float = 1.0) -> None:
+        """Answer 429 with Retry-After to requests beyond ``per_second`` in any one second,
+        as a rate-limited public API does (the token endpoint is exempt). 0 switches it off."""
+        with self._lock:
+            self._rate = (per_second, retry_after)
+            self._recent = []
+
+    def _over_rate(self, path: str) -> float | None:
+        """The Retry-After to answer with when this request exceeds the rate, else None."""
+        per_second, retry_after = self._rate
+        if per_second <= 0 or path.endswith("/oauth/token"):
+            return None
+        now = time.monotonic()
+        with self._lock:
+            self._recent = [t for t in self._recent if now - t < 1.0]
+            if len(self._recent) >= per_second:
+                self.rate_limited += 1
+                return retry_after
+            self._recent.append(now)
+        return None
+
     # --- ASGI -------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -213,8 +240,11 @@ class FakeNBIA:
             return
         slow = self.faults.slowness(log.path)
         failure = self.faults.take_failure(log.path)
+        limited = self._over_rate(log.path)
         if failure is not None:
             reply = _fault_reply(failure.status, failure.retry_after)
+        elif limited is not None:
+            reply = _fault_reply(429, limited)
         else:
             reply = await asyncio.to_thread(self.handle, log)
         try:
