@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache = commands.add_parser("cache", help="inspect or empty the cache")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
     stats = cache_commands.add_parser("stats", help="entries, bytes, hits and misses (JSON)")
+    stats.add_argument(
+        "--from",
+        dest="stats_from",
+        metavar="URL",
+        help="ask a running gateway instead (adds its live shield counters, circuit and queue)",
+    )
     _add_settings_flags(stats)
     purge = cache_commands.add_parser(
         "purge", help="delete everything, or what matches all the given filters"
@@ -146,6 +152,12 @@ def run_cache_command(args: argparse.Namespace, settings: Settings) -> dict[str,
     from proxy.app import build_cache
     from proxy.control import stats_document
 
+    if args.cache_command == "stats" and args.stats_from:
+        import httpx
+
+        answer = httpx.get(args.stats_from.rstrip("/") + "/_proxy/cache/stats", timeout=30)
+        answer.raise_for_status()
+        return dict(answer.json())
     run_migrations(settings)
     cache = build_cache(settings)
     try:

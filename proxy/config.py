@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         ge=0,
         description="When the upstream fails, serve an expired entry up to this long past expiry.",
     )
+    cache_stale_while_revalidate_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Serve an entry this long past expiry while one background refresh runs "
+        "(0: off).",
+    )
     offline: bool = Field(False, description="Answer only from the cache; misses get 504.")
     request_deadline_seconds: float = Field(
         120.0, gt=0, description="Longest a client waits for the start of an answer."

@@ -71,6 +71,7 @@ class Gateway:
             max_stale_seconds=settings.cache_max_stale_seconds,
             deadline_seconds=settings.request_deadline_seconds,
             offline=settings.offline,
+            revalidate_seconds=settings.cache_stale_while_revalidate_seconds,
         )
         self.cache_policy = CachePolicy(
             ttl_overrides=tuple(settings.cache_ttl.items()),

@@ -78,15 +78,29 @@ class Coalescer(Generic[T]):
         return len(self._flights)
 
     async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        """Join the flight for ``key`` (starting it if there is none) and return its outcome."""
         flight = self._flights.get(key)
         if flight is None:
-            # A task of its own: the first client hanging up must not cancel it for the others.
-            flight = asyncio.ensure_future(fetch())
-            self._flights[key] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+            flight = self.start(key, fetch)
         else:
             self._counters.coalesced += 1
         return await asyncio.shield(flight)
+
+    def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Start a flight for ``key`` unless one is running; nobody has to wait for it."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            return flight
+        # A task of its own: the first client hanging up must not cancel it for the others.
+        flight = asyncio.ensure_future(fetch())
+        self._flights[key] = flight
+        flight.add_done_callback(lambda done: self._land(key, done))
+        return flight
+
+    def _land(self, key: str, flight: asyncio.Future[T]) -> None:
+        self._flights.pop(key, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: a background flight's failure is not an error here
 
 
 @dataclass

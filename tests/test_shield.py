@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.cli import main as cli_main
 from proxy.shield import retry_after_seconds
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings
@@ -297,3 +299,36 @@ def test_retry_after_parsing() -> None:
     assert retry_after_seconds("7") == 7.0
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+
+
+def test_stale_while_revalidate_answers_at_once_and_refreshes_once(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer, wall: Clock
+) -> None:
+    settings = {"cache_stale_while_revalidate_seconds": 60, "cache_ttl": {"v4/getSeries*": 10}}
+    with make_gateway(**settings) as gw:
+        get(gw, SERIES)
+        wall.advance(15)  # expired 5 s ago: inside the revalidation window
+        nbia_upstream.app.slow(seconds_before_headers=1.5, path_contains="getSeries")
+        started = time.monotonic()
+        answers = [get(gw, SERIES) for _ in range(5)]
+        assert time.monotonic() - started < 1.0  # nobody waited for the slow upstream
+        assert {a.headers["x-cache"] for a in answers} == {"STALE"}
+        deadline = time.monotonic() + 10
+        while get(gw, SERIES).headers["x-cache"] != "HIT":
+            assert time.monotonic() < deadline, "the background refresh never landed"
+            time.sleep(0.1)
+        assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == 2
+        wall.advance(200)  # far past the window: a plain miss again
+        nbia_upstream.app.reset()
+        assert get(gw, SERIES).headers["x-cache"] == "MISS"
+
+
+def test_cli_reads_live_counters_from_a_running_gateway(
+    gw: GatewayServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    get(gw, SERIES)
+    assert cli_main(["cache", "stats", "--from", gw.url]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["shield"]["upstreams"]["nbia"]["circuit"] == "closed"
+    assert set(printed["shield"]) >= {"coalesced", "stale_served", "retries", "upstream_429"}
+    assert printed["misses"] == 1

@@ -42,6 +42,7 @@ class ShieldPolicy:
     max_stale_seconds: float
     deadline_seconds: float
     offline: bool
+    revalidate_seconds: float = 0.0  # stale-while-revalidate window (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,6 @@ async def serve_cacheable(
             raise UpstreamTimeout("offline and not cached", upstream=upstream.name)
         await send_stale(cache, entry, send, shield)
         return
-    cache.count(endpoint.path, hit=False)
 
     async def fetch() -> Answer:
         # A flight that just finished may have stored the answer while this request was still
@@ -120,6 +120,17 @@ async def serve_cacheable(
         _store(cache, policy, endpoint, key, answer)
         return answer
 
+    if (
+        entry is not None
+        and not fresh_wanted
+        and entry.status == 200
+        and cache.clock() - entry.expires_at < shield.revalidate_seconds
+    ):
+        # Just expired: answer with it now and refresh it in the background, once per key.
+        shield.coalescer.start(key.digest, fetch)
+        await send_stale(cache, entry, send, shield)
+        return
+    cache.count(endpoint.path, hit=False)
     try:
         async with asyncio.timeout(shield.deadline_seconds):
             answer = await shield.coalescer.run(key.digest, fetch)
