@@ -332,3 +332,22 @@ def test_cli_reads_live_counters_from_a_running_gateway(
     assert printed["shield"]["upstreams"]["nbia"]["circuit"] == "closed"
     assert set(printed["shield"]) >= {"coalesced", "stale_served", "retries", "upstream_429"}
     assert printed["misses"] == 1
+
+
+def test_a_reset_mid_body_is_covered_by_stale_and_never_stored(
+    gw: GatewayServer, nbia_upstream: FakeServer, wall: Clock
+) -> None:
+    good = get(gw, SERIES)
+    wall.advance(2 * DAY)
+    nbia_upstream.app.cut_body_next(1, after_bytes=100, path_contains="getSeries")
+    stale = get(gw, SERIES)
+    assert (stale.headers["x-cache"], stale.content) == ("STALE", good.content)
+    nbia_upstream.app.cut_body_next(1, after_bytes=100, path_contains="getSeries")
+    cold = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")
+    assert cold.status_code == 502 and "broke off" in cold.json()["error"]
+    # Nothing truncated was stored: the next answers are whole.
+    fresh = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")
+    assert (fresh.headers["x-cache"], fresh.status_code) == ("MISS", 200)
+    assert fresh.json() and get(gw, f"{S}/v4/getSeries?Collection=4D-Lung").content == (
+        fresh.content
+    )

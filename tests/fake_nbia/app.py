@@ -59,6 +59,7 @@ class FakeNBIA:
         self._rate: tuple[float, float] = (0.0, 1.0)
         self._recent: list[float] = []
         self.rate_limited = 0
+        self._body_cuts: list[list[Any]] = []
 
     # --- state ----------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class FakeNBIA:
         self.require_token_on_v4 = False
         self.rate_limit(0)
         self.rate_limited = 0  # 429s sent by rate_limit()
+        self._body_cuts: list[list[Any]] = []
 
     def requests_to(self, path_suffix: str) -> list[LoggedRequest]:
         with self._lock:
@@ -197,6 +199,21 @@ class FakeNBIA:
     ) -> None:
         """The next `n` matching requests are read, then the socket closes with no answer."""
         self.faults.drop_next(n, path_contains, include_token)
+
+    def cut_body_next(self, n: int, after_bytes: int, path_contains: str | None = None) -> None:
+        """The next ``n`` matching non-streamed answers (JSON, CSV, text) declare their full
+        Content-Length, send ``after_bytes`` of the body, then the connection is reset."""
+        with self._lock:
+            self._body_cuts.append([n, after_bytes, path_contains])
+
+    def _take_body_cut(self, path: str) -> int | None:
+        with self._lock:
+            for rule in self._body_cuts:
+                remaining, after_bytes, contains = rule
+                if remaining > 0 and (contains is None or contains in path):
+                    rule[0] = remaining - 1
+                    return int(after_bytes)
+        return None
 
     def rate_limit(self, per_second: float, retry_after: float = 1.0) -> None:
         """Answer 429 with Retry-After to requests beyond ``per_second`` in any one second,
@@ -332,6 +349,14 @@ class FakeNBIA:
             await send({"type": "http.response.body", "body": b""})
             return
         if not streamed:
+            cut_at = self._take_body_cut(log.path)
+            if cut_at is not None:
+                # The declared length promises more than arrives: a reset mid-body.
+                await send(
+                    {"type": "http.response.body", "body": reply.body[:cut_at], "more_body": True}
+                )
+                await _abort(send)
+                return
             await send({"type": "http.response.body", "body": reply.body})
             return
         cut = self.faults.take_cut(log.path) if reply.zip else None
