@@ -15,7 +15,7 @@ from proxy.cache.tiers import CacheSettings, TieredCache
 from proxy.client_tokens import ClientTokens
 from proxy.config import Settings
 from proxy.control import control_app
-from proxy.db import database_url, make_engine, migrate
+from proxy.db import database_url, is_current, make_engine, migrate
 from proxy.gateway import Gateway
 from proxy.shield import ShieldCounters
 from proxy.upstream import Upstream, upstream_configs
@@ -64,8 +64,9 @@ def _lifespan(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if cache is not None:
-            if settings.auto_migrate:
-                url = database_url(settings.database_url, settings.data_dir)
+            url = database_url(settings.database_url, settings.data_dir)
+            # Alembic is only loaded when there is something to do: a lean serving process.
+            if settings.auto_migrate and not await asyncio.to_thread(is_current, url):
                 await asyncio.to_thread(migrate, url)
             await asyncio.to_thread(cache.start)
         try:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import SQLAlchemyError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 SQLITE_FILE = "nbia-proxy.sqlite3"
+#: The newest migration in ``migrations/versions`` (a test keeps the two in step).
+SCHEMA_HEAD = "0001"
 
 
 def database_url(configured: str | None, data_dir: Path) -> str:
@@ -51,14 +55,32 @@ def _sqlite_pragmas(connection: Any, _: Any) -> None:
 
 def alembic_config(url: str) -> Config:
     """An Alembic configuration for ``url`` using the packaged ``migrations`` scripts."""
+    # Imported here: Alembic (and Mako) only matter while migrating, not in a serving process.
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(importlib.resources.files("migrations")))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
+def is_current(url: str) -> bool:
+    """True when the database is already at :data:`SCHEMA_HEAD` (checked without Alembic)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return found == SCHEMA_HEAD
+    except SQLAlchemyError:
+        return False  # no database or no version table yet
+    finally:
+        engine.dispose()
+
+
 def migrate(url: str, revision: str = "head") -> None:
     """Bring the database at ``url`` to ``revision`` (creating it from empty if need be)."""
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)

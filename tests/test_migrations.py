@@ -14,7 +14,7 @@ from sqlalchemy import inspect
 
 from proxy.cache.tables import Base
 from proxy.cli import main as cli_main
-from proxy.db import alembic_config, make_engine, migrate
+from proxy.db import SCHEMA_HEAD, alembic_config, is_current, make_engine, migrate
 from tests.databases import BACKENDS, database
 
 
@@ -38,6 +38,15 @@ def test_empty_database_to_head_matches_the_models(empty_db: str) -> None:
         )
     finally:
         engine.dispose()
+
+
+def test_schema_head_constant_matches_the_scripts(empty_db: str) -> None:
+    """proxy.db.SCHEMA_HEAD lets a serving process skip loading Alembic; it must be the head."""
+    head = ScriptDirectory.from_config(alembic_config(empty_db)).get_current_head()
+    assert head == SCHEMA_HEAD
+    assert not is_current(empty_db)
+    migrate(empty_db)
+    assert is_current(empty_db)
 
 
 def test_migrations_run_twice_and_downgrade_to_nothing(empty_db: str) -> None:
