@@ -13,6 +13,7 @@ USER nbia
 WORKDIR /data
 # Inside a container the gateway must listen on all interfaces to be reachable.
 ENV NBIA_PROXY_HOST=0.0.0.0 \
+    NBIA_PROXY_ALLOW_REMOTE_OPEN=true \
     NBIA_PROXY_PORT=8080 \
     NBIA_PROXY_DATA_DIR=/data
 EXPOSE 8080

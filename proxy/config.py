@@ -6,6 +6,7 @@ Nothing is read at import time; :func:`load_settings` builds a fresh :class:`Set
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NBIA_PROXY_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
+    allow_remote_open: bool = Field(
+        False,
+        description="Listen beyond loopback although no lab accounts protect the gateway "
+        "(open mode): anyone who can reach it uses the service account.",
+    )
     port: int = Field(8080, ge=0, le=65535, description="Port to listen on.")
     upstream: str = Field(
         "https://services.cancerimagingarchive.net",
@@ -144,6 +150,16 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     @model_validator(mode="after")
+    def _refuse_open_remote(self) -> Settings:
+        if not (_is_loopback(self.host) or self.allow_remote_open):
+            raise ValueError(
+                f"host {self.host} is not a loopback address and the gateway has no lab "
+                "accounts: set allow_remote_open (NBIA_PROXY_ALLOW_REMOTE_OPEN=true) to expose "
+                "it anyway"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _read_password_file(self) -> Settings:
         if self.password_file is not None:
             text = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
@@ -161,6 +177,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Flags arrive as init kwargs; the config file is merged in load_settings, below env.
         return (init_settings, env_settings)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -136,8 +136,8 @@ def test_flag_equal_to_the_default_still_beats_env(monkeypatch: pytest.MonkeyPat
 
 def test_load_settings_ignores_flags_that_were_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """None stands for "flag not given" and does not hide the environment."""
-    monkeypatch.setenv("NBIA_PROXY_HOST", "0.0.0.0")
-    assert load_settings(None, host=None, port=None).host == "0.0.0.0"
+    monkeypatch.setenv("NBIA_PROXY_HOST", "127.0.0.2")
+    assert load_settings(None, host=None, port=None).host == "127.0.0.2"
 
 
 def test_table_form_with_dashed_keys(tmp_path: Path) -> None:
@@ -287,3 +287,23 @@ def test_errors_do_not_echo_a_password(tmp_path: Path, capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert "password" in err
     assert "31415926535" not in err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "::", "gateway.lab"])
+def test_open_mode_refuses_a_non_loopback_host_unless_told(
+    host: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without lab accounts anyone who can reach the gateway uses the service account."""
+
+    def must_not_serve(settings: Settings) -> None:
+        raise AssertionError("the gateway would have started")
+
+    monkeypatch.setattr(cli, "serve", must_not_serve)
+    assert cli.main(["serve", "--host", host]) == 2
+    assert "allow_remote_open" in capsys.readouterr().err
+    assert load_settings(None, host=host, allow_remote_open=True).host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_hosts_need_no_permission(host: str) -> None:
+    assert load_settings(None, host=host).host == host
