@@ -17,7 +17,7 @@ import httpx
 
 from proxy import rawhttp
 from proxy.endpoints import TokenUse
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import ClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import RawHeaders, for_upstream
 from proxy.shield import (
     FAILURE_STATUSES,
@@ -88,6 +88,8 @@ async def _send(
             )
         outgoing = httpx.Request(request.method, url, headers=headers, content=request.body)
         return await upstream.client.send(outgoing, stream=True)
+    except httpx.InvalidURL as exc:
+        raise ClientError("malformed request path") from exc
     except httpx.TimeoutException as exc:
         raise UpstreamTimeout("upstream timed out", upstream=upstream.name) from exc
     except httpx.TransportError as exc:
@@ -124,12 +126,23 @@ async def open_shielded(
     attempt = 0
     while True:
         upstream.breaker.before()
-        async with upstream.limiter.slot():
-            try:
-                response = await open_upstream(upstream, request, token_use, token_on_v4, bulk=bulk)
-            except UpstreamError:
-                upstream.breaker.failure()
-                raise
+        outcome_known = False
+        try:
+            async with upstream.limiter.slot():
+                try:
+                    response = await open_upstream(
+                        upstream, request, token_use, token_on_v4, bulk=bulk
+                    )
+                except UpstreamError:
+                    upstream.breaker.failure()
+                    outcome_known = True
+                    raise
+            outcome_known = True
+        finally:
+            if not outcome_known:
+                # Refused by the queue or cancelled by the deadline: not a verdict on the
+                # upstream, but a probe in flight must not stay "in flight" for ever.
+                upstream.breaker.abandon()
         status = response.status_code
         if status in FAILURE_STATUSES:
             upstream.breaker.failure()
@@ -145,6 +158,8 @@ async def open_shielded(
             counters.upstream_503 += 1
         told = retry_after_seconds(response.headers.get("retry-after"))
         if told is not None:
+            # Never let one answer stop the gateway for longer than a retry could wait.
+            told = min(told, retry.budget_seconds if retry else 5.0)
             upstream.limiter.pause(told)
         delay = told if told is not None else backoff_seconds(attempt)
         spent = time.monotonic() - started

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from proxy import audit
 from proxy.cache.policy import CacheKey
 from proxy.cache.serving import (
     AGE_ZERO,
@@ -44,7 +46,9 @@ _API_PREFIX = "/nbia-api/"
 _SLOW_PATH_HEADERS = frozenset(
     {b"cache-control", b"pragma", b"content-length", b"transfer-encoding"}
 )
-_KNOWN_KEYS_LIMIT = 100_000
+_KNOWN_KEYS_LIMIT = 20_000
+_KNOWN_QUERY_MAX = 1024  # longer queries take the full path every time
+_SLASHES = re.compile("/+")
 _FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
@@ -92,7 +96,12 @@ class Gateway:
         if self.cache is not None and scope["method"] == "GET":
             entry = self.fresh_entry(scope["path"], scope["query_string"], scope["headers"])
             if entry is not None:
+                started = time.perf_counter()
                 await send_hit(self.cache, entry, send)
+                if audit.enabled():
+                    self.audit_hit(
+                        scope["headers"], _client(scope), "GET", scope["path"], entry, started
+                    )
                 return
         routed = self._route(scope["path"])
         if routed is None:
@@ -118,14 +127,46 @@ class Gateway:
             else:
                 raise
         finally:
-            log.debug(
-                "%s %s%s -> %s in %.1f ms",
-                scope["method"],
-                upstream.config.mount,
-                path,
-                state.status,
-                (time.perf_counter() - started) * 1000,
-            )
+            if audit.enabled():
+                audit.record(
+                    user=self.user_of(scope["headers"]),
+                    client=_client(scope),
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=state.status,
+                    cache=state.cache,
+                    size=state.size,
+                    started=started,
+                )
+
+    def user_of(self, headers: list[tuple[bytes, bytes]]) -> str:
+        """Who is asking, for the audit log: a gateway token's account, else anonymous."""
+        authorization = find(headers, b"authorization")
+        if authorization is None:
+            return "anonymous"
+        subject = self.client_tokens.subject_of(authorization.decode("latin-1"))
+        return subject or "anonymous"
+
+    def audit_hit(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        client: str,
+        method: str,
+        path: str,
+        entry: Entry,
+        started: float,
+    ) -> None:
+        """The audit line of a hit answered without the full path."""
+        audit.record(
+            user=self.user_of(headers),
+            client=client,
+            method=method,
+            path=path,
+            status=entry.status,
+            cache="HIT",
+            size=len(entry.body),
+            started=started,
+        )
 
     def fresh_entry(
         self, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
@@ -149,7 +190,7 @@ class Gateway:
         return entry
 
     def _remember_key(self, scope: Scope, request: OutgoingRequest, key: CacheKey) -> None:
-        if request.method != "GET" or request.body:
+        if request.method != "GET" or request.body or len(request.query) > _KNOWN_QUERY_MAX:
             return
         if len(self._known_keys) >= _KNOWN_KEYS_LIMIT:
             self._known_keys.clear()  # crude but bounded; the full path refills it
@@ -167,10 +208,13 @@ class Gateway:
     ) -> None:
         method: str = scope["method"]
         _reject_dot_segments(path)
-        if path in TOKEN_PATHS:
+        # Tomcat treats /oauth/token/, //oauth/token and the like as the token endpoint: so
+        # must we, or a client's credentials would be forwarded upstream.
+        local = _SLASHES.sub("/", path).rstrip("/").lower()
+        if local in TOKEN_PATHS:
             await self._answer_token(method, scope, receive, send)
             return
-        if path in LOGOUT_PATHS:
+        if local in LOGOUT_PATHS:
             auth = find(scope["headers"], b"authorization")
             answer = self.client_tokens.answer_logout(auth.decode("latin-1") if auth else None)
             await _send_answer(send, answer)
@@ -179,7 +223,7 @@ class Gateway:
             raise ClientError(f"method {method} is not supported", status=405)
         mount = upstream.config.mount.encode()
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        if not raw_path.startswith(mount):
+        if not raw_path.startswith(mount + b"/"):
             raise ClientError("malformed request path")
         request = OutgoingRequest(
             method=method,
@@ -243,13 +287,15 @@ class Gateway:
 
 
 class _Progress:
-    """What has been sent so far, for logging and for not answering twice."""
+    """What has been sent so far, for the audit log and for not answering twice."""
 
-    __slots__ = ("started", "status")
+    __slots__ = ("cache", "size", "started", "status")
 
     def __init__(self) -> None:
         self.started = False
         self.status = 0
+        self.cache = "-"
+        self.size = 0
 
 
 def _tracking(send: Send, state: _Progress) -> Send:
@@ -257,9 +303,19 @@ def _tracking(send: Send, state: _Progress) -> Send:
         if message["type"] == "http.response.start":
             state.started = True
             state.status = message["status"]
+            for name, value in message["headers"]:
+                if name == b"x-cache":
+                    state.cache = value.decode("latin-1")
+        else:
+            state.size += len(message.get("body", b""))
         await send(message)
 
     return tracked
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "-"
 
 
 def _reject_dot_segments(path: str) -> None:

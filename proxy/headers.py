@@ -26,7 +26,14 @@ _HOP_BY_HOP = frozenset(
     }
 )
 # Host and Content-Length are recomputed for the upstream connection.
-_NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"authorization", b"cookie"}
+# Expect: 100-continue was settled between the client and the gateway already.
+_NOT_FORWARDED = _HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"authorization",
+    b"cookie",
+    b"expect",
+}
 _NOT_RETURNED = _HOP_BY_HOP | {b"set-cookie", b"content-length"}
 
 

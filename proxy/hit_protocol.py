@@ -11,13 +11,17 @@ goes down uvicorn's ordinary path unchanged.
 from __future__ import annotations
 
 import http
+import time
 from typing import Any
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from proxy import audit
 from proxy.cache.store import Entry
 from proxy.gateway import Gateway
+
+_WRITE_BUFFER_LIMIT = 256 * 1024
 
 
 def find_gateway(app: Any) -> Gateway | None:
@@ -83,6 +87,9 @@ class HitProtocol(HttpToolsProtocol):
             or parser.should_upgrade()
             or self.pipeline
             or (self.cycle is not None and not self.cycle.response_complete)
+            # A client that sends but does not read gets uvicorn's backpressure, not ours.
+            or self.flow.write_paused
+            or self.transport.get_write_buffer_size() > _WRITE_BUFFER_LIMIT
         ):
             return None
         url = httptools.parse_url(self.url)
@@ -102,4 +109,9 @@ class HitProtocol(HttpToolsProtocol):
         cache.count(entry.endpoint, hit=True)
         cache.served(entry.digest)
         self._gateway.shortcut_hits += 1
+        if audit.enabled():
+            client = self.client[0] if self.client else "-"
+            self._gateway.audit_hit(
+                self.headers, str(client), "GET", path, entry, time.perf_counter()
+            )
         return b"%sx-cache: HIT\r\nage: %d\r\n\r\n%s" % (response_head(entry), age, entry.body)

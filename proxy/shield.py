@@ -242,6 +242,10 @@ class Breaker:
             )
         self.probing = True  # this request is the probe
 
+    def abandon(self) -> None:
+        """The request never reached the upstream: let another one be the probe."""
+        self.probing = False
+
     def success(self) -> None:
         self.failures = 0
         self.opened_at = None

@@ -173,3 +173,52 @@ def test_hop_by_hop_request_headers_are_dropped(
     assert "x-hop-only" not in seen.headers.get("connection", "").lower()
     assert seen.headers["x-end-to-end"] == "2"
     assert seen.headers["accept"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/nbia-api/oauth/token/",
+        "/nbia-api//oauth/token",
+        "/nbia-api/services/oauth/token/",
+        "/nbia-api/OAuth/Token",
+        "/nlst/nbia-api/oauth//token",
+    ],
+)
+def test_token_path_variants_are_answered_locally(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer, nlst_upstream: FakeServer, path: str
+) -> None:
+    """Spellings a servlet container maps to the token endpoint never carry credentials out."""
+    form = {"username": "alice", "password": "s3cret-pw", "grant_type": "password"}
+    answer = httpx.post(quick_gateway.url + path, data=form)
+    assert answer.status_code == 200 and answer.json()["token_type"] == "Bearer"
+    assert nbia_upstream.app.requests == [] and nlst_upstream.app.requests == []
+
+
+def test_expect_100_continue_is_not_forwarded(
+    quick_gateway: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
+    sops = httpx.get(
+        f"{nbia_upstream.url}/nbia-api/services/v4/getSOPInstanceUIDs",
+        params={"SeriesInstanceUID": uid},
+    ).json()
+    form = {"seriesUID": uid, "objectUID": sops[0]["SOPInstanceUID"]}
+    answer = httpx.post(
+        quick_gateway.url + "/nbia-api/services/v4/getThumbnail",
+        data=form,
+        headers={"Expect": "100-continue"},
+    )
+    assert answer.status_code == 200 and answer.content.startswith(b"\xff\xd8")
+    (seen,) = nbia_upstream.app.requests_to("/v4/getThumbnail")
+    assert "expect" not in seen.headers
+
+
+def test_encoded_slash_after_the_mount_is_a_400_not_a_500(
+    quick_gateway: GatewayServer, nlst_upstream: FakeServer
+) -> None:
+    status, body = _raw_request(
+        quick_gateway.url, "/nlst%2Fnbia-api/services/v1/getCollectionValues"
+    )
+    assert status == 400 and b"malformed" in body
+    assert nlst_upstream.app.requests == []

@@ -7,7 +7,7 @@ with ``Age: 0``. A client's ``Cache-Control: no-cache`` skips the stored answer 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.types import Send
 
@@ -106,6 +106,13 @@ async def serve_cacheable(
         await send_stale(cache, entry, send, shield)
         return
 
+    # Stored bodies must suit every client: ask the upstream for them unencoded.
+    plain = replace(
+        request,
+        headers=[h for h in request.headers if h[0] != b"accept-encoding"]
+        + [(b"accept-encoding", b"identity")],
+    )
+
     async def fetch() -> Answer:
         # A flight that just finished may have stored the answer while this request was still
         # looking it up: use it rather than start a second upstream request.
@@ -113,7 +120,7 @@ async def serve_cacheable(
         if stored is not None and not fresh_wanted and stored.expires_at > cache.clock():
             return Answer(stored.status, stored.headers, stored.body)
         response = await open_shielded(
-            upstream, request, endpoint.token, policy.token_on_v4, retry=shield.retry
+            upstream, plain, endpoint.token, policy.token_on_v4, retry=shield.retry
         )
         body = await read_whole(response, upstream.name)
         answer = Answer(response.status_code, for_client(response.headers.raw), body)

@@ -54,6 +54,8 @@ class TieredCache:
             maxsize=max(settings.memory_bytes, 1), getsizeof=lambda held: held.entry.size
         )
         self._served: set[str] = set()
+        # Stored in memory but not yet in the database: a database miss must not drop them.
+        self._unwritten: set[str] = set()
         self._counts: dict[str, list[int]] = {}
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbia-proxy-read")
         self.writer = Writer(
@@ -61,6 +63,7 @@ class TieredCache:
             Housekeeping(settings.max_bytes, settings.keep_expired_seconds),
             self._take_bookkeeping,
             clock,
+            on_written=self._unwritten.difference_update,
         )
 
     def start(self) -> None:
@@ -86,6 +89,9 @@ class TieredCache:
         loop = asyncio.get_running_loop()
         entry = await loop.run_in_executor(self._readers, self.store.get, digest)
         if entry is None:
+            held = self._memory.get(digest)
+            if held is not None and digest in self._unwritten:
+                return held.entry  # the writer has not stored it yet
             self._memory.pop(digest, None)
         else:
             self._remember(entry)
@@ -94,6 +100,7 @@ class TieredCache:
     def store_entry(self, key: CacheKey, entry: Entry) -> None:
         """Keep ``entry`` in memory now and in the database soon."""
         self._remember(entry)
+        self._unwritten.add(entry.digest)
         self.writer.put(key, entry)
 
     def count(self, endpoint: str, hit: bool) -> None:
@@ -132,6 +139,10 @@ class TieredCache:
         return int(self._memory.currsize)
 
     def _remember(self, entry: Entry) -> None:
+        held = self._memory.get(entry.digest)
+        if held is not None and held.entry.created_at > entry.created_at:
+            held.checked_at = self.clock()  # the memory copy is newer than the database row
+            return
         if entry.size <= self._memory.maxsize:
             self._memory[entry.digest] = _Held(entry, self.clock())
 

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +51,12 @@ class Writer:
         housekeeping: Housekeeping,
         collect: Callable[[], tuple[set[str], dict[str, list[int]]]],
         clock: Callable[[], float] = time.time,
+        on_written: Callable[[Iterable[str]], None] = lambda digests: None,
     ) -> None:
         self._store = store
         self._housekeeping = housekeeping
         self._collect = collect  # takes the served keys and counter deltas gathered so far
+        self._on_written = on_written
         self._clock = clock
         self._queue: queue.SimpleQueue[tuple[CacheKey, Entry] | _Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="nbia-proxy-writer", daemon=True)
@@ -129,6 +131,7 @@ class Writer:
         if added is not None:
             self.total_bytes += added
             self.written += len(latest)
+            self._on_written(latest.keys())
             if self.total_bytes > self._housekeeping.max_bytes:
                 self._guard(self._evict)
         if follow_up is not None:

@@ -258,6 +258,9 @@ class FakeNBIA:
         slow = self.faults.slowness(log.path)
         failure = self.faults.take_failure(log.path)
         limited = self._over_rate(log.path)
+        # Decided on arrival, like failures: a slow request from an earlier test that only
+        # now reaches the sending stage must not take a fault meant for a later one.
+        cut_at = self._take_body_cut(log.path)
         if failure is not None:
             reply = _fault_reply(failure.status, failure.retry_after)
         elif limited is not None:
@@ -267,7 +270,7 @@ class FakeNBIA:
         try:
             if slow is not None and slow.before_headers > 0:
                 await asyncio.sleep(slow.before_headers)
-            await self._send(reply, log, send, slow)
+            await self._send(reply, log, send, slow, cut_at)
         except asyncio.CancelledError:
             # stop() while a response is in flight: the connection just dies, like a
             # server going down, without uvicorn logging a traceback
@@ -335,7 +338,12 @@ class FakeNBIA:
         return user
 
     async def _send(
-        self, reply: Reply, log: LoggedRequest, send: Send, slow: SlowRule | None
+        self,
+        reply: Reply,
+        log: LoggedRequest,
+        send: Send,
+        slow: SlowRule | None,
+        cut_at: int | None = None,
     ) -> None:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
         if reply.content_type:
@@ -349,7 +357,6 @@ class FakeNBIA:
             await send({"type": "http.response.body", "body": b""})
             return
         if not streamed:
-            cut_at = self._take_body_cut(log.path)
             if cut_at is not None:
                 # The declared length promises more than arrives: a reset mid-body.
                 await send(

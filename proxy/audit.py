@@ -1,0 +1,48 @@
+"""The audit log: one structured line per request on the ``nbia_proxy.audit`` logger.
+
+Fields: user, client address, method, path (never the query string, which a legacy token
+request may carry a password in), status, cache result, body bytes, duration. Never a token,
+key or password.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+audit_log = logging.getLogger("nbia_proxy.audit")
+
+
+def enabled() -> bool:
+    """Cheap check, so that the hit paths skip building lines nobody will see."""
+    return audit_log.isEnabledFor(logging.INFO)
+
+
+def record(
+    *,
+    user: str,
+    client: str,
+    method: str,
+    path: str,
+    status: int,
+    cache: str,
+    size: int,
+    started: float,
+) -> None:
+    """Write one audit line (``started`` is a ``time.perf_counter()`` reading)."""
+    audit_log.info(
+        json.dumps(
+            {
+                "user": user,
+                "client": client,
+                "method": method,
+                "path": path,
+                "status": status,
+                "cache": cache,
+                "bytes": size,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+            separators=(",", ":"),
+        )
+    )
