@@ -230,7 +230,7 @@ class Gateway:
             raw_path=raw_path[len(mount) :],
             query=scope["query_string"],
             headers=list(scope["headers"]),
-            body=await _read_body(receive, self.settings.max_request_body_bytes),
+            body=await self._read_body(scope, receive),
         )
         endpoint = lookup(path)
         if self.cache is not None and endpoint is not None and endpoint.cacheable:
@@ -274,6 +274,18 @@ class Gateway:
             await send_bytes(send, response.status_code, body, kept + extra)
         else:
             await relay_stream(response, upstream.name, receive, send, extra)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request body, refused early when too large and bounded in time."""
+        limit = self.settings.max_request_body_bytes
+        declared = find(scope["headers"], b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            raise ClientError(f"request body larger than {limit} bytes", status=413)
+        try:
+            async with asyncio.timeout(self.settings.read_timeout_seconds):
+                return await _read_body(receive, limit)
+        except TimeoutError:
+            raise ClientError("request body not received in time", status=408) from None
 
     async def _answer_token(self, method: str, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive, 64 * 1024)

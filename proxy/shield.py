@@ -31,7 +31,11 @@ _ADDITIVE_STEP = 0.1  # requests/second gained per successful upstream request
 
 #: Upstream answers that mean "not now": retried for reads, and stale copies may stand in.
 OVERLOAD_STATUSES = frozenset({429, 503})
-FAILURE_STATUSES = frozenset({500, 502, 503, 504})
+#: Upstream answers that count against the breaker. Not 500: NBIA answers 500 to malformed
+#: parameters (format=bogus, a missing field), and a client must not open the circuit for all.
+FAILURE_STATUSES = frozenset({502, 503, 504})
+#: Upstream answers a stale copy may stand in for.
+UNHEALTHY_STATUSES = OVERLOAD_STATUSES | FAILURE_STATUSES | {500}
 
 
 class Overloaded(UpstreamError):

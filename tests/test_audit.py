@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import httpx
@@ -39,6 +40,10 @@ def test_one_line_per_request_with_user_outcome_and_size(
     failed = httpx.get(gateway.url + f"{S}/v4/getSeries?Collection=4D-Lung")
     assert failed.status_code == 502
 
+    # A line is written once its answer has gone out, so the last one may trail the response.
+    deadline = time.monotonic() + 5
+    while len(audit_lines(caplog)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.02)
     lines = audit_lines(caplog)
     assert [line["status"] for line in lines] == [200, 200, 200, 200, 502]
     token_line, miss_line, hit_line, zip_line, error_line = lines

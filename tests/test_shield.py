@@ -369,3 +369,14 @@ def test_a_probe_that_never_reached_the_upstream_does_not_wedge_the_breaker() ->
     breaker.before()  # another request may probe now
     breaker.success()
     assert breaker.state == "closed"
+
+
+def test_malformed_requests_answered_500_do_not_open_the_circuit(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    """NBIA answers 500 to a bad format parameter; one careless client must not cut everyone off."""
+    with make_gateway(circuit_failure_threshold=2) as gw:
+        for _ in range(5):
+            assert get(gw, f"{S}/v4/getSeries?format=bogus").status_code == 500
+        assert get(gw, SERIES).status_code == 200
+        assert shield_stats(gw)["upstreams"]["nbia"]["circuit"] == "closed"

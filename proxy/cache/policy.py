@@ -83,7 +83,7 @@ def make_key(
 ) -> CacheKey:
     """The canonical key for a request whose parameters are ``pairs``."""
     ordered = sorted(pairs, key=lambda pair: pair[0])  # stable: repeated fields keep their order
-    params = "&".join(f"{quote(k, safe='')}={quote(v, safe=',')}" for k, v in ordered)
+    params = "&".join(f"{_quote(k, '')}={_quote(v, ',')}" for k, v in ordered)
     text = "\n".join((upstream, identity, method, endpoint.path, params))
     digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
     return CacheKey(digest, upstream, identity, method, endpoint.path, params, _tags(ordered))
@@ -135,6 +135,11 @@ def glob_to_like(pattern: str) -> str:
         else:
             out.append(char)
     return "".join(out)
+
+
+def _quote(text: str, safe: str) -> str:
+    # surrogateescape round-trips bytes that were not valid UTF-8 in the request.
+    return quote(text, safe=safe, errors="surrogateescape")
 
 
 def _pairs(raw: bytes) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from proxy.errors import GatewayError, UpstreamTimeout
 from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
 from proxy.headers import RawHeaders, find, for_client
 from proxy.responses import send_bytes
-from proxy.shield import FAILURE_STATUSES, OVERLOAD_STATUSES, Coalescer, ShieldCounters
+from proxy.shield import UNHEALTHY_STATUSES, Coalescer, ShieldCounters
 from proxy.streaming import read_whole
 from proxy.upstream import Upstream
 
@@ -27,8 +27,6 @@ HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
 BYPASS = (b"x-cache", b"BYPASS")
 STALE = (b"x-cache", b"STALE")
-#: Upstream answers that a stale copy may stand in for.
-UNHEALTHY_STATUSES = OVERLOAD_STATUSES | FAILURE_STATUSES
 AGE_ZERO = (b"age", b"0")
 
 
