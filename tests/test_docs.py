@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from proxy.config import Settings
+from proxy.config import Settings, load_settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -25,3 +25,10 @@ def test_readme_opens_with_the_serve_and_test_commands() -> None:
     assert "bash scripts/test" in first_block
     ci = (README.parent / ".ci" / "run").read_text()
     assert "bash scripts/test" in ci
+
+
+def test_the_example_settings_file_is_valid() -> None:
+    example = README.parent / "deploy" / "nbia-proxy.example.toml"
+    settings = load_settings(example)
+    assert settings.cache_ttl == {"v4/getSeries*": 86400, "*getSimpleSearch*": 300}
+    assert settings.cache_max_bytes == 4 * 1024**3
