@@ -127,3 +127,39 @@ class GatewayProcess:
         assert self.process is not None
         self.process.terminate()
         self.exit_code = self.process.wait(timeout=15)
+
+
+class Clock:
+    """A hand-driven clock for expiry tests: time moves when a test says so, nothing sleeps."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def request_line(
+    method: str, target: str, host: str = "gateway", extra: str = "", version: str = "1.1"
+) -> bytes:
+    """A request head written by hand (HTTP clients normalise what some tests must send)."""
+    return (
+        f"{method} {target} HTTP/{version}\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+    ).encode()
+
+
+def send_raw(url: str, request: bytes, timeout: float = 10.0) -> tuple[int, bytes, bytes]:
+    """Send raw request bytes; return (status, head, body). Status 0: closed without answer."""
+    parts = httpx.URL(url)
+    with socket.create_connection((parts.host, parts.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    if not data:
+        return 0, b"", b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head, body

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -23,24 +22,11 @@ from proxy.cli import main as cli_main
 from proxy.tcia import gateway_url_builder
 from tests.databases import BACKENDS, database
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import Clock, GatewayServer, make_settings, request_line, send_raw
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
 HOUR = 3600.0
-
-
-class Clock:
-    """A hand-driven wall clock."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(params=BACKENDS)
@@ -51,7 +37,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1_800_000_000.0)
 
 
 GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
@@ -394,19 +380,6 @@ def test_tcia_utils_second_identical_call_never_reaches_the_upstream(
 # --- the protocol shortcut -------------------------------------------------------------------
 
 
-def _raw_get(url: str, target: str, version: str = "1.1") -> bytes:
-    """One request with a hand-written request line (clients would normalise it)."""
-    parts = httpx.URL(url)
-    with socket.create_connection((parts.host, parts.port), timeout=5) as sock:
-        sock.sendall(
-            f"GET {target} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
-
-
 def test_hits_take_the_protocol_shortcut_and_match_the_asgi_path(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
@@ -416,7 +389,7 @@ def test_hits_take_the_protocol_shortcut_and_match_the_asgi_path(
     assert gw.app.shortcut_hits == 1
     encoded = get(gw, SERIES.replace("getSeries", "get%53eries"))  # decoded by uvicorn: ASGI
     assert gw.app.shortcut_hits == 1
-    head, _, body = _raw_get(gw.url, SERIES, version="1.0").partition(b"\r\n\r\n")
+    _, head, body = send_raw(gw.url, request_line("GET", SERIES, version="1.0"))
     assert gw.app.shortcut_hits == 1
     for answer in (short, encoded):
         assert (answer.status_code, answer.headers["x-cache"]) == (200, "HIT")

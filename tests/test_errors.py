@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import GatewayServer, make_settings, request_line, send_raw
 
 V4_LIST = "/nbia-api/services/v4/getCollectionValues"
 
@@ -108,18 +106,6 @@ def test_oversized_body_is_a_413(quick_gateway: GatewayServer, nbia_upstream: Fa
     assert nbia_upstream.app.requests == []
 
 
-def _raw_request(url: str, target: str) -> tuple[int, bytes]:
-    """Send a request line exactly as given (clients normalise dot segments away)."""
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 @pytest.mark.parametrize(
     "target",
     [
@@ -131,7 +117,7 @@ def _raw_request(url: str, target: str) -> tuple[int, bytes]:
 def test_dot_segments_are_refused(
     quick_gateway: GatewayServer, nbia_upstream: FakeServer, target: str
 ) -> None:
-    status, body = _raw_request(quick_gateway.url, target)
+    status, _, body = send_raw(quick_gateway.url, request_line("GET", target))
     assert status == 400
     assert b"dot segments" in body
     assert nbia_upstream.app.requests == []
@@ -217,8 +203,8 @@ def test_expect_100_continue_is_not_forwarded(
 def test_encoded_slash_after_the_mount_is_a_400_not_a_500(
     quick_gateway: GatewayServer, nlst_upstream: FakeServer
 ) -> None:
-    status, body = _raw_request(
-        quick_gateway.url, "/nlst%2Fnbia-api/services/v1/getCollectionValues"
+    status, _, body = send_raw(
+        quick_gateway.url, request_line("GET", "/nlst%2Fnbia-api/services/v1/getCollectionValues")
     )
     assert status == 400 and b"malformed" in body
     assert nlst_upstream.app.requests == []

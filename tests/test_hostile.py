@@ -11,7 +11,6 @@ import socket
 import string
 import threading
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer
+from tests.gateway_server import GatewayServer, request_line, send_raw
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
@@ -61,27 +60,6 @@ def decoy() -> Iterator[Decoy]:
     listener.close()
 
 
-def raw(url: str, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
-    """Send raw request bytes; return (status, body). Status 0: the server closed silently."""
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
-        sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    if not data:
-        return 0, b""
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-def request_line(method: str, target: str, host: str = "gateway", extra: str = "") -> bytes:
-    return (
-        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode()
-    )
-
-
 def test_ssrf_attempts_never_reach_another_host(
     gateway: GatewayServer, nbia_upstream: FakeServer, decoy: Decoy
 ) -> None:
@@ -99,7 +77,7 @@ def test_ssrf_attempts_never_reach_another_host(
         request_line("CONNECT", evil, host=evil),
     ]
     for attempt in attempts:
-        status, _ = raw(gateway.url, attempt)
+        status, _, _ = send_raw(gateway.url, attempt)
         assert status == 0 or status < 500 or status in (502, 504), attempt
     # Paths naming the decoy may reach the configured upstream (as a path); the decoy nothing.
     assert decoy.connections == 0
@@ -144,7 +122,7 @@ def test_generated_malformed_requests_never_break_the_gateway(
     gateway: GatewayServer, nbia_upstream: FakeServer, decoy: Decoy, request: bytes
 ) -> None:
     """No gateway-made 5xx, no hang, and no stack trace, whatever arrives."""
-    status, body = raw(gateway.url, request)
+    status, _, body = send_raw(gateway.url, request)
     assert b"Traceback" not in body and b"internal gateway error" not in body
     if status >= 500:
         # Only the upstream's own answers, or the gateway's clear upstream errors.
@@ -158,9 +136,10 @@ def test_after_the_onslaught_the_gateway_is_healthy_and_the_cache_intact(
     warm = httpx.get(gateway.url + SERIES)
     for method in ("GET", "POST", "BREW"):
         for target in (f"{S}/v4/getSeries?Collection=%ff%fe", f"{S}/v4/\x7fbad", "/_proxy/../x"):
-            raw(gateway.url, request_line(method, target))
-        raw(gateway.url, b"GARBAGE\r\n\r\n")
-        raw(gateway.url, request_line(method, SERIES, extra="Content-Length: 99999999\r\n"), 3)
+            send_raw(gateway.url, request_line(method, target))
+        send_raw(gateway.url, b"GARBAGE\r\n\r\n")
+        long_body = request_line(method, SERIES, extra="Content-Length: 99999999\r\n")
+        send_raw(gateway.url, long_body, timeout=3)
     assert httpx.get(gateway.url + "/healthz").json()["status"] == "ok"
     again = httpx.get(gateway.url + SERIES)
     assert (again.headers["x-cache"], again.content) == ("HIT", warm.content)

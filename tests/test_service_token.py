@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import Clock, GatewayServer, make_settings
 
 ROOT = "/nbia-api/services/getCollectionValuesAndCounts"
 V2 = "/nbia-api/services/v2/getCollectionValues"
@@ -24,22 +24,9 @@ V4 = "/nbia-api/services/v4/getCollectionValues"
 V1 = "/nbia-api/services/v1/getCollectionValues"
 
 
-class Clock:
-    """A hand-driven monotonic clock."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock(nbia_upstream: FakeServer, nlst_upstream: FakeServer) -> Clock:
-    shared = Clock()
+    shared = Clock(1_000.0)
     nbia_upstream.app.clock = shared
     nlst_upstream.app.clock = shared
     return shared

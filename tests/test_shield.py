@@ -16,22 +16,11 @@ import pytest
 from proxy.cli import main as cli_main
 from proxy.shield import Breaker, CircuitOpen, ShieldCounters, retry_after_seconds
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import Clock, GatewayServer, make_settings
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
 DAY = 86400.0
-
-
-class Clock:
-    def __init__(self, start: float) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
