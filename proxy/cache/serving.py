@@ -140,18 +140,18 @@ async def serve_cacheable(
         async with asyncio.timeout(shield.deadline_seconds):
             answer = await shield.coalescer.run(key.digest, fetch)
     except (GatewayError, TimeoutError) as exc:
-        if _usable_stale(cache, entry, shield):
-            assert entry is not None
-            await send_stale(cache, entry, send, shield)
+        stale = _stale_copy(cache, entry, shield)
+        if stale is not None:
+            await send_stale(cache, stale, send, shield)
             return
         if isinstance(exc, TimeoutError):
             raise UpstreamTimeout(
                 "no answer within the request deadline", upstream=upstream.name
             ) from exc
         raise
-    if answer.status in UNHEALTHY_STATUSES and _usable_stale(cache, entry, shield):
-        assert entry is not None
-        await send_stale(cache, entry, send, shield)
+    stale = _stale_copy(cache, entry, shield) if answer.status in UNHEALTHY_STATUSES else None
+    if stale is not None:
+        await send_stale(cache, stale, send, shield)
         return
     await send_bytes(send, answer.status, answer.body, [*answer.headers, MISS, AGE_ZERO])
 
@@ -177,12 +177,15 @@ def _store(
         cache.store_entry(key, entry)
 
 
-def _usable_stale(cache: TieredCache, entry: Entry | None, shield: ShieldPolicy) -> bool:
-    return (
+def _stale_copy(cache: TieredCache, entry: Entry | None, shield: ShieldPolicy) -> Entry | None:
+    """``entry`` if it may stand in for a failed upstream answer, else None."""
+    if (
         entry is not None
         and entry.status == 200
         and cache.clock() - entry.expires_at <= shield.max_stale_seconds
-    )
+    ):
+        return entry
+    return None
 
 
 async def send_stale(cache: TieredCache, entry: Entry, send: Send, shield: ShieldPolicy) -> None:
