@@ -78,9 +78,6 @@ class Coalescer(Generic[T]):
         self._flights: dict[str, asyncio.Future[T]] = {}
         self._counters = counters
 
-    def in_flight(self) -> int:
-        return len(self._flights)
-
     async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
         """Join the flight for ``key`` (starting it if there is none) and return its outcome."""
         flight = self._flights.get(key)
