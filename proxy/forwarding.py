@@ -51,26 +51,38 @@ async def open_upstream(
     token_on_v4: bool,
     *,
     bulk: bool = False,
+    replayable: bool = False,
 ) -> UpstreamResponse:
     """Send ``request`` upstream and return the response with an unread body.
 
     ``bulk`` sends GET and POST requests through :mod:`proxy.rawhttp`, the fast path for
     large binary bodies; everything else goes through the upstream's httpx pool.
+    ``replayable`` requests (reads) are sent once more when a pooled connection breaks
+    before any answer arrives.
     """
     wants_token = token_use is TokenUse.REQUIRED or (token_use is TokenUse.OPTIONAL and token_on_v4)
     bulk = bulk and request.method in ("GET", "POST")
     token = await upstream.token.get() if wants_token else None
-    response = await _send(upstream, request, token, bulk)
+    response = await _send(upstream, request, token, bulk, replayable)
     if response.status_code == 401 and token is not None:
         await response.aclose()
         log.info("upstream %s rejected the service token; renewing once", upstream.name)
         token = await upstream.token.renew_after_rejection(token)
-        response = await _send(upstream, request, token, bulk)
+        response = await _send(upstream, request, token, bulk, replayable)
     return response
 
 
+#: A pooled connection that breaks before the response head: typically a kept-alive connection
+#: the upstream closed at the moment it was reused (the keep-alive race every proxy meets).
+_BROKEN_BEFORE_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
 async def _send(
-    upstream: Upstream, request: OutgoingRequest, token: str | None, bulk: bool
+    upstream: Upstream,
+    request: OutgoingRequest,
+    token: str | None,
+    bulk: bool,
+    replayable: bool,
 ) -> UpstreamResponse:
     headers = for_upstream(request.headers)
     if token is not None:
@@ -87,7 +99,17 @@ async def _send(
                 read_timeout=upstream.timeout.read or 120.0,
             )
         outgoing = httpx.Request(request.method, url, headers=headers, content=request.body)
-        return await upstream.client.send(outgoing, stream=True)
+        try:
+            return await upstream.client.send(outgoing, stream=True)
+        except _BROKEN_BEFORE_ANSWER as exc:
+            if not replayable:
+                raise
+            log.info(
+                "upstream %s closed the connection before answering (%s); sending once more",
+                upstream.name,
+                type(exc).__name__,
+            )
+            return await upstream.client.send(outgoing, stream=True)
     except httpx.InvalidURL as exc:
         raise ClientError("malformed request path") from exc
     except httpx.TimeoutException as exc:
@@ -117,7 +139,8 @@ async def open_shielded(
 ) -> UpstreamResponse:
     """:func:`open_upstream` behind the upstream's breaker and limiter, with retries for reads.
 
-    ``retry`` is None for requests that must not be repeated (side effects). The breaker counts
+    ``retry`` is None for requests that must not be repeated (side effects); the others are
+    also sent once more when a kept-alive connection breaks before answering. The breaker counts
     transport failures and 5xx answers; a 429/503 with ``Retry-After`` pauses every upstream
     request of the gateway for that long, not only this one.
     """
@@ -131,7 +154,12 @@ async def open_shielded(
             async with upstream.limiter.slot():
                 try:
                     response = await open_upstream(
-                        upstream, request, token_use, token_on_v4, bulk=bulk
+                        upstream,
+                        request,
+                        token_use,
+                        token_on_v4,
+                        bulk=bulk,
+                        replayable=retry is not None,
                     )
                 except UpstreamError:
                     upstream.breaker.failure()

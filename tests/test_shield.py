@@ -174,9 +174,9 @@ def test_connection_reset_without_answer_falls_back_to_stale(
 ) -> None:
     get(gw, SERIES)
     wall.advance(2 * DAY)
-    nbia_upstream.app.drop_connection_next(1, path_contains="getSeries")
+    nbia_upstream.app.drop_connection_next(2, path_contains="getSeries")  # first send and resend
     assert get(gw, SERIES).headers["x-cache"] == "STALE"
-    nbia_upstream.app.drop_connection_next(1, path_contains="getSeries")
+    nbia_upstream.app.drop_connection_next(2, path_contains="getSeries")
     assert get(gw, f"{S}/v4/getSeries?Collection=4D-Lung").status_code == 502
 
 
@@ -209,6 +209,30 @@ def test_side_effects_are_never_retried(gw: GatewayServer, nbia_upstream: FakeSe
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert answer.status_code == 503
+    assert len(nbia_upstream.app.requests_to("/createSharedList")) == 1
+
+
+def test_a_read_whose_connection_breaks_before_an_answer_is_sent_once_more(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """The keep-alive race: the upstream closes a pooled connection just as it is reused."""
+    nbia_upstream.app.drop_connection_next(1, path_contains="getSeries")
+    answer = get(gw, SERIES)
+    assert (answer.status_code, answer.headers["x-cache"]) == (200, "MISS")
+    assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == 2
+
+
+def test_a_side_effect_whose_connection_breaks_is_not_sent_again(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
+    nbia_upstream.app.drop_connection_next(1, path_contains="createSharedList")
+    answer = httpx.post(
+        gw.url + f"{S}/createSharedList",
+        content=f"list={uid}&name=dropped",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert answer.status_code == 502
     assert len(nbia_upstream.app.requests_to("/createSharedList")) == 1
 
 
