@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +129,10 @@ def warm(url: str, header: str, expected: bytes, attempts: int = 20) -> None:
     raise CheckFailed(f"{url} never answered {header}: HIT; saw {' / '.join(seen[:3])} ...")
 
 
-def run_wrk(url: str, connections: int, seconds: int) -> Load:
-    """One wrk run; refuse figures that include error responses."""
+def run_wrk(url: str, connections: int, seconds: int, headers: Sequence[str] = ()) -> Load:
+    """One wrk run (with extra ``Name: value`` headers); refuse figures with error responses."""
     command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    command += [arg for header in headers for arg in ("-H", header)]
     out = subprocess.run(
         command, capture_output=True, text=True, check=True, timeout=seconds + 60
     ).stdout

@@ -5,10 +5,10 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from proxy.cache.tables import Base
 from proxy.db import make_engine
+from proxy.tables import all_tables
 
-target_metadata = Base.metadata
+target_metadata = all_tables().metadata
 
 
 def run_migrations_online() -> None:

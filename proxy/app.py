@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -10,6 +12,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
+from proxy.access import Access
+from proxy.accounts.directory import Directory
+from proxy.accounts.fairness import UserLimits
+from proxy.accounts.lockout import Lockout
+from proxy.accounts.registry import Registry
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import CacheSettings, TieredCache
 from proxy.client_tokens import ClientTokens
@@ -19,6 +26,8 @@ from proxy.db import database_url, is_current, make_engine, migrate
 from proxy.gateway import Gateway
 from proxy.shield import ShieldCounters
 from proxy.upstream import Upstream, upstream_configs
+
+log = logging.getLogger("nbia_proxy.app")
 
 
 def create_app(
@@ -38,9 +47,29 @@ def create_app(
         for config in upstream_configs(settings)
     ]
     cache = build_cache(settings, cache_clock) if settings.cache_enabled else None
-    control = control_app(upstreams, cache, counters, _lifespan(settings, upstreams, cache))
+    access = build_access(settings, cache_clock)
+    lifespan = _lifespan(settings, upstreams, cache, access)
+    control = control_app(upstreams, cache, counters, access, lifespan)
+    return Gateway(settings, upstreams, access, control, cache, counters)
+
+
+def build_access(settings: Settings, clock: Callable[[], float] = time.time) -> Access:
+    """Open access, or lab accounts on the configured database (loaded when the app starts).
+
+    Gateway tokens carry wall-clock times, so that every worker and replica reads them alike.
+    """
     tokens = ClientTokens(settings.client_token_lifetime_seconds, clock)
-    return Gateway(settings, upstreams, tokens, control, cache, counters)
+    if settings.access == "open":
+        return Access(tokens)
+    registry = Registry(make_engine(database_url(settings.database_url, settings.data_dir)), clock)
+    directory = Directory(registry)
+    tokens.authority = directory
+    return Access(
+        tokens,
+        directory,
+        Lockout(settings.login_free_failures, settings.login_lockout_max_seconds),
+        UserLimits(settings.user_rate_per_second, settings.user_max_downloads),
+    )
 
 
 def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> TieredCache:
@@ -59,22 +88,52 @@ def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> T
 
 
 def _lifespan(
-    settings: Settings, upstreams: list[Upstream], cache: TieredCache | None
+    settings: Settings, upstreams: list[Upstream], cache: TieredCache | None, access: Access
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if cache is not None:
+        if cache is not None or access.directory is not None:
             url = database_url(settings.database_url, settings.data_dir)
             # Alembic is only loaded when there is something to do: a lean serving process.
             if settings.auto_migrate and not await asyncio.to_thread(is_current, url):
                 await asyncio.to_thread(migrate, url)
+        if cache is not None:
             await asyncio.to_thread(cache.start)
+        refresher = None
+        if access.directory is not None:
+            directory = access.directory
+            access.tokens.use_secret(await asyncio.to_thread(directory.registry.token_secret))
+            await asyncio.to_thread(directory.load)
+            refresher = asyncio.create_task(
+                _refresh_accounts(access, directory, settings.accounts_refresh_seconds)
+            )
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
             for upstream in upstreams:
                 await upstream.aclose()
             if cache is not None:
                 await asyncio.to_thread(cache.close)
+            if access.directory is not None:
+                await asyncio.to_thread(access.directory.registry.engine.dispose)
 
     return lifespan
+
+
+async def _refresh_accounts(access: Access, directory: Directory, every: float) -> None:
+    """Share ended sessions with other replicas and pick up theirs and any user changes."""
+    registry = directory.registry
+    while True:
+        await asyncio.sleep(every)
+        try:
+            for session, expires_at in access.tokens.take_newly_ended():
+                await asyncio.to_thread(registry.end_session, session, expires_at)
+            access.tokens.learn_ended(await asyncio.to_thread(registry.ended_sessions))
+            await asyncio.to_thread(directory.load)
+        except Exception:
+            # The previous snapshot stays in force; the next round tries again.
+            log.exception("could not re-read the lab accounts")

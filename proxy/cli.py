@@ -56,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--collection", dest="purge_collection", help="a Collection name")
     purge.add_argument("--series", dest="purge_series", help="a SeriesInstanceUID")
     _add_settings_flags(purge)
+    users = commands.add_parser("users", help="lab accounts (for access = accounts)")
+    user_commands = users.add_subparsers(dest="users_command", required=True)
+    add = user_commands.add_parser("add", help="create a user and print their API key once")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="may use /_proxy/ (cache control)")
+    _add_settings_flags(add)
+    listing = user_commands.add_parser("list", help="users, their role and status (JSON)")
+    _add_settings_flags(listing)
+    for verb, text in (
+        ("revoke", "lock a user out: key and tokens stop working"),
+        ("rotate", "print a new key for a user (the old key and tokens stop working)"),
+    ):
+        command = user_commands.add_parser(verb, help=text)
+        command.add_argument("name")
+        _add_settings_flags(command)
     return parser
 
 
@@ -111,7 +126,7 @@ def serve(settings: Settings) -> None:
         return
     # Several processes: migrate once here, then let each worker build its app from the
     # settings passed down in the environment (workers must not race on migrations).
-    if settings.cache_enabled and settings.auto_migrate:
+    if (settings.cache_enabled or settings.access == "accounts") and settings.auto_migrate:
         run_migrations(settings)
     os.environ[_SETTINGS_ENV] = json.dumps(_plain(settings))
     uvicorn.run("proxy.cli:worker_app", factory=True, workers=settings.workers, **options)
@@ -171,6 +186,48 @@ def run_cache_command(args: argparse.Namespace, settings: Settings) -> dict[str,
         cache.store.engine.dispose()
 
 
+def run_users_command(args: argparse.Namespace, settings: Settings) -> str:
+    """``users add|list|revoke|rotate`` straight on the database; returns what to print."""
+    from proxy.accounts.registry import Registry
+    from proxy.db import database_url, make_engine
+
+    run_migrations(settings)
+    engine = make_engine(database_url(settings.database_url, settings.data_dir))
+    registry = Registry(engine)
+    try:
+        if args.users_command == "add":
+            key = registry.add(args.name, admin=args.admin)
+            return f"{_key_notice(args.name)}\n{key}"
+        if args.users_command == "rotate":
+            return f"{_key_notice(args.name)}\n{registry.rotate(args.name)}"
+        if args.users_command == "revoke":
+            registry.revoke(args.name)
+            return (
+                f"nbia-proxy: {args.name} is revoked (running gateways follow within "
+                f"{settings.accounts_refresh_seconds:g} s)"
+            )
+        listing = [
+            {
+                "name": user.name,
+                "admin": user.admin,
+                "status": "active" if user.active else "revoked",
+                "created_at": user.created_at,
+                "key_changed_at": user.key_changed_at,
+            }
+            for user in registry.users()
+        ]
+        return json.dumps(listing, indent=2)
+    finally:
+        engine.dispose()
+
+
+def _key_notice(name: str) -> str:
+    return (
+        f"# API key of {name}: shown once, stored only as a salted hash. Use it as "
+        "`Authorization: Bearer <key>`, or as the password of an NBIA login with this user name."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nbia-proxy`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -194,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nbia-proxy: database at {run_migrations(settings)} is up to date")
     elif args.command == "cache":
         print(json.dumps(run_cache_command(args, settings), indent=2))
+    elif args.command == "users":
+        from proxy.accounts.registry import AccountError
+
+        try:
+            print(run_users_command(args, settings))
+        except AccountError as exc:
+            print(f"nbia-proxy: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

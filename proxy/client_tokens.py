@@ -3,26 +3,48 @@
 Clients written against the NBIA guide (and the NBIA Data Retriever) first POST to
 ``/nbia-api/oauth/token`` and then send ``Authorization: Bearer <token>``. The gateway answers
 that endpoint itself, in NBIA's (Keycloak's) JSON shape, with tokens of its own; the client's
-credentials never travel upstream. For now any credentials are accepted.
+credentials never travel upstream. Who may log in is the :class:`LoginAuthority`'s decision:
+anyone in open mode, lab accounts in accounts mode.
+
+Tokens are signed (HMAC-SHA256), not looked up: any worker process or replica that shares the
+signing secret accepts them without a database read. Logout and refresh end a token's session;
+ended sessions are remembered until their tokens would have expired anyway.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+_ACCESS, _REFRESH = "a", "r"
+_MEMO_LIMIT = 10_000
 
 
-@dataclass(slots=True)
-class _Session:
-    subject: str
-    access: str
-    refresh: str
-    expires_at: float
-    refresh_expires_at: float
+class LoginAuthority(Protocol):
+    """Decides who may log in, and whether a token's account is still allowed in."""
+
+    def check_login(self, username: str, password: str) -> str | None:
+        """The account name for these credentials, or None."""
+
+    def still_valid(self, subject: str, issued_at: float) -> bool:
+        """Whether a token issued to ``subject`` at ``issued_at`` may still be used."""
+
+
+class AnyLogin:
+    """Open mode: any non-empty user name logs in (the shape matters, not the check)."""
+
+    def check_login(self, username: str, password: str) -> str | None:
+        return username or None
+
+    def still_valid(self, subject: str, issued_at: float) -> bool:
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +55,46 @@ class TokenAnswer:
     body: dict[str, Any] | None
 
 
-class ClientTokens:
-    """Issues, refreshes and revokes gateway tokens; kept in memory."""
+@dataclass(frozen=True, slots=True)
+class _Claims:
+    kind: str
+    session: str
+    issued_at: float
+    expires_at: float
+    subject: str
 
-    def __init__(self, lifetime_seconds: int, clock: Callable[[], float] = time.monotonic) -> None:
+
+class ClientTokens:
+    """Issues, verifies, refreshes and ends gateway tokens."""
+
+    def __init__(
+        self,
+        lifetime_seconds: int,
+        clock: Callable[[], float] = time.time,
+        authority: LoginAuthority | None = None,
+        secret: bytes | None = None,
+    ) -> None:
         self._lifetime = lifetime_seconds
         self._clock = clock
-        self._by_access: dict[str, _Session] = {}
-        self._by_refresh: dict[str, _Session] = {}
+        self.authority: LoginAuthority = authority or AnyLogin()
+        self._secret = secret or secrets.token_bytes(32)
+        self._ended: dict[str, float] = {}  # session id -> when its tokens expire anyway
+        self._newly_ended: list[tuple[str, float]] = []
+        self._memo: dict[str, _Claims] = {}  # verified tokens: skip the HMAC next time
+
+    def use_secret(self, secret: bytes) -> None:
+        """Sign with ``secret`` (shared by replicas); tokens signed before stop working."""
+        self._secret = secret
+        self._memo.clear()
+
+    def learn_ended(self, ended: dict[str, float]) -> None:
+        """Sessions other replicas ended (logout, refresh), read from the database."""
+        self._ended.update(ended)
+
+    def take_newly_ended(self) -> list[tuple[str, float]]:
+        """Sessions ended here since the last call, for the database."""
+        taken, self._newly_ended = self._newly_ended, []
+        return taken
 
     def answer_token_request(self, form: dict[str, str]) -> TokenAnswer:
         """Answer a token request (password or refresh_token grant) in NBIA's shape."""
@@ -48,16 +102,16 @@ class ClientTokens:
         if not grant_type:
             return _oauth_error(400, "invalid_request", "Missing form parameter: grant_type")
         if grant_type == "password":
-            username = form.get("username", "")
-            if not username:
+            subject = self.authority.check_login(form.get("username", ""), form.get("password", ""))
+            if subject is None:
                 return _oauth_error(401, "invalid_grant", "Invalid user credentials")
-            return TokenAnswer(200, self._issue(username))
+            return TokenAnswer(200, self._issue(subject))
         if grant_type == "refresh_token":
-            session = self._by_refresh.get(form.get("refresh_token", ""))
-            if session is None or self._clock() >= session.refresh_expires_at:
+            claims = self._valid_claims(form.get("refresh_token", ""), _REFRESH)
+            if claims is None:
                 return _oauth_error(400, "invalid_grant", "Token is not active")
-            self._drop(session)
-            return TokenAnswer(200, self._issue(session.subject))
+            self._end(claims)
+            return TokenAnswer(200, self._issue(claims.subject))
         return _oauth_error(
             400,
             "unsupported_grant_type",
@@ -65,58 +119,90 @@ class ClientTokens:
         )
 
     def answer_logout(self, authorization: str | None) -> TokenAnswer:
-        """Revoke the bearer token of a logout request."""
-        token = _bearer(authorization)
-        session = self._by_access.get(token) if token else None
-        if session is None:
+        """End the session of a logout request's bearer token."""
+        token = bearer_of(authorization)
+        claims = self._valid_claims(token, _ACCESS) if token else None
+        if claims is None:
             return TokenAnswer(401, {"error": "No valid token."})
-        self._drop(session)
+        self._end(claims)
         return TokenAnswer(204, None)
 
     def subject_of(self, authorization: str | None) -> str | None:
-        """The account behind a valid gateway token, or None."""
-        token = _bearer(authorization)
-        session = self._by_access.get(token) if token else None
-        if session is None or self._clock() >= session.expires_at:
+        """The account behind a valid gateway access token, or None."""
+        token = bearer_of(authorization)
+        claims = self._valid_claims(token, _ACCESS) if token else None
+        return claims.subject if claims else None
+
+    def _valid_claims(self, token: str, kind: str) -> _Claims | None:
+        claims = self._memo.get(token)
+        if claims is None:
+            claims = self._verify(token)
+            if claims is None:
+                return None
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()  # bounded; verification refills it
+            self._memo[token] = claims
+        if (
+            claims.kind != kind
+            or self._clock() >= claims.expires_at
+            or claims.session in self._ended
+            or not self.authority.still_valid(claims.subject, claims.issued_at)
+        ):
             return None
-        return session.subject
+        return claims
+
+    def _verify(self, token: str) -> _Claims | None:
+        encoded, _, signature = token.partition(".")
+        try:
+            payload = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        except ValueError:
+            return None
+        # Bytes, not str: compare_digest refuses non-ASCII strings, and headers may hold any.
+        if not hmac.compare_digest(
+            signature.encode("utf-8", "replace"), self._sign(payload).encode()
+        ):
+            return None
+        kind, session, issued, expires, subject = payload.decode().split("|", 4)
+        return _Claims(kind, session, float(issued), float(expires), subject)
+
+    def _sign(self, payload: bytes) -> str:
+        digest = hmac.new(self._secret, payload, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def _token(self, kind: str, session: str, issued: float, expires: float, subject: str) -> str:
+        payload = f"{kind}|{session}|{issued!r}|{expires!r}|{subject}".encode()
+        return base64.urlsafe_b64encode(payload).rstrip(b"=").decode() + "." + self._sign(payload)
 
     def _issue(self, subject: str) -> dict[str, Any]:
         self._sweep()
         now = self._clock()
-        session = _Session(
-            subject=subject,
-            access=secrets.token_urlsafe(32),
-            refresh=secrets.token_urlsafe(32),
-            expires_at=now + self._lifetime,
-            refresh_expires_at=now + self._lifetime,
-        )
-        self._by_access[session.access] = session
-        self._by_refresh[session.refresh] = session
+        session = uuid.uuid4()
+        expires = now + self._lifetime
         return {
-            "access_token": session.access,
+            "access_token": self._token(_ACCESS, session.hex, now, expires, subject),
             "expires_in": self._lifetime,
             "refresh_expires_in": self._lifetime,
-            "refresh_token": session.refresh,
+            "refresh_token": self._token(_REFRESH, session.hex, now, expires, subject),
             "token_type": "Bearer",
             "id_token": secrets.token_urlsafe(24),
             "not-before-policy": 0,
-            "session_state": str(uuid.uuid4()),
+            "session_state": str(session),
             "scope": "openid profile email",
         }
 
-    def _drop(self, session: _Session) -> None:
-        self._by_access.pop(session.access, None)
-        self._by_refresh.pop(session.refresh, None)
+    def _end(self, claims: _Claims) -> None:
+        self._ended[claims.session] = claims.expires_at
+        self._newly_ended.append((claims.session, claims.expires_at))
 
     def _sweep(self) -> None:
-        """Forget sessions whose refresh token has expired, so memory stays bounded."""
+        """Forget ended sessions whose tokens have expired, so memory stays bounded."""
         now = self._clock()
-        for session in [s for s in self._by_refresh.values() if now >= s.refresh_expires_at]:
-            self._drop(session)
+        for session in [s for s, expires in self._ended.items() if now >= expires]:
+            del self._ended[session]
 
 
-def _bearer(authorization: str | None) -> str | None:
+def bearer_of(authorization: str | None) -> str | None:
+    """The credential of an ``Authorization: Bearer ...`` header (scheme case-insensitive)."""
     if authorization and authorization[:7].lower() == "bearer ":
         return authorization[7:].strip() or None
     return None

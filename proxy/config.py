@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -28,6 +28,33 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NBIA_PROXY_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
+    access: Literal["open", "accounts"] = Field(
+        "open",
+        description="open: no accounts (loopback only unless allow_remote_open); accounts: "
+        "every NBIA path needs a lab credential and /_proxy/ an admin.",
+    )
+    accounts_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often lab accounts and ended sessions are re-read."
+    )
+    login_free_failures: int = Field(
+        5, ge=0, description="Wrong credentials allowed per address before lockouts start."
+    )
+    login_lockout_max_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="Longest lockout of an address (1 s, doubling per further failure; 0: never).",
+    )
+    user_rate_per_second: float = Field(
+        0.0, ge=0, description="Requests per second per lab user, accounts mode (0: no limit)."
+    )
+    user_max_downloads: int = Field(
+        0,
+        ge=0,
+        description="Binary downloads at once per lab user, more wait their turn (0: no limit).",
+    )
+    max_header_bytes: int = Field(
+        1024 * 1024, gt=0, description="Largest request line plus headers accepted (431 beyond)."
+    )
     allow_remote_open: bool = Field(
         False,
         description="Listen beyond loopback although no lab accounts protect the gateway "
@@ -151,11 +178,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_open_remote(self) -> Settings:
-        if not (_is_loopback(self.host) or self.allow_remote_open):
+        if not (_is_loopback(self.host) or self.allow_remote_open or self.access == "accounts"):
             raise ValueError(
                 f"host {self.host} is not a loopback address and the gateway has no lab "
-                "accounts: set allow_remote_open (NBIA_PROXY_ALLOW_REMOTE_OPEN=true) to expose "
-                "it anyway"
+                "accounts: set access=accounts (NBIA_PROXY_ACCESS=accounts), or "
+                "allow_remote_open (NBIA_PROXY_ALLOW_REMOTE_OPEN=true) to expose it anyway"
             )
         return self
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
+from proxy.access import Access
 from proxy.cache.store import EndpointStats
 from proxy.cache.tiers import TieredCache
 from proxy.shield import ShieldCounters
@@ -62,10 +63,21 @@ def shield_document(upstreams: list[Upstream], counters: ShieldCounters) -> dict
     }
 
 
+def access_document(access: Access) -> dict[str, Any]:
+    """The access mode and what it turned away."""
+    return {
+        "mode": "accounts" if access.accounts else "open",
+        "lockout_refusals": access.lockout.refused,
+        "rate_refusals": access.limits.refused,
+        "downloads_queued": access.limits.queued,
+    }
+
+
 def control_app(
     upstreams: list[Upstream],
     cache: TieredCache | None,
     counters: ShieldCounters,
+    access: Access,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
 ) -> FastAPI:
     app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
@@ -94,6 +106,7 @@ def control_app(
             "memory_bytes": cache.memory_bytes(),
             "write_errors": cache.writer.errors,
             "shield": shield_document(upstreams, counters),
+            "access": access_document(access),
         }
         return stats_document(await cache.stats(), extra)
 

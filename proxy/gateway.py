@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from urllib.parse import parse_qsl
@@ -17,6 +18,7 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import audit
+from proxy.access import Access, Principal, Refusal
 from proxy.cache.policy import CacheKey
 from proxy.cache.serving import (
     AGE_ZERO,
@@ -29,7 +31,7 @@ from proxy.cache.serving import (
 )
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
-from proxy.client_tokens import ClientTokens, TokenAnswer
+from proxy.client_tokens import TokenAnswer
 from proxy.config import Settings
 from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
 from proxy.errors import ClientError, GatewayError, UpstreamTimeout
@@ -59,7 +61,7 @@ class Gateway:
         self,
         settings: Settings,
         upstreams: list[Upstream],
-        client_tokens: ClientTokens,
+        access: Access,
         control_app: ASGIApp,
         cache: TieredCache | None = None,
         counters: ShieldCounters | None = None,
@@ -84,7 +86,7 @@ class Gateway:
         )
         # Longest mount first, so /nlst/... is not taken by the root mount.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
-        self.client_tokens = client_tokens
+        self.access = access
         self.control_app = control_app
         self._known_keys: dict[tuple[str, bytes], CacheKey] = {}
         self.shortcut_hits = 0  # hits answered by proxy.hit_protocol without ASGI
@@ -93,25 +95,32 @@ class Gateway:
         if scope["type"] != "http":
             await self.control_app(scope, receive, send)
             return
+        started = time.perf_counter()
+        routed = self._route(scope["path"])
+        if routed is None:
+            await self._control(scope, receive, send, started)
+            return
+        upstream, path = routed
+        # Tomcat treats /oauth/token/, //oauth/token and the like as the token endpoint: so
+        # must we, or a client's credentials would be forwarded upstream.
+        local = _SLASHES.sub("/", path).rstrip("/").lower()
+        if local in TOKEN_PATHS or local in LOGOUT_PATHS:
+            await self._local(local in TOKEN_PATHS, scope, receive, send, started)
+            return
+        admitted = self.access.check(scope["headers"], _client(scope))
+        if isinstance(admitted, Refusal):
+            await self._refuse(admitted, scope, send, started)
+            return
         if self.cache is not None and scope["method"] == "GET":
             entry = self.fresh_entry(scope["path"], scope["query_string"], scope["headers"])
             if entry is not None:
-                started = time.perf_counter()
                 await send_hit(self.cache, entry, send)
                 if audit.enabled():
-                    self.audit_hit(
-                        scope["headers"], _client(scope), "GET", scope["path"], entry, started
-                    )
+                    self.audit_hit(admitted.name, _client(scope), scope["path"], entry, started)
                 return
-        routed = self._route(scope["path"])
-        if routed is None:
-            await self.control_app(scope, receive, send)
-            return
-        upstream, path = routed
-        started = time.perf_counter()
         state = _Progress()
         try:
-            await self._handle(upstream, path, scope, receive, _tracking(send, state))
+            await self._handle(upstream, path, admitted, scope, receive, _tracking(send, state))
         except GatewayError as exc:
             log.warning("%s %s -> %s: %s", scope["method"], path, exc.status, exc.message)
             if not state.started:
@@ -128,45 +137,74 @@ class Gateway:
                 raise
         finally:
             if audit.enabled():
-                audit.record(
-                    user=self.user_of(scope["headers"]),
-                    client=_client(scope),
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=state.status,
-                    cache=state.cache,
-                    size=state.size,
-                    started=started,
-                )
+                _audit(admitted.name, scope, state.status, state.cache, state.size, started)
 
-    def user_of(self, headers: list[tuple[bytes, bytes]]) -> str:
-        """Who is asking, for the audit log: a gateway token's account, else anonymous."""
-        authorization = find(headers, b"authorization")
-        if authorization is None:
-            return "anonymous"
-        subject = self.client_tokens.subject_of(authorization.decode("latin-1"))
-        return subject or "anonymous"
+    def quick_principal(self, headers: list[tuple[bytes, bytes]], address: str) -> Principal | None:
+        """The account of a request that may be answered at once from memory; None when the
+        full path must decide (it also writes any refusal)."""
+        access = self.access
+        if not access.accounts:
+            return access.identify(headers)
+        if access.lockout.locked_for(address):
+            return None
+        return access.identify(headers)
 
-    def audit_hit(
-        self,
-        headers: list[tuple[bytes, bytes]],
-        client: str,
-        method: str,
-        path: str,
-        entry: Entry,
-        started: float,
-    ) -> None:
+    def audit_hit(self, user: str, client: str, path: str, entry: Entry, started: float) -> None:
         """The audit line of a hit answered without the full path."""
         audit.record(
-            user=self.user_of(headers),
+            user=user,
             client=client,
-            method=method,
+            method="GET",
             path=path,
             status=entry.status,
             cache="HIT",
             size=len(entry.body),
             started=started,
         )
+
+    async def _control(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        """The gateway's own endpoints: all but ``/healthz`` need an admin in accounts mode."""
+        if self.access.accounts and scope["path"] != "/healthz":
+            admitted = self.access.check(scope["headers"], _client(scope), admin=True)
+            if isinstance(admitted, Refusal):
+                await self._refuse(admitted, scope, send, started)
+                return
+        await self.control_app(scope, receive, send)
+
+    async def _local(
+        self, is_token: bool, scope: Scope, receive: Receive, send: Send, started: float
+    ) -> None:
+        """The token and logout endpoints, answered by the gateway itself."""
+        address = _client(scope)
+        try:
+            if is_token:
+                refusal = self.access.login_locked(address)
+                if refusal is not None:
+                    await self._refuse(refusal, scope, send, started)
+                    return
+                answer = await self._answer_token(scope, receive)
+                if answer.status == 401:
+                    self.access.login_failed(address)
+            else:
+                auth = find(scope["headers"], b"authorization")
+                answer = self.access.tokens.answer_logout(auth.decode("latin-1") if auth else None)
+        except ClientError as exc:
+            await send_error(send, exc.status, exc.message)
+            answer = TokenAnswer(exc.status, None)
+        else:
+            await _send_answer(send, answer)
+        if audit.enabled():
+            _audit("-", scope, answer.status, "-", 0, started)
+
+    async def _refuse(self, refusal: Refusal, scope: Scope, send: Send, started: float) -> None:
+        headers = [(b"cache-control", b"no-store")]
+        if refusal.challenge:
+            headers.append((b"www-authenticate", b'Bearer realm="nbia-proxy"'))
+        if refusal.retry_after is not None:
+            headers.append((b"retry-after", b"%d" % max(1, math.ceil(refusal.retry_after))))
+        await send_json(send, refusal.status, {"error": refusal.message}, headers)
+        if audit.enabled():
+            _audit("-", scope, refusal.status, "-", 0, started)
 
     def fresh_entry(
         self, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
@@ -204,21 +242,16 @@ class Gateway:
         return None
 
     async def _handle(
-        self, upstream: Upstream, path: str, scope: Scope, receive: Receive, send: Send
+        self,
+        upstream: Upstream,
+        path: str,
+        principal: Principal,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
     ) -> None:
         method: str = scope["method"]
         _reject_dot_segments(path)
-        # Tomcat treats /oauth/token/, //oauth/token and the like as the token endpoint: so
-        # must we, or a client's credentials would be forwarded upstream.
-        local = _SLASHES.sub("/", path).rstrip("/").lower()
-        if local in TOKEN_PATHS:
-            await self._answer_token(method, scope, receive, send)
-            return
-        if local in LOGOUT_PATHS:
-            auth = find(scope["headers"], b"authorization")
-            answer = self.client_tokens.answer_logout(auth.decode("latin-1") if auth else None)
-            await _send_answer(send, answer)
-            return
         if method not in _FORWARDED_METHODS:
             raise ClientError(f"method {method} is not supported", status=405)
         mount = upstream.config.mount.encode()
@@ -254,6 +287,24 @@ class Gateway:
         buffer = endpoint is not None and not endpoint.payload.is_binary
         # Reads may be retried after 429/503; side effects and unknown POSTs never are.
         read = method in ("GET", "HEAD") if endpoint is None else not endpoint.side_effect
+        if buffer:
+            await self._forward(upstream, path, request, read, buffer, receive, send)
+            return
+        # A download holds one of its user's slots (accounts mode), so one user's many
+        # threads queue behind each other instead of in front of everyone else.
+        async with self.access.limits.download(principal.name):
+            await self._forward(upstream, path, request, read, buffer, receive, send)
+
+    async def _forward(
+        self,
+        upstream: Upstream,
+        path: str,
+        request: OutgoingRequest,
+        read: bool,
+        buffer: bool,
+        receive: Receive,
+        send: Send,
+    ) -> None:
         try:
             async with asyncio.timeout(self.settings.request_deadline_seconds):
                 response = await open_shielded(
@@ -268,7 +319,7 @@ class Gateway:
             message = "no answer within the request deadline"
             raise UpstreamTimeout(message, upstream=upstream.name) from exc
         extra = [BYPASS] if "age" in response.headers else [BYPASS, AGE_ZERO]
-        if buffer and method in ("GET", "POST"):
+        if buffer and request.method in ("GET", "POST"):
             body = await read_whole(response, upstream.name)
             kept = for_client(response.headers.raw)
             await send_bytes(send, response.status_code, body, kept + extra)
@@ -287,7 +338,8 @@ class Gateway:
         except TimeoutError:
             raise ClientError("request body not received in time", status=408) from None
 
-    async def _answer_token(self, method: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _answer_token(self, scope: Scope, receive: Receive) -> TokenAnswer:
+        method = scope["method"]
         body = await _read_body(receive, 64 * 1024)
         if method == "POST":
             form = _form(body)
@@ -295,7 +347,7 @@ class Gateway:
             form = _form(scope["query_string"])
         else:
             raise ClientError(f"method {method} is not supported here", status=405)
-        await _send_answer(send, self.client_tokens.answer_token_request(form))
+        return self.access.tokens.answer_token_request(form)
 
 
 class _Progress:
@@ -323,6 +375,19 @@ def _tracking(send: Send, state: _Progress) -> Send:
         await send(message)
 
     return tracked
+
+
+def _audit(user: str, scope: Scope, status: int, cache: str, size: int, started: float) -> None:
+    audit.record(
+        user=user,
+        client=_client(scope),
+        method=scope["method"],
+        path=scope["path"],
+        status=status,
+        cache=cache,
+        size=size,
+        started=started,
+    )
 
 
 def _client(scope: Scope) -> str:

@@ -57,8 +57,42 @@ class HitProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._gateway = find_gateway(self.app)
         self._answered = False  # the current request was answered by the shortcut
+        # httptools (llhttp) puts no bound on the request head: this protocol does.
+        self._head_limit = self._gateway.settings.max_header_bytes if self._gateway else 0
+        self._head_size = 0
+        self._refused = False  # the head was too large: answered 431, connection closing
+
+    def on_message_begin(self) -> None:
+        self._head_size = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if self._grow_head(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._grow_head(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def _grow_head(self, size: int) -> bool:
+        """Count head bytes; past the limit, answer 431 once and close the connection."""
+        if self._refused:
+            return False
+        self._head_size += size
+        if not self._head_limit or self._head_size <= self._head_limit:
+            return True
+        self._refused = True
+        body = b'{"error":"request head larger than %d bytes"}' % self._head_limit
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+        return False
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         answer = self._hit() if self._gateway is not None else None
         if answer is None:
             super().on_headers_complete()
@@ -69,10 +103,12 @@ class HitProtocol(HttpToolsProtocol):
         self.on_response_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._answered:
+        if not (self._answered or self._refused):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         if self._answered:
             self._answered = False
             return
@@ -100,18 +136,22 @@ class HitProtocol(HttpToolsProtocol):
             path = self.root_path + raw_path.decode("ascii")
         except UnicodeDecodeError:
             return None
-        assert self._gateway is not None
-        cache = self._gateway.cache
-        entry = self._gateway.fresh_entry(path, url.query or b"", self.headers)
+        gateway = self._gateway
+        assert gateway is not None
+        cache = gateway.cache
+        client = str(self.client[0]) if self.client else "-"
+        principal = gateway.quick_principal(self.headers, client)
+        if principal is None:
+            return None  # no valid credentials: the full path writes the refusal
+        entry = gateway.fresh_entry(path, url.query or b"", self.headers)
         if entry is None or cache is None:
             return None
+        if gateway.access.limits.admit(principal.name):
+            return None  # over the user's rate: the full path refuses it
         age = max(0, int(cache.clock() - entry.created_at))
         cache.count(entry.endpoint, hit=True)
         cache.served(entry.digest)
-        self._gateway.shortcut_hits += 1
+        gateway.shortcut_hits += 1
         if audit.enabled():
-            client = self.client[0] if self.client else "-"
-            self._gateway.audit_hit(
-                self.headers, str(client), "GET", path, entry, time.perf_counter()
-            )
+            gateway.audit_hit(principal.name, client, path, entry, time.perf_counter())
         return b"%sx-cache: HIT\r\nage: %d\r\n\r\n%s" % (response_head(entry), age, entry.body)

@@ -237,11 +237,14 @@ def test_token_endpoint_refuses_other_methods(client: httpx.Client) -> None:
 
 
 def test_refresh_token_expires_with_the_injected_clock(tmp_path: Path) -> None:
-    """Gateway tokens live client_token_lifetime_seconds on the gateway's clock: a refresh
+    """Gateway tokens live client_token_lifetime_seconds on the gateway's wall clock: a refresh
     just before the end works, one after it is refused (no sleeping: the clock is moved)."""
     clock = FakeClock()
     settings = make_settings(tmp_path, UNREACHABLE, client_token_lifetime_seconds=600)
-    with GatewayServer(settings, clock=clock) as gateway, httpx.Client(base_url=gateway.url) as c:
+    with (
+        GatewayServer(settings, cache_clock=clock) as gateway,
+        httpx.Client(base_url=gateway.url) as c,
+    ):
         first = login(c)
         assert_token_shape(first, lifetime=600)
         clock.advance(599)

@@ -143,3 +143,34 @@ def test_after_the_onslaught_the_gateway_is_healthy_and_the_cache_intact(
     assert httpx.get(gateway.url + "/healthz").json()["status"] == "ok"
     again = httpx.get(gateway.url + SERIES)
     assert (again.headers["x-cache"], again.content) == ("HIT", warm.content)
+
+
+def test_an_oversized_request_head_gets_a_431_and_the_gateway_carries_on(
+    gateway: GatewayServer,
+) -> None:
+    limit = gateway.settings.max_header_bytes
+    huge_header = request_line("GET", SERIES, extra=f"X-Pad: {'a' * (limit + 10)}\r\n")
+    status, head, body = send_raw(gateway.url, huge_header)
+    assert status == 431 and b"connection: close" in head.lower()
+    assert b"request head larger than" in body
+    huge_url = request_line("GET", SERIES + "&x=" + "b" * (limit + 10))
+    assert send_raw(gateway.url, huge_url)[0] == 431
+    assert httpx.get(gateway.url + "/healthz").status_code == 200
+
+
+def test_a_10000_uid_metadata_form_is_accepted(
+    gateway: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """The issue's yardstick for the size limits: about 1 MB of form, forwarded whole."""
+    uids = [f"1.3.6.1.4.1.14519.5.2.1.{i}.{i * 7919}.{i * 104729}" for i in range(10_000)]
+    form = "&".join(f"list={uid}" for uid in uids).encode()
+    assert len(form) > 500_000
+    answer = httpx.post(
+        gateway.url + f"{S}/v4/getSeriesMetadata",
+        content=form,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        timeout=30,
+    )
+    assert answer.status_code not in (413, 431)
+    seen = nbia_upstream.app.requests_to("/v4/getSeriesMetadata")
+    assert len(seen) == 1 and seen[0].body == form

@@ -12,9 +12,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from proxy.cache.tables import Base
 from proxy.cli import main as cli_main
 from proxy.db import SCHEMA_HEAD, alembic_config, is_current, make_engine, migrate
+from proxy.tables import all_tables
 from tests.databases import BACKENDS, database
 
 
@@ -32,10 +32,15 @@ def test_empty_database_to_head_matches_the_models(empty_db: str) -> None:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             head = ScriptDirectory.from_config(alembic_config(empty_db)).get_current_head()
             assert context.get_current_revision() == head
-            assert compare_metadata(context, Base.metadata) == []
-        assert {"cache_entries", "cache_tags", "cache_counters"} <= set(
-            inspect(engine).get_table_names()
-        )
+            assert compare_metadata(context, all_tables().metadata) == []
+        assert {
+            "cache_entries",
+            "cache_tags",
+            "cache_counters",
+            "lab_users",
+            "gateway_secrets",
+            "revoked_sessions",
+        } <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
 

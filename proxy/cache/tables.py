@@ -1,13 +1,11 @@
-"""The cache's tables. ``Base.metadata`` feeds the Alembic migrations in ``migrations/``."""
+"""The cache's tables (migrated by ``migrations/versions/0001_cache.py``)."""
 
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Float, Index, Integer, LargeBinary, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column
 
-
-class Base(DeclarativeBase):
-    """Declarative base for every table of the gateway."""
+from proxy.tables import Base
 
 
 class CacheEntry(Base):

@@ -1,0 +1,141 @@
+"""Who may use the gateway: open mode (anyone who can reach it) or lab accounts.
+
+In ``accounts`` mode every NBIA path needs a lab credential: an API key sent as
+``Authorization: Bearer <key>`` (or as the password of HTTP Basic), or a gateway token obtained
+from ``/nbia-api/oauth/token`` with the user name and key. The control endpoints under
+``/_proxy/`` need an admin account; ``/healthz`` needs nothing. Wrong credentials count
+against the client's address (:mod:`proxy.accounts.lockout`); per-user limits come from
+:mod:`proxy.accounts.fairness`.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from proxy.accounts.directory import Directory
+from proxy.accounts.fairness import UserLimits
+from proxy.accounts.lockout import Lockout
+from proxy.client_tokens import ClientTokens, bearer_of
+from proxy.headers import RawHeaders, find
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The account a request acts for."""
+
+    name: str
+    admin: bool
+
+
+#: Open mode: whoever reaches the gateway (loopback unless told otherwise) may do anything.
+ANONYMOUS = Principal("anonymous", admin=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a request is turned away, as the gateway's JSON error."""
+
+    status: int
+    message: str
+    retry_after: float | None = None
+
+    @property
+    def challenge(self) -> bool:
+        """Whether the answer carries ``WWW-Authenticate`` (a 401)."""
+        return self.status == 401
+
+
+class Access:
+    """The access policy of one gateway process."""
+
+    def __init__(
+        self,
+        tokens: ClientTokens,
+        directory: Directory | None = None,
+        lockout: Lockout | None = None,
+        limits: UserLimits | None = None,
+    ) -> None:
+        self.tokens = tokens
+        self.directory = directory
+        self.accounts = directory is not None
+        self.lockout = lockout or Lockout(free_failures=5, max_seconds=0)
+        self.limits = limits or UserLimits(0, 0)
+
+    def identify(self, headers: RawHeaders) -> Principal | None:
+        """The account behind a request's credentials; None in accounts mode when there is
+        no valid one. In open mode a gateway token names its account, else anonymous."""
+        raw = find(headers, b"authorization")
+        if self.directory is None:
+            if raw is None:
+                return ANONYMOUS
+            subject = self.tokens.subject_of(raw.decode("latin-1"))
+            return Principal(subject, admin=True) if subject else ANONYMOUS
+        if raw is None:
+            return None
+        authorization = raw.decode("latin-1")
+        if authorization[:6].lower() == "basic ":
+            # HTTP Basic with the key as password: what requests sends from ~/.netrc.
+            name = self.directory.check_login(*_basic_pair(authorization[6:]))
+            user = self.directory.user(name) if name else None
+            return Principal(user.name, user.admin) if user else None
+        credential = bearer_of(authorization)
+        if credential is None:
+            return None
+        user = self.directory.user_for_key(credential)
+        if user is None:
+            # A gateway token: ClientTokens asks the directory whether its user is still valid.
+            subject = self.tokens.subject_of("Bearer " + credential)
+            user = self.directory.user(subject) if subject else None
+        return Principal(user.name, user.admin) if user else None
+
+    def check(
+        self, headers: RawHeaders, address: str, *, admin: bool = False
+    ) -> Principal | Refusal:
+        """Admit a request that needs an account (an admin one when ``admin``), or refuse it.
+
+        Refused credentials count against ``address``; a locked-out address is refused before
+        its credentials are even looked at.
+        """
+        if self.directory is None:
+            return self.identify(headers) or ANONYMOUS
+        locked = self.lockout.locked_for(address)
+        if locked:
+            self.lockout.refused += 1
+            return Refusal(429, "too many failed logins from this address", locked)
+        principal = self.identify(headers)
+        if principal is None:
+            if find(headers, b"authorization") is None:
+                return Refusal(401, "authentication required")
+            self.lockout.failed(address)
+            return Refusal(401, "invalid or expired credentials")
+        if admin and not principal.admin:
+            return Refusal(403, "an admin account is required")
+        if not admin:
+            wait = self.limits.admit(principal.name)
+            if wait:
+                return Refusal(429, "request rate limit of this account reached", wait)
+        return principal
+
+    def login_locked(self, address: str) -> Refusal | None:
+        """The token endpoint's check: a locked-out address may not try to log in."""
+        locked = self.lockout.locked_for(address) if self.accounts else 0.0
+        if locked:
+            self.lockout.refused += 1
+            return Refusal(429, "too many failed logins from this address", locked)
+        return None
+
+    def login_failed(self, address: str) -> None:
+        """Count a refused login against ``address`` (accounts mode only)."""
+        if self.accounts:
+            self.lockout.failed(address)
+
+
+def _basic_pair(encoded: str) -> tuple[str, str]:
+    """User name and password of HTTP Basic credentials ("", "" when malformed)."""
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except ValueError:  # not base64 (binascii.Error), non-ASCII, or not UTF-8 underneath
+        return "", ""
+    name, _, password = decoded.partition(":")
+    return name, password

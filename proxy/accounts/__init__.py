@@ -1,0 +1,1 @@
+"""Lab accounts: API keys, their users, and the gateway tokens issued to them."""

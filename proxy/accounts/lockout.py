@@ -1,0 +1,60 @@
+"""Slowing down credential guessing: an address that keeps presenting wrong credentials is
+locked out for a while, growing with each further failure.
+
+While locked out, every request from that address that needs credentials is refused with 429
+*before* its credentials are checked, so guesses made during a lockout learn nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from cachetools import TTLCache
+
+_FORGET_AFTER_SECONDS = 600.0  # failures older than this (with none since) are forgotten
+_MAX_ADDRESSES = 65_536
+
+
+class Lockout:
+    """Failure counts and lockouts per client address."""
+
+    def __init__(
+        self,
+        free_failures: int,
+        max_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.free_failures = free_failures
+        self.max_seconds = max_seconds
+        self._clock = clock
+        self._failures: TTLCache[str, int] = TTLCache(
+            _MAX_ADDRESSES, _FORGET_AFTER_SECONDS, timer=clock
+        )
+        self._until: dict[str, float] = {}
+        self.refused = 0  # requests refused because their address was locked out
+
+    def locked_for(self, address: str) -> float:
+        """Seconds left of ``address``'s lockout (0 when it may try)."""
+        if not self._until:
+            return 0.0  # the usual case: nobody is locked out
+        until = self._until.get(address)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self._until[address]
+            return 0.0
+        return left
+
+    def failed(self, address: str) -> None:
+        """Record wrong credentials from ``address``; lock it out past the free failures."""
+        count = self._failures.get(address, 0) + 1
+        self._failures[address] = count
+        beyond = count - self.free_failures
+        if beyond > 0 and self.max_seconds > 0:
+            seconds = min(self.max_seconds, 2.0 ** (beyond - 1))
+            self._until[address] = self._clock() + seconds
+        if len(self._until) > _MAX_ADDRESSES:
+            now = self._clock()
+            self._until = {a: u for a, u in self._until.items() if u > now}
