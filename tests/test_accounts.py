@@ -508,3 +508,21 @@ def auth_lab(
     with GatewayServer(settings) as server:
         yield Lab(server, data_dir, {})
         assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_audit_lines_name_the_lab_user(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nbia_proxy.audit")
+    key = lab.keys["alice"]
+    token = login(lab.gw, "alice", key).json()["access_token"]
+    lab.get(SERIES, bearer(key))  # miss
+    with httpx.Client(base_url=lab.gw.url) as client:
+        client.get(SERIES, headers=bearer(token))  # hit (in-protocol)
+    lab.get(SERIES)  # refused
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "nbia_proxy.audit"]
+    series = [line for line in lines if line["path"].endswith("/v4/getSeries")]
+    assert [(line["user"], line["status"], line["cache"]) for line in series] == [
+        ("alice", 200, "MISS"),
+        ("alice", 200, "HIT"),
+        ("-", 401, "-"),
+    ]
+    assert all(key not in r.getMessage() and token not in r.getMessage() for r in caplog.records)

@@ -302,6 +302,7 @@ def test_open_mode_refuses_a_non_loopback_host_unless_told(
     assert cli.main(["serve", "--host", host]) == 2
     assert "allow_remote_open" in capsys.readouterr().err
     assert load_settings(None, host=host, allow_remote_open=True).host == host
+    assert load_settings(None, host=host, access="accounts").host == host  # accounts protect it
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
