@@ -22,8 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.accounts.directory import Directory
+from proxy.accounts.registry import Registry
 from proxy.cli import main as cli_main
-from proxy.db import SQLITE_FILE
+from proxy.db import SQLITE_FILE, make_engine, migrate
+from tests.databases import BACKENDS, database
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import Clock, GatewayServer, make_settings, send_raw
 
@@ -526,3 +529,33 @@ def test_audit_lines_name_the_lab_user(lab: Lab, caplog: pytest.LogCaptureFixtur
         ("-", 401, "-"),
     ]
     assert all(key not in r.getMessage() and token not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registry_and_directory_on_both_backends(backend: str, tmp_path: Path) -> None:
+    """What the users command and a running gateway do, on SQLite and on PostgreSQL."""
+    with database(backend, tmp_path) as url:
+        migrate(url)
+        engine = make_engine(url)
+        try:
+            registry = Registry(engine)
+            key = registry.add("alice")
+            admin_key = registry.add("root", admin=True)
+            directory = Directory(registry)
+            directory.load()
+            alice = directory.user_for_key(key)
+            assert alice is not None and alice.name == "alice" and not alice.admin
+            assert directory.check_login("alice", key) == "alice"
+            assert directory.check_login("root", key) is None
+            assert registry.token_secret() == registry.token_secret()  # created once, kept
+            registry.end_session("s1", expires_at=time.time() + 60)
+            registry.end_session("s1", expires_at=time.time() + 60)  # twice is fine
+            registry.end_session("old", expires_at=time.time() - 1)
+            assert set(registry.ended_sessions()) == {"s1"}
+            new = registry.rotate("alice")
+            registry.revoke("root")
+            directory.load()
+            assert directory.user_for_key(key) is None and directory.user_for_key(new)
+            assert directory.user_for_key(admin_key) is None
+        finally:
+            engine.dispose()
