@@ -98,7 +98,7 @@ class Access:
         its credentials are even looked at.
         """
         if self.directory is None:
-            return self.identify(headers) or ANONYMOUS
+            return ANONYMOUS  # open mode admits everyone; audit_name says who it was
         locked = self.lockout.locked_for(address)
         if locked:
             self.lockout.refused += 1
@@ -116,6 +116,14 @@ class Access:
             if wait:
                 return Refusal(429, "request rate limit of this account reached", wait)
         return principal
+
+    def audit_name(self, principal: Principal, headers: RawHeaders) -> str:
+        """The user for the audit log: the admitted account, or in open mode the account a
+        gateway token names (looked up only when auditing, off the hot path)."""
+        if self.directory is not None:
+            return principal.name
+        identified = self.identify(headers)
+        return identified.name if identified else ANONYMOUS.name
 
     def login_locked(self, address: str) -> Refusal | None:
         """The token endpoint's check: a locked-out address may not try to log in."""

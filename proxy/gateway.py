@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import audit
-from proxy.access import Access, Principal, Refusal
+from proxy.access import ANONYMOUS, Access, Principal, Refusal
 from proxy.cache.policy import CacheKey
 from proxy.cache.serving import (
     AGE_ZERO,
@@ -116,7 +116,8 @@ class Gateway:
             if entry is not None:
                 await send_hit(self.cache, entry, send)
                 if audit.enabled():
-                    self.audit_hit(admitted.name, _client(scope), scope["path"], entry, started)
+                    user = self.access.audit_name(admitted, scope["headers"])
+                    self.audit_hit(user, _client(scope), scope["path"], entry, started)
                 return
         state = _Progress()
         try:
@@ -137,14 +138,15 @@ class Gateway:
                 raise
         finally:
             if audit.enabled():
-                _audit(admitted.name, scope, state.status, state.cache, state.size, started)
+                user = self.access.audit_name(admitted, scope["headers"])
+                _audit(user, scope, state.status, state.cache, state.size, started)
 
     def quick_principal(self, headers: list[tuple[bytes, bytes]], address: str) -> Principal | None:
         """The account of a request that may be answered at once from memory; None when the
         full path must decide (it also writes any refusal)."""
         access = self.access
         if not access.accounts:
-            return access.identify(headers)
+            return ANONYMOUS
         if access.lockout.locked_for(address):
             return None
         return access.identify(headers)

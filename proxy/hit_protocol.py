@@ -153,5 +153,6 @@ class HitProtocol(HttpToolsProtocol):
         cache.served(entry.digest)
         gateway.shortcut_hits += 1
         if audit.enabled():
-            gateway.audit_hit(principal.name, client, path, entry, time.perf_counter())
+            user = gateway.access.audit_name(principal, self.headers)
+            gateway.audit_hit(user, client, path, entry, time.perf_counter())
         return b"%sx-cache: HIT\r\nage: %d\r\n\r\n%s" % (response_head(entry), age, entry.body)
