@@ -129,11 +129,15 @@ async def _refresh_accounts(access: Access, directory: Directory, every: float) 
     registry = directory.registry
     while True:
         await asyncio.sleep(every)
+        ended = access.tokens.take_newly_ended()
         try:
-            for session, expires_at in access.tokens.take_newly_ended():
-                await asyncio.to_thread(registry.end_session, session, expires_at)
+            while ended:
+                await asyncio.to_thread(registry.end_session, *ended[0])
+                ended.pop(0)
             access.tokens.learn_ended(await asyncio.to_thread(registry.ended_sessions))
             await asyncio.to_thread(directory.load)
         except Exception:
-            # The previous snapshot stays in force; the next round tries again.
+            # The previous snapshot stays in force; the next round tries again, and sessions
+            # not yet written are kept for it.
+            access.tokens.keep_unwritten(ended)
             log.exception("could not re-read the lab accounts")

@@ -96,6 +96,10 @@ class ClientTokens:
         taken, self._newly_ended = self._newly_ended, []
         return taken
 
+    def keep_unwritten(self, ended: list[tuple[str, float]]) -> None:
+        """Give back sessions the database did not take, for the next call to return."""
+        self._newly_ended = ended + self._newly_ended
+
     def answer_token_request(self, form: dict[str, str]) -> TokenAnswer:
         """Answer a token request (password or refresh_token grant) in NBIA's shape."""
         grant_type = form.get("grant_type")

@@ -146,8 +146,8 @@ class HitProtocol(HttpToolsProtocol):
         entry = gateway.fresh_entry(path, url.query or b"", self.headers)
         if entry is None or cache is None:
             return None
-        if gateway.access.limits.admit(principal.name):
-            return None  # over the user's rate: the full path refuses it
+        if gateway.access.limits.admit(principal.name, count=False):
+            return None  # over the user's rate: the full path refuses (and counts) it
         age = max(0, int(cache.clock() - entry.created_at))
         cache.count(entry.endpoint, hit=True)
         cache.served(entry.digest)

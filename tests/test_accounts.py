@@ -559,3 +559,27 @@ def test_registry_and_directory_on_both_backends(backend: str, tmp_path: Path) -
             assert directory.user_for_key(admin_key) is None
         finally:
             engine.dispose()
+
+
+def test_ended_sessions_reach_the_database_for_other_replicas(lab: Lab) -> None:
+    """A logout is written to the database within accounts_refresh_seconds, so that another
+    gateway on the same database refuses the token too."""
+    tokens = login(lab.gw, "alice", lab.keys["alice"]).json()
+    assert (
+        httpx.post(lab.gw.url + LOGOUT, headers=bearer(tokens["access_token"])).status_code == 204
+    )
+    directory = lab.gw.app.access.directory
+    assert directory is not None
+    session = tokens["session_state"].replace("-", "")
+    assert wait_until(lambda: session in directory.registry.ended_sessions())
+
+
+def test_two_replicas_on_one_database_share_tokens_and_logouts(lab: Lab) -> None:
+    """Tokens are signed with the database's secret: one replica accepts another's tokens, and
+    a logout at one reaches the other within accounts_refresh_seconds."""
+    with GatewayServer(lab.gw.settings) as other:
+        tokens = login(lab.gw, "alice", lab.keys["alice"]).json()
+        headers = bearer(tokens["access_token"])
+        assert httpx.get(other.url + SERIES, headers=headers).status_code == 200
+        assert httpx.post(lab.gw.url + LOGOUT, headers=headers).status_code == 204
+        assert wait_until(lambda: httpx.get(other.url + SERIES, headers=headers).status_code == 401)

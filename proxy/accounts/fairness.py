@@ -27,8 +27,11 @@ class UserLimits:
         self.refused = 0  # requests refused for going over the rate
         self.queued = 0  # downloads that waited for one of their user's slots
 
-    def admit(self, user: str) -> float:
-        """0 when ``user`` may make a request now, else the seconds until they may."""
+    def admit(self, user: str, *, count: bool = True) -> float:
+        """0 when ``user`` may make a request now, else the seconds until they may.
+
+        ``count=False`` leaves a refusal out of ``refused`` (the caller will ask again).
+        """
         if self.rate <= 0:
             return 0.0
         now = self._clock()
@@ -36,7 +39,8 @@ class UserLimits:
         tokens = min(self.burst, tokens + (now - then) * self.rate)
         if tokens < 1.0:
             self._buckets[user] = (tokens, now)
-            self.refused += 1
+            if count:
+                self.refused += 1
             return (1.0 - tokens) / self.rate
         self._buckets[user] = (tokens - 1.0, now)
         return 0.0
