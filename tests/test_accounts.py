@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from proxy.accounts.directory import Directory
 from proxy.accounts.registry import Registry
 from proxy.cli import main as cli_main
-from proxy.db import SQLITE_FILE, make_engine, migrate
+from proxy.db import SQLITE_FILE, database_url, make_engine, migrate
 from tests.databases import BACKENDS, database
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import Clock, GatewayServer, make_settings, send_raw
@@ -78,6 +78,7 @@ class Lab:
         self.gw = gw
         self.data_dir = data_dir
         self.keys = keys
+        self.snapshot: dict[str, Any] = {}  # what a test recorded before an onslaught
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
         return httpx.get(self.gw.url + path, headers=headers, timeout=30)
@@ -504,13 +505,39 @@ def auth_lab(
 ) -> Iterator[Lab]:
     """One accounts-mode gateway for all generated examples (no lockouts: it is the target)."""
     data_dir = tmp_path_factory.mktemp("auth-lab")
-    assert cli_main(["users", "add", "alice", "--data-dir", str(data_dir)]) == 0
+    url = database_url(None, data_dir)
+    migrate(url)
+    engine = make_engine(url)
+    keys = {"root": Registry(engine).add("root", admin=True)}
+    engine.dispose()
     settings = make_settings(
         data_dir, fake_nbia.url, fake_nlst.url, access="accounts", login_free_failures=10**9
     )
     with GatewayServer(settings) as server:
-        yield Lab(server, data_dir, {})
-        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+        lab = Lab(server, data_dir, keys)
+        warm = lab.get(SERIES, bearer(keys["root"]))
+        assert warm.status_code == 200
+        lab.snapshot = {"body": warm.content, "stats": lab.get(STATS, bearer(keys["root"])).json()}
+        yield lab
+
+
+def test_after_generated_credentials_the_gateway_is_healthy_and_the_cache_unchanged(
+    auth_lab: Lab,
+) -> None:
+    """Runs after the generated credentials (same module gateway): nothing they sent got in,
+    so the cache holds exactly what it held before, and still answers."""
+    root = bearer(auth_lab.keys["root"])
+    assert auth_lab.get("/healthz").status_code == 200
+    after = auth_lab.get(STATS, root).json()
+    before = auth_lab.snapshot["stats"]
+    assert before["entries"] == 1
+    assert (after["entries"], after["bytes"], after["misses"]) == (
+        before["entries"],
+        before["bytes"],
+        before["misses"],
+    )
+    again = auth_lab.get(SERIES, root)
+    assert (again.headers["x-cache"], again.content) == ("HIT", auth_lab.snapshot["body"])
 
 
 def test_audit_lines_name_the_lab_user(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
