@@ -99,10 +99,9 @@ class Access:
         """
         if self.directory is None:
             return ANONYMOUS  # open mode admits everyone; audit_name says who it was
-        locked = self.lockout.locked_for(address)
-        if locked:
-            self.lockout.refused += 1
-            return Refusal(429, "too many failed logins from this address", locked)
+        refusal = self.login_locked(address)
+        if refusal is not None:
+            return refusal
         principal = self.identify(headers)
         if principal is None:
             if find(headers, b"authorization") is None:
@@ -126,7 +125,7 @@ class Access:
         return identified.name if identified else ANONYMOUS.name
 
     def login_locked(self, address: str) -> Refusal | None:
-        """The token endpoint's check: a locked-out address may not try to log in."""
+        """The refusal for a locked-out address (which may not even try), else None."""
         locked = self.lockout.locked_for(address) if self.accounts else 0.0
         if locked:
             self.lockout.refused += 1
