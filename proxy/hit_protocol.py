@@ -58,9 +58,24 @@ class HitProtocol(HttpToolsProtocol):
         self._gateway = find_gateway(self.app)
         self._answered = False  # the current request was answered by the shortcut
 
+    def on_message_begin(self) -> None:
+        # uvicorn builds the ASGI scope here (a dict, and a copy of the app state) for every
+        # request; a shortcut hit never reads it, so _start_message builds it only when needed.
+        self.url = b""
+        self.headers = []
+        self.expect_100_continue = False
+
+    def _start_message(self) -> None:
+        """Run uvicorn's ``on_message_begin`` now, keeping what the parser already delivered."""
+        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect_100_continue
+        self.headers.extend(headers)  # the list the new scope holds
+
     def on_headers_complete(self) -> None:
         answer = self._hit() if self._gateway is not None else None
         if answer is None:
+            self._start_message()
             super().on_headers_complete()
             return
         self._answered = True
