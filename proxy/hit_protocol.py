@@ -57,6 +57,8 @@ class HitProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._gateway = find_gateway(self.app)
         self._answered = False  # the current request was answered by the shortcut
+        # When an idle keep-alive connection is to be closed; None while a request is under way.
+        self._idle_deadline: float | None = None
 
     def on_message_begin(self) -> None:
         # uvicorn builds the ASGI scope here (a dict, and a copy of the app state) for every
@@ -82,6 +84,44 @@ class HitProtocol(HttpToolsProtocol):
         self.transport.write(answer)
         # What uvicorn does after a response: count it, re-arm keep-alive, resume reading.
         self.on_response_complete()
+
+    # Keep-alive: uvicorn cancels its timer on every read and starts a new one after every
+    # response, a timer churn per request. Here one timer stays armed and, when it fires, checks
+    # the deadline the last response set, re-arming itself for the time left.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_deadline = None
+
+    def on_response_complete(self) -> None:
+        if self.pipeline or self.transport.is_closing():
+            # Rare: uvicorn's own version starts the next pipelined request (arming no timer).
+            super().on_response_complete()
+            return
+        # uvicorn's version for the common case, with the timer above.
+        self.server_state.total_requests += 1
+        self.flow.resume_reading()
+        self._idle_deadline = self.loop.time() + self.timeout_keep_alive
+        if self.timeout_keep_alive_task is None:
+            self._arm_keepalive(self.timeout_keep_alive)
+
+    def _arm_keepalive(self, delay: float) -> None:
+        self.timeout_keep_alive_task = self.loop.call_later(delay, self.timeout_keep_alive_handler)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_deadline is None:
+            return  # a request is under way; its response sets a new deadline
+        left = self._idle_deadline - self.loop.time()
+        if left > 0:
+            self._arm_keepalive(left)
+        else:
+            super().timeout_keep_alive_handler()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()  # it would keep this protocol alive until then
+            self.timeout_keep_alive_task = None
 
     def on_body(self, body: bytes) -> None:
         if not self._answered:
