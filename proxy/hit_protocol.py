@@ -61,10 +61,23 @@ class HitProtocol(HttpToolsProtocol):
         self._head_limit = self._gateway.settings.max_header_bytes if self._gateway else 0
         self._head_size = 0
         self._refused = False  # the head was too large: answered 431, connection closing
+        # When an idle keep-alive connection is to be closed; None while a request is under way.
+        self._idle_deadline: float | None = None
 
     def on_message_begin(self) -> None:
+        # uvicorn builds the ASGI scope here (a dict, and a copy of the app state) for every
+        # request; a shortcut hit never reads it, so _start_message builds it only when needed.
+        self.url = b""
+        self.headers = []
+        self.expect_100_continue = False
         self._head_size = 0
+
+    def _start_message(self) -> None:
+        """Run uvicorn's ``on_message_begin`` now, keeping what the parser already delivered."""
+        url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()
+        self.url, self.expect_100_continue = url, expect_100_continue
+        self.headers.extend(headers)  # the list the new scope holds
 
     def on_url(self, url: bytes) -> None:
         if self._grow_head(len(url)):
@@ -95,12 +108,51 @@ class HitProtocol(HttpToolsProtocol):
             return
         answer = self._hit() if self._gateway is not None else None
         if answer is None:
+            self._start_message()
             super().on_headers_complete()
             return
         self._answered = True
         self.transport.write(answer)
         # What uvicorn does after a response: count it, re-arm keep-alive, resume reading.
         self.on_response_complete()
+
+    # Keep-alive: uvicorn cancels its timer on every read and starts a new one after every
+    # response, a timer churn per request. Here one timer stays armed and, when it fires, checks
+    # the deadline the last response set, re-arming itself for the time left.
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_deadline = None
+
+    def on_response_complete(self) -> None:
+        if self.pipeline or self.transport.is_closing():
+            # Rare: uvicorn's own version starts the next pipelined request (arming no timer).
+            super().on_response_complete()
+            return
+        # uvicorn's version for the common case, with the timer above.
+        self.server_state.total_requests += 1
+        self.flow.resume_reading()
+        self._idle_deadline = self.loop.time() + self.timeout_keep_alive
+        if self.timeout_keep_alive_task is None:
+            self._arm_keepalive(self.timeout_keep_alive)
+
+    def _arm_keepalive(self, delay: float) -> None:
+        self.timeout_keep_alive_task = self.loop.call_later(delay, self.timeout_keep_alive_handler)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_deadline is None:
+            return  # a request is under way; its response sets a new deadline
+        left = self._idle_deadline - self.loop.time()
+        if left > 0:
+            self._arm_keepalive(left)
+        else:
+            super().timeout_keep_alive_handler()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()  # it would keep this protocol alive until then
+            self.timeout_keep_alive_task = None
 
     def on_body(self, body: bytes) -> None:
         if not (self._answered or self._refused):

@@ -42,8 +42,11 @@ def make_settings(
 class GatewayServer:
     """The gateway app served by uvicorn in a thread; ``url`` is its base URL."""
 
-    def __init__(self, settings: Settings, **create_kwargs: Any) -> None:
+    def __init__(
+        self, settings: Settings, *, timeout_keep_alive: int = 5, **create_kwargs: Any
+    ) -> None:
         self.settings = settings
+        self.timeout_keep_alive = timeout_keep_alive
         self.app: Gateway = create_app(settings, **create_kwargs)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -58,6 +61,7 @@ class GatewayServer:
             log_config=None,
             lifespan="on",
             http=HitProtocol,
+            timeout_keep_alive=self.timeout_keep_alive,
             server_header=False,
             date_header=False,
             access_log=False,
