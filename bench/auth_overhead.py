@@ -6,8 +6,9 @@ Run on purpose (not part of the test suite)::
 
 It starts the fake NBIA upstream and two gateways in front of it: one in open mode, one in
 accounts mode with a lab user created by ``nbia-proxy users add``. Once both answer HIT it runs
-the same wrk load on each, interleaved round by round: the accounts gateway once with the API key
-as ``Authorization: Bearer`` and once with a gateway token from ``/nbia-api/oauth/token``.
+the same wrk load on each, interleaved round by round: the open gateway without and with (ignored)
+credentials, the accounts gateway once with the API key as ``Authorization: Bearer`` and once
+with a gateway token from ``/nbia-api/oauth/token``.
 Exit code 1 when a check fails, 2 when wrk is missing.
 """
 
@@ -107,6 +108,8 @@ def measure(args: argparse.Namespace, tmp: Path, processes: list[Process]) -> di
     warm_with(accounts_url + PATH, f"Bearer {key}", body)
     targets = {
         "open": (open_url + PATH, []),
+        # The same header bytes, ignored: separates parsing a longer request from checking it.
+        "open, key ignored": (open_url + PATH, [f"Authorization: Bearer {key}"]),
         "accounts, API key": (accounts_url + PATH, [f"Authorization: Bearer {key}"]),
         "accounts, token": (accounts_url + PATH, [f"Authorization: Bearer {token}"]),
     }

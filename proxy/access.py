@@ -11,6 +11,7 @@ against the client's address (:mod:`proxy.accounts.lockout`); per-user limits co
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass
 
 from proxy.accounts.directory import Directory
@@ -27,6 +28,8 @@ class Principal:
     name: str
     admin: bool
 
+
+_KNOWN_LIMIT = 10_000
 
 #: Open mode: whoever reaches the gateway (loopback unless told otherwise) may do anything.
 ANONYMOUS = Principal("anonymous", admin=True)
@@ -61,6 +64,9 @@ class Access:
         self.accounts = directory is not None
         self.lockout = lockout or Lockout(free_failures=5, max_seconds=0)
         self.limits = limits or UserLimits(0, 0)
+        self._clock = tokens.clock
+        # Raw Authorization header -> (principal, versions it was derived at, valid until).
+        self._known: dict[bytes, tuple[Principal, tuple[int, int], float]] = {}
 
     def identify(self, headers: RawHeaders) -> Principal | None:
         """The account behind a request's credentials; None in accounts mode when there is
@@ -73,21 +79,37 @@ class Access:
             return Principal(subject, admin=True) if subject else ANONYMOUS
         if raw is None:
             return None
-        authorization = raw.decode("latin-1")
+        # The same header again: skip the hash or signature check while nothing it depends
+        # on (the users, the ended sessions, the token's lifetime) has changed.
+        versions = (self.directory.version, self.tokens.version)
+        known = self._known.get(raw)
+        if known is not None and known[1] == versions and self._clock() < known[2]:
+            return known[0]
+        principal, valid_until = self._verify(raw.decode("latin-1"), self.directory)
+        if principal is not None:
+            if len(self._known) >= _KNOWN_LIMIT:
+                self._known.clear()  # bounded; verification refills it
+            self._known[raw] = (principal, versions, valid_until)
+        return principal
+
+    def _verify(self, authorization: str, directory: Directory) -> tuple[Principal | None, float]:
+        """Check a credential: the principal, and until when that answer holds at most."""
+        forever = math.inf
         if authorization[:6].lower() == "basic ":
             # HTTP Basic with the key as password: what requests sends from ~/.netrc.
-            name = self.directory.check_login(*_basic_pair(authorization[6:]))
-            user = self.directory.user(name) if name else None
-            return Principal(user.name, user.admin) if user else None
-        credential = bearer_of(authorization)
-        if credential is None:
-            return None
-        user = self.directory.user_for_key(credential)
-        if user is None:
-            # A gateway token: ClientTokens asks the directory whether its user is still valid.
-            subject = self.tokens.subject_of("Bearer " + credential)
-            user = self.directory.user(subject) if subject else None
-        return Principal(user.name, user.admin) if user else None
+            name = directory.check_login(*_basic_pair(authorization[6:]))
+            user = directory.user(name) if name else None
+        else:
+            credential = bearer_of(authorization)
+            if credential is None:
+                return None, forever
+            user = directory.user_for_key(credential)
+            if user is None:
+                # A gateway token: ClientTokens asks the directory whether its user is valid.
+                session = self.tokens.session_of("Bearer " + credential)
+                user = directory.user(session[0]) if session else None
+                forever = session[1] if session else forever
+        return (Principal(user.name, user.admin) if user else None), forever
 
     def check(
         self, headers: RawHeaders, address: str, *, admin: bool = False

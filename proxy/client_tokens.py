@@ -75,21 +75,25 @@ class ClientTokens:
         secret: bytes | None = None,
     ) -> None:
         self._lifetime = lifetime_seconds
-        self._clock = clock
+        self.clock = clock
         self.authority: LoginAuthority = authority or AnyLogin()
         self._secret = secret or secrets.token_bytes(32)
         self._ended: dict[str, float] = {}  # session id -> when its tokens expire anyway
         self._newly_ended: list[tuple[str, float]] = []
         self._memo: dict[str, _Claims] = {}  # verified tokens: skip the HMAC next time
+        self.version = 0  # moves whenever a session ends: answers derived before may be stale
 
     def use_secret(self, secret: bytes) -> None:
         """Sign with ``secret`` (shared by replicas); tokens signed before stop working."""
         self._secret = secret
         self._memo.clear()
+        self.version += 1
 
     def learn_ended(self, ended: dict[str, float]) -> None:
         """Sessions other replicas ended (logout, refresh), read from the database."""
-        self._ended.update(ended)
+        if not ended.keys() <= self._ended.keys():
+            self._ended.update(ended)
+            self.version += 1
 
     def take_newly_ended(self) -> list[tuple[str, float]]:
         """Sessions ended here since the last call, for the database."""
@@ -133,9 +137,14 @@ class ClientTokens:
 
     def subject_of(self, authorization: str | None) -> str | None:
         """The account behind a valid gateway access token, or None."""
+        found = self.session_of(authorization)
+        return found[0] if found else None
+
+    def session_of(self, authorization: str | None) -> tuple[str, float] | None:
+        """The account behind a valid gateway access token and when the token expires."""
         token = bearer_of(authorization)
         claims = self._valid_claims(token, _ACCESS) if token else None
-        return claims.subject if claims else None
+        return (claims.subject, claims.expires_at) if claims else None
 
     def _valid_claims(self, token: str, kind: str) -> _Claims | None:
         claims = self._memo.get(token)
@@ -148,7 +157,7 @@ class ClientTokens:
             self._memo[token] = claims
         if (
             claims.kind != kind
-            or self._clock() >= claims.expires_at
+            or self.clock() >= claims.expires_at
             or claims.session in self._ended
             or not self.authority.still_valid(claims.subject, claims.issued_at)
         ):
@@ -179,7 +188,7 @@ class ClientTokens:
 
     def _issue(self, subject: str) -> dict[str, Any]:
         self._sweep()
-        now = self._clock()
+        now = self.clock()
         session = uuid.uuid4()
         expires = now + self._lifetime
         return {
@@ -195,12 +204,13 @@ class ClientTokens:
         }
 
     def _end(self, claims: _Claims) -> None:
+        self.version += 1
         self._ended[claims.session] = claims.expires_at
         self._newly_ended.append((claims.session, claims.expires_at))
 
     def _sweep(self) -> None:
         """Forget ended sessions whose tokens have expired, so memory stays bounded."""
-        now = self._clock()
+        now = self.clock()
         for session in [s for s, expires in self._ended.items() if now >= expires]:
             del self._ended[session]
 

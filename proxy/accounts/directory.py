@@ -29,6 +29,7 @@ class Directory:
         self.registry = registry
         self._snapshot = _Snapshot()
         self.loaded = False
+        self.version = 0  # moves with every load: answers derived before may be stale
 
     def load(self) -> None:
         """Read the users again (blocking: call from a thread in a running gateway)."""
@@ -38,6 +39,7 @@ class Directory:
             by_key_id={user.key_id: user for user in active},
         )
         self.loaded = True
+        self.version += 1
 
     def user_for_key(self, key: str) -> UserRecord | None:
         """The active user whose API key this is, or None."""
