@@ -21,8 +21,6 @@ from proxy import audit
 from proxy.access import ANONYMOUS, Access, Principal, Refusal
 from proxy.cache.policy import CacheKey
 from proxy.cache.serving import (
-    AGE_ZERO,
-    BYPASS,
     CachePolicy,
     ShieldPolicy,
     cache_key,
@@ -37,7 +35,7 @@ from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
 from proxy.errors import ClientError, GatewayError, UpstreamTimeout
 from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
 from proxy.headers import find, for_client
-from proxy.responses import send_bytes, send_error, send_json
+from proxy.responses import AGE_ZERO, BYPASS, GATEWAY_MADE, send_bytes, send_error, send_json
 from proxy.shield import Coalescer, ShieldCounters
 from proxy.streaming import StreamBroken, read_whole, relay_stream
 from proxy.upstream import Upstream
@@ -199,7 +197,7 @@ class Gateway:
             _audit("-", scope, answer.status, "-", 0, started)
 
     async def _refuse(self, refusal: Refusal, scope: Scope, send: Send, started: float) -> None:
-        headers = [(b"cache-control", b"no-store")]
+        headers = list(GATEWAY_MADE)
         if refusal.challenge:
             headers.append((b"www-authenticate", b'Bearer realm="nbia-proxy"'))
         if refusal.retry_after is not None:
@@ -428,9 +426,10 @@ def _form(raw: bytes) -> dict[str, str]:
 
 
 async def _send_answer(send: Send, answer: TokenAnswer) -> None:
-    no_store = [(b"cache-control", b"no-store")]
-    if answer.body is None:
-        await send({"type": "http.response.start", "status": answer.status, "headers": no_store})
+    if answer.body is None:  # 204: no body, and no Content-Length either (RFC 9110 §8.6)
+        await send(
+            {"type": "http.response.start", "status": answer.status, "headers": GATEWAY_MADE}
+        )
         await send({"type": "http.response.body", "body": b""})
     else:
-        await send_json(send, answer.status, answer.body, no_store)
+        await send_json(send, answer.status, answer.body, GATEWAY_MADE)

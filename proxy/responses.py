@@ -9,6 +9,11 @@ from starlette.types import Send
 
 from proxy.headers import RawHeaders
 
+BYPASS = (b"x-cache", b"BYPASS")
+AGE_ZERO = (b"age", b"0")
+#: On every answer the gateway makes itself (errors, token answers, refusals): never cached.
+GATEWAY_MADE = [(b"cache-control", b"no-store"), BYPASS, AGE_ZERO]
+
 
 async def send_bytes(
     send: Send, status: int, body: bytes, headers: RawHeaders | None = None
@@ -40,7 +45,7 @@ async def send_error(
     payload = {"error": message}
     if upstream is not None:
         payload["upstream"] = upstream
-    headers = [(b"cache-control", b"no-store")]
+    headers = list(GATEWAY_MADE)
     if retry_after is not None:
         headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
     await send_json(send, status, payload, headers)

@@ -190,6 +190,7 @@ def test_missing_credentials_get_a_401_json_and_health_stays_open(
     assert refused.status_code == 401
     assert refused.json() == {"error": "authentication required"}
     assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert (refused.headers["x-cache"], refused.headers["age"]) == ("BYPASS", "0")
     assert lab.get("/nlst" + SERIES).status_code == 401
     assert nbia_upstream.app.requests_to("/v4/getSeries") == []
     assert lab.get("/healthz").status_code == 200

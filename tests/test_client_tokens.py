@@ -122,6 +122,7 @@ def test_password_grant_answers_in_nbias_shape(client: httpx.Client, body: bytes
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.headers["cache-control"] == "no-store"
+    assert (response.headers["x-cache"], response.headers["age"]) == ("BYPASS", "0")
     assert_token_shape(response.json())
 
 

@@ -43,6 +43,8 @@ def _assert_gateway_error(response: httpx.Response, status: int) -> dict[str, st
     body = response.json()
     assert isinstance(body["error"], str) and body["error"]
     assert len(response.content) < 300
+    # The gateway's own answers say so like every other: never cached, no age.
+    assert (response.headers["x-cache"], response.headers["age"]) == ("BYPASS", "0")
     return body
 
 

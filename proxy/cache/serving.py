@@ -18,16 +18,14 @@ from proxy.endpoints import Endpoint, TokenUse
 from proxy.errors import GatewayError, UpstreamTimeout
 from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
 from proxy.headers import RawHeaders, find, for_client
-from proxy.responses import send_bytes
+from proxy.responses import AGE_ZERO, send_bytes
 from proxy.shield import UNHEALTHY_STATUSES, Coalescer, ShieldCounters
 from proxy.streaming import read_whole
 from proxy.upstream import Upstream
 
 HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
-BYPASS = (b"x-cache", b"BYPASS")
 STALE = (b"x-cache", b"STALE")
-AGE_ZERO = (b"age", b"0")
 
 
 @dataclass(frozen=True, slots=True)
