@@ -138,6 +138,15 @@ class Access:
                 return Refusal(429, "request rate limit of this account reached", wait)
         return principal
 
+    def quick_principal(self, headers: RawHeaders, address: str) -> Principal | None:
+        """For an answer from memory: the principal when nothing stands in the way, else None
+        (the full path then decides, and writes and counts any refusal)."""
+        if self.directory is None:
+            return ANONYMOUS
+        if self.lockout.locked_for(address):
+            return None
+        return self.identify(headers)
+
     def audit_name(self, principal: Principal, headers: RawHeaders) -> str:
         """The user for the audit log: the admitted account, or in open mode the account a
         gateway token names (looked up only when auditing, off the hot path)."""

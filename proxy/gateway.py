@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import audit
-from proxy.access import ANONYMOUS, Access, Principal, Refusal
+from proxy.access import Access, Principal, Refusal
 from proxy.cache.policy import CacheKey
 from proxy.cache.serving import (
     CachePolicy,
@@ -138,16 +138,6 @@ class Gateway:
             if audit.enabled():
                 user = self.access.audit_name(admitted, scope["headers"])
                 _audit(user, scope, state.status, state.cache, state.size, started)
-
-    def quick_principal(self, headers: list[tuple[bytes, bytes]], address: str) -> Principal | None:
-        """The account of a request that may be answered at once from memory; None when the
-        full path must decide (it also writes any refusal)."""
-        access = self.access
-        if not access.accounts:
-            return ANONYMOUS
-        if access.lockout.locked_for(address):
-            return None
-        return access.identify(headers)
 
     def audit_hit(self, user: str, client: str, path: str, entry: Entry, started: float) -> None:
         """The audit line of a hit answered without the full path."""

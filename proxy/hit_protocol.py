@@ -192,7 +192,7 @@ class HitProtocol(HttpToolsProtocol):
         assert gateway is not None
         cache = gateway.cache
         client = str(self.client[0]) if self.client else "-"
-        principal = gateway.quick_principal(self.headers, client)
+        principal = gateway.access.quick_principal(self.headers, client)
         if principal is None:
             return None  # no valid credentials: the full path writes the refusal
         entry = gateway.fresh_entry(path, url.query or b"", self.headers)
