@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from proxy.accounts.directory import Directory
 from proxy.accounts.fairness import UserLimits
 from proxy.accounts.lockout import Lockout
+from proxy.accounts.registry import Registry
 from proxy.client_tokens import ClientTokens, bearer_of
 from proxy.headers import RawHeaders, find
 
@@ -56,11 +57,13 @@ class Access:
         self,
         tokens: ClientTokens,
         directory: Directory | None = None,
+        registry: Registry | None = None,
         lockout: Lockout | None = None,
         limits: UserLimits | None = None,
     ) -> None:
         self.tokens = tokens
         self.directory = directory
+        self.registry = registry  # where the token secret and ended sessions are shared
         self.accounts = directory is not None
         self.lockout = lockout or Lockout(free_failures=5, max_seconds=0)
         self.limits = limits or UserLimits(0, 0)

@@ -59,14 +59,21 @@ def build_access(settings: Settings, clock: Callable[[], float] = time.time) -> 
     Gateway tokens carry wall-clock times, so that every worker and replica reads them alike.
     """
     tokens = ClientTokens(settings.client_token_lifetime_seconds, clock)
+    url = database_url(settings.database_url, settings.data_dir)
     if settings.access == "open":
-        return Access(tokens)
-    registry = Registry(make_engine(database_url(settings.database_url, settings.data_dir)), clock)
+        # With a database (the cache's), workers and replicas share the token secret and ended
+        # sessions, so a token from one is good at another; without one, each process signs
+        # with a random secret of its own.
+        return Access(
+            tokens, registry=Registry(make_engine(url), clock) if settings.cache_enabled else None
+        )
+    registry = Registry(make_engine(url), clock)
     directory = Directory(registry)
     tokens.authority = directory
     return Access(
         tokens,
         directory,
+        registry,
         Lockout(settings.login_free_failures, settings.login_lockout_max_seconds),
         UserLimits(settings.user_rate_per_second, settings.user_max_downloads),
     )
@@ -92,7 +99,7 @@ def _lifespan(
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if cache is not None or access.directory is not None:
+        if cache is not None or access.registry is not None:
             url = database_url(settings.database_url, settings.data_dir)
             # Alembic is only loaded when there is something to do: a lean serving process.
             if settings.auto_migrate and not await asyncio.to_thread(is_current, url):
@@ -100,12 +107,12 @@ def _lifespan(
         if cache is not None:
             await asyncio.to_thread(cache.start)
         refresher = None
-        if access.directory is not None:
-            directory = access.directory
-            access.tokens.use_secret(await asyncio.to_thread(directory.registry.token_secret))
-            await asyncio.to_thread(directory.load)
+        if access.registry is not None:
+            access.tokens.use_secret(await asyncio.to_thread(access.registry.token_secret))
+            if access.directory is not None:
+                await asyncio.to_thread(access.directory.load)
             refresher = asyncio.create_task(
-                _refresh_accounts(access, directory, settings.accounts_refresh_seconds)
+                _refresh_accounts(access, access.registry, settings.accounts_refresh_seconds)
             )
         try:
             yield
@@ -118,15 +125,14 @@ def _lifespan(
                 await upstream.aclose()
             if cache is not None:
                 await asyncio.to_thread(cache.close)
-            if access.directory is not None:
-                await asyncio.to_thread(access.directory.registry.engine.dispose)
+            if access.registry is not None:
+                await asyncio.to_thread(access.registry.engine.dispose)
 
     return lifespan
 
 
-async def _refresh_accounts(access: Access, directory: Directory, every: float) -> None:
+async def _refresh_accounts(access: Access, registry: Registry, every: float) -> None:
     """Share ended sessions with other replicas and pick up theirs and any user changes."""
-    registry = directory.registry
     while True:
         await asyncio.sleep(every)
         ended = access.tokens.take_newly_ended()
@@ -135,7 +141,8 @@ async def _refresh_accounts(access: Access, directory: Directory, every: float) 
                 await asyncio.to_thread(registry.end_session, *ended[0])
                 ended.pop(0)
             access.tokens.learn_ended(await asyncio.to_thread(registry.ended_sessions))
-            await asyncio.to_thread(directory.load)
+            if access.directory is not None:
+                await asyncio.to_thread(access.directory.load)
         except Exception:
             # The previous snapshot stays in force; the next round tries again, and sessions
             # not yet written are kept for it.

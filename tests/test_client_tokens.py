@@ -401,3 +401,21 @@ def test_unit_tokens_are_unique(tokens: ClientTokens) -> None:
     access = {bearer(a) for a in answers}
     refresh = {refresh_token_of(a) for a in answers}
     assert len(access) == len(refresh) == 50
+
+
+def test_open_mode_workers_on_one_database_share_tokens(tmp_path: Path) -> None:
+    """Two open-mode gateways on one data dir (like `serve --workers 2`): a token issued by one
+    is refreshed and logged out at the other."""
+    settings = make_settings(tmp_path, UNREACHABLE)
+    with GatewayServer(settings) as first, GatewayServer(settings) as second:
+        with httpx.Client(base_url=first.url) as client:
+            tokens = login(client)
+        renewed = httpx.post(
+            second.url + TOKEN, content=refresh_form(tokens["refresh_token"]), headers=FORM
+        )
+        assert renewed.status_code == 200
+        out = httpx.post(
+            first.url + LOGOUT,
+            headers={"Authorization": "Bearer " + renewed.json()["access_token"]},
+        )
+        assert out.status_code == 204
