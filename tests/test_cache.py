@@ -327,6 +327,25 @@ def test_stats_count_entries_bytes_hits_and_misses_per_endpoint(gw: GatewayServe
     assert (current["entries"], current["hits"], current["misses"]) == (2, 2, 2)
 
 
+def test_purge_by_collection_reaches_simple_searches_naming_it(gw: GatewayServer) -> None:
+    """A simple search names its collection as criteriaType<i>=CollectionCriteria, value<i>."""
+
+    def search(collection: str) -> httpx.Response:
+        form = (
+            f"criteriaType0=ImageModalityCriteria&value0=CT&criteriaType1=CollectionCriteria"
+            f"&value1={collection}&sortField=subject&sortDirection=ascending&start=0&size=10"
+        )
+        return post(gw, f"{S}/v4/getSimpleSearch", form)
+
+    assert search("4D-Lung").headers["x-cache"] == "MISS"
+    assert search("TCGA-KIRC").headers["x-cache"] == "MISS"
+    flush(gw)
+    purged = httpx.delete(gw.url + "/_proxy/cache", params={"collection": "4D-Lung"})
+    assert purged.json()["purged_entries"] == 1
+    assert search("4D-Lung").headers["x-cache"] == "MISS"
+    assert search("TCGA-KIRC").headers["x-cache"] == "HIT"
+
+
 def test_purge_over_http_by_pattern_collection_and_series(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:

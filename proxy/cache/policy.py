@@ -54,6 +54,9 @@ _SERIES_PARAMS = frozenset(
     {"seriesinstanceuid", "seriesuid", "seriesid", "list", "serieslist", "seriesuids"}
 )
 
+# Simple-search criteria types whose value names a collection or series: read as that parameter.
+_CRITERIA_PARAMS = {"CollectionCriteria": "collection", "SeriesCriteria": "seriesinstanceuid"}
+
 
 @dataclass(frozen=True, slots=True)
 class CacheKey:
@@ -151,8 +154,17 @@ def _pairs(raw: bytes) -> list[tuple[str, str]]:
 
 def _tags(pairs: list[tuple[str, str]]) -> frozenset[tuple[str, str]]:
     tags: set[tuple[str, str]] = set()
+    # Simple search names its filters in numbered pairs: criteriaType0=CollectionCriteria
+    # with value0=LIDC-IDRI (catalog §2.6).
+    criteria = {
+        name[len("criteriatype") :]: value
+        for name, value in pairs
+        if name.lower().startswith("criteriatype")
+    }
     for name, value in pairs:
         lowered = name.lower()
+        if lowered.startswith("value") and criteria:
+            lowered = _CRITERIA_PARAMS.get(criteria.get(name[len("value") :], ""), "")
         if lowered in _COLLECTION_PARAMS and value:
             tags.add(("collection", value))
         elif lowered in _SERIES_PARAMS:
