@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,10 +54,14 @@ class TieredCache:
         self._memory: LRUCache[str, _Held] = LRUCache(
             maxsize=max(settings.memory_bytes, 1), getsizeof=lambda held: held.entry.size
         )
-        self._served: set[str] = set()
+        # The event loop appends, the writer thread drains: a deque is safe for that handoff.
+        self._served: deque[str] = deque()
         # Stored in memory but not yet in the database: a database miss must not drop them.
         self._unwritten: set[str] = set()
+        # Hits and misses since start, written only by the event loop; the writer stores the
+        # difference to what it stored before, so nothing is lost in a handoff.
         self._counts: dict[str, list[int]] = {}
+        self._recorded: dict[str, tuple[int, int]] = {}
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbia-proxy-read")
         self.writer = Writer(
             store,
@@ -111,7 +116,7 @@ class TieredCache:
         counts[0 if hit else 1] += 1
 
     def served(self, digest: str) -> None:
-        self._served.add(digest)
+        self._served.append(digest)
 
     async def purge(
         self,
@@ -147,7 +152,15 @@ class TieredCache:
             self._memory[entry.digest] = _Held(entry, self.clock())
 
     def _take_bookkeeping(self) -> tuple[set[str], dict[str, list[int]]]:
-        # Swapping the objects is atomic under the GIL; the event loop keeps adding to new ones.
-        served, self._served = self._served, set()
-        counts, self._counts = self._counts, {}
-        return served, counts
+        """The entries served and the hit/miss counts added since the last call (writer thread)."""
+        served: set[str] = set()
+        take = self._served.popleft
+        for _ in range(len(self._served)):
+            served.add(take())
+        deltas: dict[str, list[int]] = {}
+        for endpoint, (hits, misses) in self._counts.copy().items():  # copy(): one C call
+            done_hits, done_misses = self._recorded.get(endpoint, (0, 0))
+            if (hits, misses) != (done_hits, done_misses):
+                deltas[endpoint] = [hits - done_hits, misses - done_misses]
+                self._recorded[endpoint] = (hits, misses)
+        return served, deltas
