@@ -187,12 +187,12 @@ class Gateway:
             _audit("-", scope, answer.status, "-", 0, started)
 
     async def _refuse(self, refusal: Refusal, scope: Scope, send: Send, started: float) -> None:
-        headers = list(GATEWAY_MADE)
-        if refusal.challenge:
-            headers.append((b"www-authenticate", b'Bearer realm="nbia-proxy"'))
-        if refusal.retry_after is not None:
-            headers.append((b"retry-after", b"%d" % max(1, math.ceil(refusal.retry_after))))
-        await send_json(send, refusal.status, {"error": refusal.message}, headers)
+        challenge = (
+            [(b"www-authenticate", b'Bearer realm="nbia-proxy"')] if refusal.challenge else []
+        )
+        # Rounded up: a client told to come back must not come back before the lockout ends.
+        wait = None if refusal.retry_after is None else math.ceil(refusal.retry_after)
+        await send_error(send, refusal.status, refusal.message, None, wait, challenge)
         if audit.enabled():
             _audit("-", scope, refusal.status, "-", 0, started)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import Send
@@ -40,12 +41,13 @@ async def send_error(
     message: str,
     upstream: str | None = None,
     retry_after: float | None = None,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
     """Send the gateway's error shape: ``{"error": ..., "upstream": ...}``."""
     payload = {"error": message}
     if upstream is not None:
         payload["upstream"] = upstream
-    headers = list(GATEWAY_MADE)
+    headers = [*GATEWAY_MADE, *extra_headers]
     if retry_after is not None:
         headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
     await send_json(send, status, payload, headers)
