@@ -146,6 +146,12 @@ class ClientTokens:
         claims = self._valid_claims(token, _ACCESS) if token else None
         return (claims.subject, claims.expires_at) if claims else None
 
+    def genuine(self, authorization: str | None) -> bool:
+        """Whether a bearer token carries this gateway's signature, valid or not (expired,
+        ended, of a revoked user): presenting one is a stale credential, not a guess."""
+        token = bearer_of(authorization)
+        return token is not None and (token in self._memo or self._verify(token) is not None)
+
     def _valid_claims(self, token: str, kind: str) -> _Claims | None:
         claims = self._memo.get(token)
         if claims is None:
