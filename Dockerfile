@@ -6,7 +6,7 @@ COPY proxy ./proxy
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 nbia && mkdir /data && chown nbia /data
+RUN useradd --create-home --uid 10001 nbia && mkdir -m 700 /data && chown nbia /data
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels nbia-proxy && rm -rf /wheels
 USER nbia
