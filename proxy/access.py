@@ -4,7 +4,9 @@ In ``accounts`` mode every NBIA path needs a lab credential: an API key sent as
 ``Authorization: Bearer <key>`` (or as the password of HTTP Basic), or a gateway token obtained
 from ``/nbia-api/oauth/token`` with the user name and key. The control endpoints under
 ``/_proxy/`` need an admin account; ``/healthz`` needs nothing. Wrong credentials count
-against the client's address (:mod:`proxy.accounts.lockout`); per-user limits come from
+against the client's address (:mod:`proxy.accounts.lockout`), but a valid credential is always
+admitted: a lockout slows down only further failures, so one client cannot lock out everyone
+behind the same address (a JupyterHub host, a NAT). Per-user limits come from
 :mod:`proxy.accounts.fairness`.
 """
 
@@ -119,20 +121,20 @@ class Access:
     ) -> Principal | Refusal:
         """Admit a request that needs an account (an admin one when ``admin``), or refuse it.
 
-        Refused credentials count against ``address``; a locked-out address is refused before
-        its credentials are even looked at.
+        A valid credential is admitted even from a locked-out address; a wrong one counts
+        against ``address``, and while it is locked out gets 429 instead of 401.
         """
         if self.directory is None:
             return ANONYMOUS  # open mode admits everyone; audit_name says who it was
-        refusal = self.login_locked(address)
-        if refusal is not None:
-            return refusal
         principal = self.identify(headers)
         if principal is None:
-            if find(headers, b"authorization") is None:
+            raw = find(headers, b"authorization")
+            if raw is None:
                 return Refusal(401, "authentication required")
-            self.lockout.failed(address)
-            return Refusal(401, "invalid or expired credentials")
+            # A token signed here but expired, ended or of a revoked user is stale, not a guess.
+            stale = self.tokens.genuine(raw.decode("latin-1"))
+            refusal = None if stale else self._failed(address)
+            return refusal or Refusal(401, "invalid or expired credentials")
         if admin and not principal.admin:
             return Refusal(403, "an admin account is required")
         if not admin:
@@ -143,11 +145,10 @@ class Access:
 
     def quick_principal(self, headers: RawHeaders, address: str) -> Principal | None:
         """For an answer from memory: the principal when nothing stands in the way, else None
-        (the full path then decides, and writes and counts any refusal)."""
+        (the full path then decides, and writes and counts any refusal). ``address`` does not
+        matter: a valid credential gets in from a locked-out address too."""
         if self.directory is None:
             return ANONYMOUS
-        if self.lockout.locked_for(address):
-            return None
         return self.identify(headers)
 
     def audit_name(self, principal: Principal, headers: RawHeaders) -> str:
@@ -158,18 +159,22 @@ class Access:
         identified = self.identify(headers)
         return identified.name if identified else ANONYMOUS.name
 
-    def login_locked(self, address: str) -> Refusal | None:
-        """The refusal for a locked-out address (which may not even try), else None."""
-        locked = self.lockout.locked_for(address) if self.accounts else 0.0
-        if locked:
-            self.lockout.refused += 1
-            return Refusal(429, "too many failed logins from this address", locked)
-        return None
+    def login_failed(self, address: str) -> Refusal | None:
+        """Count a refused login against ``address`` (accounts mode only); the 429 to answer
+        instead of the 401 while the address is locked out, else None."""
+        return self._failed(address) if self.accounts else None
 
-    def login_failed(self, address: str) -> None:
-        """Count a refused login against ``address`` (accounts mode only)."""
-        if self.accounts:
-            self.lockout.failed(address)
+    def _failed(self, address: str) -> Refusal | None:
+        """Count wrong credentials; refuse them with 429 if ``address`` was locked out already
+        (the same answer whatever was wrong with them), else None."""
+        locked = self.lockout.locked_for(address)
+        self.lockout.failed(address)
+        if not locked:
+            return None
+        self.lockout.refused += 1
+        return Refusal(
+            429, "too many failed logins from this address", self.lockout.locked_for(address)
+        )
 
 
 def _basic_pair(encoded: str) -> tuple[str, str]:

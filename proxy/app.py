@@ -19,9 +19,10 @@ from proxy.accounts.lockout import Lockout
 from proxy.accounts.registry import Registry
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import CacheSettings, TieredCache
-from proxy.client_tokens import ClientTokens
+from proxy.client_tokens import ClientTokens, read_secret_file, signing_key
 from proxy.config import Settings
 from proxy.control import control_app
+from proxy.datadir import keep_private, prepare, sqlite_file
 from proxy.db import database_url, is_current, make_engine, migrate
 from proxy.gateway import Gateway
 from proxy.shield import ShieldCounters
@@ -79,6 +80,24 @@ def build_access(settings: Settings, clock: Callable[[], float] = time.time) -> 
     )
 
 
+def token_key(settings: Settings, registry: Registry) -> bytes:
+    """The key that signs this gateway's tokens: from the ``token_secret_file`` if set, else
+    from the secret in the database, bound to the access mode and the deployment."""
+    if settings.token_secret_file is not None:
+        keep_private(settings.token_secret_file, owner="the token_secret_file is yours")
+        secret = read_secret_file(settings.token_secret_file)
+    else:
+        secret = registry.token_secret()
+        url = database_url(settings.database_url, settings.data_dir)
+        if settings.access == "accounts" and sqlite_file(url) is None:
+            log.warning(
+                "the token-signing secret is kept in the database's gateway_secrets table: "
+                "whoever can read it can sign an admin token; set token_secret_file to keep "
+                "the secret out of the database"
+            )
+    return signing_key(secret, settings.access, registry.deployment_id())
+
+
 def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> TieredCache:
     """The tiered cache on the configured database (not yet started)."""
     url = database_url(settings.database_url, settings.data_dir)
@@ -100,6 +119,7 @@ def _lifespan(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if cache is not None or access.registry is not None:
+            await asyncio.to_thread(prepare, settings)
             url = database_url(settings.database_url, settings.data_dir)
             # Alembic is only loaded when there is something to do: a lean serving process.
             if settings.auto_migrate and not await asyncio.to_thread(is_current, url):
@@ -108,7 +128,7 @@ def _lifespan(
             await asyncio.to_thread(cache.start)
         refresher = None
         if access.registry is not None:
-            access.tokens.use_secret(await asyncio.to_thread(access.registry.token_secret))
+            access.tokens.use_secret(await asyncio.to_thread(token_key, settings, access.registry))
             if access.directory is not None:
                 await asyncio.to_thread(access.directory.load)
             refresher = asyncio.create_task(

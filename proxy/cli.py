@@ -108,7 +108,7 @@ def serve(settings: Settings) -> None:
     from proxy.logs import configure_logging
 
     configure_logging(settings.log_level)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     options: dict[str, Any] = {
         # uvicorn's httptools protocol, plus a shortcut for fresh cache hits.
         "http": "proxy.hit_protocol:HitProtocol",
@@ -147,8 +147,10 @@ def run_migrations(settings: Settings) -> str:
     """Upgrade the configured database to the newest schema; return its URL (password hidden)."""
     from sqlalchemy.engine import make_url
 
+    from proxy.datadir import prepare
     from proxy.db import database_url, migrate
 
+    prepare(settings)  # the data dir 0700 and the SQLite files 0600, before SQLite makes them
     url = database_url(settings.database_url, settings.data_dir)
     migrate(url)
     return make_url(url).render_as_string(hide_password=True)

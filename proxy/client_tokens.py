@@ -7,8 +7,10 @@ credentials never travel upstream. Who may log in is the :class:`LoginAuthority`
 anyone in open mode, lab accounts in accounts mode.
 
 Tokens are signed (HMAC-SHA256), not looked up: any worker process or replica that shares the
-signing secret accepts them without a database read. Logout and refresh end a token's session;
-ended sessions are remembered until their tokens would have expired anyway.
+signing secret accepts them without a database read. The signing key is derived from that secret
+for one access mode and one deployment (:func:`signing_key`), so a token an open-mode gateway
+hands anyone is worthless to an accounts-mode gateway on the same database. Logout and refresh
+end a token's session; ended sessions are remembered until their tokens would have expired anyway.
 """
 
 from __future__ import annotations
@@ -21,10 +23,37 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 _ACCESS, _REFRESH = "a", "r"
 _MEMO_LIMIT = 10_000
+#: Shortest secret accepted from a ``token_secret_file`` (32 characters: 128 bits as hex).
+MIN_SECRET_LENGTH = 32
+
+
+def signing_key(secret: bytes, mode: str, deployment: str) -> bytes:
+    """The key that signs the tokens of one access ``mode`` of one ``deployment``.
+
+    Replicas of a deployment share ``secret`` and ``deployment`` and so accept each other's
+    tokens; a gateway in another mode, or of another deployment that reuses the secret, does not.
+    """
+    label = f"nbia-proxy tokens/{mode}/{deployment}".encode()
+    return hmac.new(secret, label, hashlib.sha256).digest()
+
+
+def read_secret_file(path: Path) -> bytes:
+    """The signing secret kept in ``path`` (surrounding white space dropped)."""
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the token_secret_file {path}: {exc.strerror}") from None
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"the token_secret_file {path} must hold at least {MIN_SECRET_LENGTH} characters "
+            f"(make one with: openssl rand -hex 32 > {path})"
+        )
+    return secret
 
 
 class LoginAuthority(Protocol):
@@ -84,7 +113,8 @@ class ClientTokens:
         self.version = 0  # moves whenever a session ends: answers derived before may be stale
 
     def use_secret(self, secret: bytes) -> None:
-        """Sign with ``secret`` (shared by replicas); tokens signed before stop working."""
+        """Sign with ``secret`` (a :func:`signing_key` shared by replicas); tokens signed
+        before stop working."""
         self._secret = secret
         self._memo.clear()
         self.version += 1
@@ -145,6 +175,12 @@ class ClientTokens:
         token = bearer_of(authorization)
         claims = self._valid_claims(token, _ACCESS) if token else None
         return (claims.subject, claims.expires_at) if claims else None
+
+    def genuine(self, authorization: str | None) -> bool:
+        """Whether a bearer token carries this gateway's signature, valid or not (expired,
+        ended, of a revoked user): presenting one is a stale credential, not a guess."""
+        token = bearer_of(authorization)
+        return token is not None and (token in self._memo or self._verify(token) is not None)
 
     def _valid_claims(self, token: str, kind: str) -> _Claims | None:
         claims = self._memo.get(token)

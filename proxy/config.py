@@ -18,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from proxy.client_tokens import read_secret_file
+
 #: NBIA's public guest account; the real server accepts any password for it.
 GUEST_USERNAME = "nbia_guest"
 
@@ -89,6 +91,11 @@ class Settings(BaseSettings):
     )
     token_refresh_margin_seconds: float = Field(
         60.0, ge=0, description="Refresh the service token this long before it expires."
+    )
+    token_secret_file: Path | None = Field(
+        None,
+        description="File holding the secret that signs gateway tokens (at least 32 "
+        "characters; shared by the replicas); without it the secret is kept in the database.",
     )
     client_token_lifetime_seconds: int = Field(
         7200, gt=0, description="Lifetime of tokens the gateway issues to its own clients."
@@ -191,6 +198,12 @@ class Settings(BaseSettings):
         if self.password_file is not None:
             text = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
             self.password = SecretStr(text)
+        return self
+
+    @model_validator(mode="after")
+    def _check_token_secret_file(self) -> Settings:
+        if self.token_secret_file is not None:
+            read_secret_file(self.token_secret_file)  # refused at start, not at the first login
         return self
 
     @classmethod

@@ -168,13 +168,12 @@ class Gateway:
         address = _client(scope)
         try:
             if is_token:
-                refusal = self.access.login_locked(address)
+                answer = await self._answer_token(scope, receive)
+                # A locked-out address still logs in with valid credentials; wrong ones get 429.
+                refusal = self.access.login_failed(address) if answer.status == 401 else None
                 if refusal is not None:
                     await self._refuse(refusal, scope, send, started)
                     return
-                answer = await self._answer_token(scope, receive)
-                if answer.status == 401:
-                    self.access.login_failed(address)
             else:
                 auth = find(scope["headers"], b"authorization")
                 answer = self.access.tokens.answer_logout(auth.decode("latin-1") if auth else None)

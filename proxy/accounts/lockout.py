@@ -1,8 +1,10 @@
 """Slowing down credential guessing: an address that keeps presenting wrong credentials is
 locked out for a while, growing with each further failure.
 
-While locked out, every request from that address that needs credentials is refused with 429
-*before* its credentials are checked, so guesses made during a lockout learn nothing.
+A lockout holds back failures only: while it lasts, wrong credentials from that address get
+429 (with ``Retry-After``) instead of 401, and each one extends it; a valid credential from the
+same address is admitted as ever (:class:`proxy.access.Access`), so a client that keeps failing
+slows down itself and nobody else behind its address.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Lockout:
             _MAX_ADDRESSES, _FORGET_AFTER_SECONDS, timer=clock
         )
         self._until: dict[str, float] = {}
-        self.refused = 0  # requests refused because their address was locked out
+        self.refused = 0  # wrong credentials answered 429 because their address was locked out
 
     def locked_for(self, address: str) -> float:
         """Seconds left of ``address``'s lockout (0 when it may try)."""

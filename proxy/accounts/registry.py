@@ -1,4 +1,5 @@
-"""Lab users in the database: add, list, revoke, rotate; plus the shared token secret.
+"""Lab users in the database: add, list, revoke, rotate; plus the shared token secret and the
+deployment id.
 
 Synchronous SQLAlchemy Core, used by the ``nbia-proxy users`` commands and (from a thread) by a
 running gateway's :class:`~proxy.accounts.directory.Directory`.
@@ -20,6 +21,7 @@ from proxy.accounts.tables import GatewaySecret, LabUser, RevokedSession
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _TOKEN_SECRET = "token-signing"
+_DEPLOYMENT = "deployment"
 
 
 class AccountError(Exception):
@@ -126,23 +128,29 @@ class Registry:
         ]
 
     def token_secret(self) -> bytes:
-        """The secret that signs gateway tokens, created on first use, the same for replicas."""
-        query = select(GatewaySecret.value).where(GatewaySecret.name == _TOKEN_SECRET)
+        """The secret that signs gateway tokens, created on first use, the same for replicas
+        (not used when a ``token_secret_file`` is set)."""
+        return bytes.fromhex(self._shared(_TOKEN_SECRET, secrets.token_hex(32)))
+
+    def deployment_id(self) -> str:
+        """A random id of this database's deployment, created on first use (not a secret: it
+        keeps tokens of one deployment out of another that reuses the same secret file)."""
+        return self._shared(_DEPLOYMENT, secrets.token_hex(16))
+
+    def _shared(self, name: str, fresh: str) -> str:
+        """The value stored under ``name``, storing ``fresh`` if there is none yet."""
+        query = select(GatewaySecret.value).where(GatewaySecret.name == name)
         with self.engine.connect() as connection:
             found = connection.execute(query).scalar()
-        if found is None:
-            try:
-                with self.engine.begin() as connection:
-                    connection.execute(
-                        insert(GatewaySecret).values(
-                            name=_TOKEN_SECRET, value=secrets.token_hex(32)
-                        )
-                    )
-            except IntegrityError:
-                pass  # another replica created it first: use theirs
-            with self.engine.connect() as connection:
-                found = connection.execute(query).scalar_one()
-        return bytes.fromhex(found)
+        if found is not None:
+            return found
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(GatewaySecret).values(name=name, value=fresh))
+        except IntegrityError:
+            pass  # another replica created it first: use theirs
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar_one()
 
     def end_session(self, session_id: str, expires_at: float) -> None:
         """Record an ended token session so that every replica refuses its tokens."""

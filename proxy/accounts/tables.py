@@ -24,7 +24,8 @@ class LabUser(Base):
 
 
 class GatewaySecret(Base):
-    """Random secrets shared by every replica (the key that signs gateway tokens)."""
+    """Values shared by every replica: the deployment id, and the secret that signs gateway
+    tokens unless a ``token_secret_file`` holds it."""
 
     __tablename__ = "gateway_secrets"
 
