@@ -24,9 +24,11 @@ from proxy.cache.serving import (
     CachePolicy,
     ShieldPolicy,
     cache_key,
+    forwarded_head_size,
     send_hit,
     serve_cacheable,
 )
+from proxy.cache.shape import Fit, classify
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.client_tokens import TokenAnswer
@@ -256,9 +258,19 @@ class Gateway:
             body=await self._read_body(scope, receive),
         )
         endpoint = lookup(path)
-        if self.cache is not None and endpoint is not None and endpoint.cacheable:
-            key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
-            if key is not None and method in ("GET", "POST"):
+        if endpoint is not None:
+            verdict = classify(
+                endpoint,
+                method,
+                request.query,
+                request.body,
+                request.headers,
+                forwarded_head_size(upstream, request),
+            )
+            if verdict.fit is Fit.REFUSED:
+                raise ClientError(verdict.reason)
+            if self.cache is not None and verdict.fit >= Fit.CACHED:
+                key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
                 self._remember_key(scope, request, key)
                 await serve_cacheable(
                     self.cache,
@@ -268,6 +280,7 @@ class Gateway:
                     endpoint,
                     request,
                     key,
+                    verdict.fit,
                     send,
                 )
                 return

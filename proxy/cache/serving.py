@@ -1,7 +1,9 @@
 """Answering a cacheable request: from the cache when fresh, else from the upstream, then stored.
 
 Every answer says where it came from: ``X-Cache: HIT`` with the entry's ``Age``, or ``MISS``
-with ``Age: 0``. A client's ``Cache-Control: no-cache`` skips the stored answer and replaces it.
+with ``Age: 0``. A client's ``Cache-Control:
+no-cache`` skips the stored answer and replaces it. What may be stored, and whether concurrent
+requests may share one upstream request, follows the request's :class:`~proxy.cache.shape.Fit`.
 """
 
 from __future__ import annotations
@@ -9,15 +11,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 
+import httpx
 from starlette.types import Send
 
-from proxy.cache.policy import CacheKey, lifetime, make_key, parameters, ttl_for, wants_fresh
+from proxy.cache.policy import CacheKey, lifetime, make_key, origin, pairs, ttl_for, wants_fresh
+from proxy.cache.shape import Fit, head_size, storable
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.endpoints import Endpoint, TokenUse
 from proxy.errors import GatewayError, UpstreamTimeout
-from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
-from proxy.headers import RawHeaders, find, for_client
+from proxy.forwarding import OutgoingRequest, RetryPolicy, UpstreamResponse, open_shielded
+from proxy.headers import RawHeaders, find, for_client, for_upstream
 from proxy.responses import AGE_ZERO, send_bytes
 from proxy.shield import UNHEALTHY_STATUSES, Coalescer, ShieldCounters
 from proxy.streaming import read_whole
@@ -52,18 +56,49 @@ class CachePolicy:
 
 def cache_key(
     upstream: Upstream, endpoint: Endpoint, request: OutgoingRequest, token_on_v4: bool
-) -> CacheKey | None:
-    """The request's key, or None when it cannot be cached (e.g. a non-form POST body)."""
-    try:
-        pairs = parameters(request.query, request.body, find(request.headers, b"content-type"))
-    except ValueError:
-        return None
+) -> CacheKey:
+    """The request's key: the query always, the body as a form on POST (GET bodies are refused).
+
+    Call it only for a request :func:`proxy.cache.shape.classify` found ``CACHED`` or better.
+    """
     uses_token = endpoint.token is TokenUse.REQUIRED or (
         endpoint.token is TokenUse.OPTIONAL and token_on_v4
     )
     # Whose view the answer is: the service account's when its token is sent, else anonymous.
     identity = f"account:{upstream.token.username}" if uses_token else "anonymous"
-    return make_key(upstream.name, identity, request.method, endpoint, pairs)
+    form = pairs(request.body) if request.method == "POST" else []
+    return make_key(
+        key_origin(upstream),
+        upstream.name,
+        identity,
+        request.method,
+        endpoint,
+        pairs(request.query),
+        form,
+    )
+
+
+def key_origin(upstream: Upstream) -> str:
+    """The upstream's base URL as it goes into keys."""
+    url = upstream.base_url
+    return origin(url.scheme, url.netloc.decode("ascii"), url.path)
+
+
+def forwarded_head_size(upstream: Upstream, request: OutgoingRequest) -> int:
+    """The size of the request head as it will be forwarded, the service token aside."""
+    target = upstream.url_for(request.raw_path, request.query).raw_path
+    headers = [*for_upstream(request.headers), (b"host", upstream.base_url.netloc)]
+    if request.body or request.method == "POST":
+        headers.append((b"content-length", b"%d" % len(request.body)))
+    return head_size(request.method, target, headers)
+
+
+def _sent_head_size(response: UpstreamResponse) -> int | None:
+    """The size of the request head the upstream received (token included), if known."""
+    if not isinstance(response, httpx.Response):
+        return None
+    sent = response.request
+    return head_size(sent.method, sent.url.raw_path, sent.headers.raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +118,11 @@ async def serve_cacheable(
     endpoint: Endpoint,
     request: OutgoingRequest,
     key: CacheKey,
+    fit: Fit,
     send: Send,
 ) -> None:
-    """Answer from the cache if fresh; else fetch once for all identical waiters, and store.
+    """Answer from the cache if fresh; else fetch (once for all identical ``EXACT`` waiters),
+    and store what ``fit`` allows.
 
     When the upstream cannot answer (transport error, time-out, 5xx, 429, open circuit) an
     expired entry within ``max_stale_seconds`` is served instead, marked ``X-Cache: STALE``.
@@ -118,13 +155,19 @@ async def serve_cacheable(
         response = await open_shielded(
             upstream, plain, endpoint.token, policy.token_on_v4, retry=shield.retry
         )
+        sent_head = _sent_head_size(response)
         body = await read_whole(response, upstream.name)
         answer = Answer(response.status_code, for_client(response.headers.raw), body)
-        _store(cache, policy, endpoint, key, answer)
+        if storable(answer.status, fit, sent_head):
+            _store(cache, policy, endpoint, key, answer)
         return answer
 
+    # Only a request the key describes exactly may speak for others: anything else (a head near
+    # the limit, fields in a POST's query) would hand its own error to every waiter.
+    shared = fit is Fit.EXACT
     if (
-        entry is not None
+        shared
+        and entry is not None
         and not fresh_wanted
         and entry.status == 200
         and cache.clock() - entry.expires_at < shield.revalidate_seconds
@@ -136,7 +179,7 @@ async def serve_cacheable(
     cache.count(endpoint.path, hit=False)
     try:
         async with asyncio.timeout(shield.deadline_seconds):
-            answer = await shield.coalescer.run(key.digest, fetch)
+            answer = await (shield.coalescer.run(key.digest, fetch) if shared else fetch())
     except (GatewayError, TimeoutError) as exc:
         stale = _stale_copy(cache, entry, shield)
         if stale is not None:
