@@ -37,9 +37,9 @@ from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
 from proxy.errors import ClientError, GatewayError, UpstreamTimeout
 from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
 from proxy.headers import find, for_client
-from proxy.responses import AGE_ZERO, BYPASS, GATEWAY_MADE, send_bytes, send_error, send_json
+from proxy.responses import GATEWAY_MADE, send_bytes, send_error, send_json
 from proxy.shield import Coalescer, ShieldCounters
-from proxy.streaming import StreamBroken, read_whole, relay_stream
+from proxy.streaming import StreamBroken, read_bounded, relay_stream, uncached_marks
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.gateway")
@@ -83,6 +83,7 @@ class Gateway:
             ttl_overrides=tuple(settings.cache_ttl.items()),
             negative_ttl_seconds=settings.cache_negative_ttl_seconds,
             token_on_v4=settings.token_on_v4,
+            max_body_bytes=settings.max_cached_body_bytes,
         )
         # Longest mount first, so /nlst/... is not taken by the root mount.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
@@ -281,6 +282,7 @@ class Gateway:
                     request,
                     key,
                     verdict.fit,
+                    receive,
                     send,
                 )
                 return
@@ -321,11 +323,15 @@ class Gateway:
         except TimeoutError as exc:
             message = "no answer within the request deadline"
             raise UpstreamTimeout(message, upstream=upstream.name) from exc
-        extra = [BYPASS] if "age" in response.headers else [BYPASS, AGE_ZERO]
+        extra = uncached_marks(response)
         if buffer and request.method in ("GET", "POST"):
-            body = await read_whole(response, upstream.name)
-            kept = for_client(response.headers.raw)
-            await send_bytes(send, response.status_code, body, kept + extra)
+            # Held whole only up to the bound; a larger text answer is relayed as it arrives.
+            body = await read_bounded(response, upstream.name, self.settings.max_cached_body_bytes)
+            if isinstance(body, bytes):
+                kept = for_client(response.headers.raw)
+                await send_bytes(send, response.status_code, body, kept + extra)
+                return
+            await relay_stream(response, upstream.name, receive, send, extra, body)
         else:
             await relay_stream(response, upstream.name, receive, send, extra)
 

@@ -9,14 +9,18 @@ give it and that the cache holds nothing the attack caused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 from sqlalchemy import select
 
@@ -26,12 +30,14 @@ from proxy.cache.tables import CacheEntry
 from proxy.endpoints import ENDPOINTS, Endpoint
 from tests.databases import BACKENDS, database
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings, send_raw
+from tests.fake_nbia.responses import HugeJson
+from tests.gateway_server import GatewayProcess, GatewayServer, make_settings, send_raw
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries"
 METADATA = f"{S}/v4/getSeriesMetadata"
 FORM = "application/x-www-form-urlencoded"
+MiB = 1024 * 1024
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -412,3 +418,111 @@ def test_entries_from_another_upstream_url_are_never_served(
             again = httpx.get(server.url + values, timeout=30)
             assert (again.status_code, again.headers["x-cache"]) == (200, "MISS")
             assert again.content == direct(nbia_upstream, "GET", values).content
+
+
+# --- item 13: answers too large to hold ------------------------------------------------------
+
+
+def huge_digest(size: int) -> str:
+    """The SHA-256 of the fake's huge JSON of ``size`` bytes, made the way the fake makes it."""
+    digest = hashlib.sha256()
+    for piece in HugeJson(size, "", False).pieces(1024 * 1024):
+        digest.update(piece)
+    return digest.hexdigest()
+
+
+def fetch_all(url: str) -> tuple[int, str, int, str]:
+    """(status, X-Cache, bytes, SHA-256) of a streamed GET."""
+    digest = hashlib.sha256()
+    size = 0
+    with httpx.stream("GET", url, timeout=120) as response:
+        for chunk in response.iter_raw():
+            digest.update(chunk)
+            size += len(chunk)
+        return response.status_code, response.headers["x-cache"], size, digest.hexdigest()
+
+
+@pytest.mark.parametrize("declare_length", [False, True])
+def test_an_answer_over_the_bound_is_relayed_whole_and_not_stored(
+    tmp_path: Path, nbia_upstream: FakeServer, declare_length: bool
+) -> None:
+    size = 3 * MiB
+    nbia_upstream.app.serve_huge_json(size, "getSeries", declare_length=declare_length)
+    settings = make_settings(tmp_path, nbia_upstream.url, max_cached_body_bytes=MiB)
+    with GatewayServer(settings) as server:
+        url = f"{server.url}{SERIES}?Collection=Huge"
+        expected = (200, "BYPASS", size, huge_digest(size))
+        assert fetch_all(url) == expected
+        assert fetch_all(url) == expected  # not a hit: never stored
+        assert sent_to(nbia_upstream, "/v4/getSeries") == 2
+        small = httpx.get(f"{server.url}{S}/v4/getCollectionValues", timeout=30)
+        assert small.headers["x-cache"] == "MISS"
+        assert [e.endpoint for e in entries(server)] == ["v4/getCollectionValues"]
+
+
+def test_waiters_of_a_flight_too_large_to_share_each_get_the_whole_answer(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    """The request whose fetch it was relays the flight's answer; each waiter asks again,
+    streamed, on its own: one upstream request per client, every byte to every client."""
+    size = 2 * MiB
+    nbia_upstream.app.serve_huge_json(size, "getSeries")
+    nbia_upstream.app.slow(seconds_before_headers=2.0, path_contains="getSeries")
+    settings = make_settings(tmp_path, nbia_upstream.url, max_cached_body_bytes=256 * 1024)
+    with GatewayServer(settings) as server:
+        url = f"{server.url}{SERIES}?Collection=Huge"
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(lambda _: fetch_all(url), range(5)))
+        nbia_upstream.app.slow()
+        assert results == [(200, "BYPASS", size, huge_digest(size))] * 5
+        assert sent_to(nbia_upstream, "/v4/getSeries") == 5  # the first one's was relayed
+        assert server.app.counters.coalesced >= 1  # some did wait for that flight
+        assert entries(server) == []
+
+
+class PeakRss:
+    """Samples a process's resident memory every 10 ms until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.base = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.01)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.parametrize(
+    ("declare_length", "extra"),
+    [(False, ()), (True, ()), (False, ("--no-cache-enabled",))],
+    ids=["chunked", "declared", "cache-off"],
+)
+def test_memory_stays_flat_for_a_200_mb_json_answer(
+    tmp_path: Path, nbia_upstream: FakeServer, declare_length: bool, extra: tuple[str, ...]
+) -> None:
+    """A gateway process relays 200 MB of JSON with its memory bounded by the 8 MiB limit
+    (plus a generous margin), and the client gets every byte. Before: the body was held whole
+    (and stored), 300 MB took the process from 89 to about 1,450 MB."""
+    size, limit = 200 * MiB, 8 * MiB
+    nbia_upstream.app.serve_huge_json(size, "getSeries", declare_length=declare_length)
+    args = ("--max-cached-body-bytes", str(limit), *extra)
+    with GatewayProcess(nbia_upstream.url, tmp_path, *args) as gateway:
+        url = f"{gateway.url}{SERIES}?Collection=Huge"
+        with PeakRss(gateway.pid) as rss:
+            status, cache, received, digest = fetch_all(url)
+            time.sleep(0.5)  # a late copy into the store would show here
+    assert (status, cache, received) == (200, "BYPASS", size)
+    assert digest == huge_digest(size)
+    grown = rss.peak - rss.base
+    assert grown < limit + 100 * MiB, f"RSS grew by {grown // MiB} MiB"

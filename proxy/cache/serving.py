@@ -1,7 +1,7 @@
 """Answering a cacheable request: from the cache when fresh, else from the upstream, then stored.
 
 Every answer says where it came from: ``X-Cache: HIT`` with the entry's ``Age``, or ``MISS``
-with ``Age: 0``. A client's ``Cache-Control:
+with ``Age: 0`` (``BYPASS`` for an answer too large to store). A client's ``Cache-Control:
 no-cache`` skips the stored answer and replaces it. What may be stored, and whether concurrent
 requests may share one upstream request, follows the request's :class:`~proxy.cache.shape.Fit`.
 """
@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass, replace
 
 import httpx
-from starlette.types import Send
+from starlette.types import Receive, Send
 
 from proxy.cache.policy import CacheKey, lifetime, make_key, origin, pairs, ttl_for, wants_fresh
 from proxy.cache.shape import Fit, head_size, storable
@@ -24,7 +24,7 @@ from proxy.forwarding import OutgoingRequest, RetryPolicy, UpstreamResponse, ope
 from proxy.headers import RawHeaders, find, for_client, for_upstream
 from proxy.responses import AGE_ZERO, send_bytes
 from proxy.shield import UNHEALTHY_STATUSES, Coalescer, ShieldCounters
-from proxy.streaming import read_whole
+from proxy.streaming import Overflow, read_bounded, relay_stream, uncached_marks
 from proxy.upstream import Upstream
 
 HIT = (b"x-cache", b"HIT")
@@ -36,7 +36,7 @@ STALE = (b"x-cache", b"STALE")
 class ShieldPolicy:
     """How the gateway protects the upstream and copes with its failures."""
 
-    coalescer: Coalescer[Answer]
+    coalescer: Coalescer[Flight]
     counters: ShieldCounters
     retry: RetryPolicy
     max_stale_seconds: float
@@ -47,11 +47,12 @@ class ShieldPolicy:
 
 @dataclass(frozen=True, slots=True)
 class CachePolicy:
-    """Lifetimes: user TTL patterns (before the defaults) and the negative TTL."""
+    """Lifetimes (user TTL patterns before the defaults, the negative TTL) and the body bound."""
 
     ttl_overrides: tuple[tuple[str, float], ...]
     negative_ttl_seconds: float
     token_on_v4: bool
+    max_body_bytes: int = 32 * 1024 * 1024  # larger answers are relayed, never held or stored
 
 
 def cache_key(
@@ -110,6 +111,22 @@ class Answer:
     body: bytes
 
 
+class TooLarge:
+    """A flight's answer was over ``max_body_bytes``: neither shared nor stored."""
+
+
+TOO_LARGE = TooLarge()
+Flight = Answer | TooLarge
+
+
+@dataclass(slots=True)
+class _Handoff:
+    """An answer too large to share, kept open for the request whose fetch obtained it."""
+
+    wanted: bool = True  # that request still waits for it (False: the flight closes it)
+    overflow: Overflow | None = None
+
+
 async def serve_cacheable(
     cache: TieredCache,
     policy: CachePolicy,
@@ -119,6 +136,7 @@ async def serve_cacheable(
     request: OutgoingRequest,
     key: CacheKey,
     fit: Fit,
+    receive: Receive,
     send: Send,
 ) -> None:
     """Answer from the cache if fresh; else fetch (once for all identical ``EXACT`` waiters),
@@ -145,8 +163,9 @@ async def serve_cacheable(
         headers=[h for h in request.headers if h[0] != b"accept-encoding"]
         + [(b"accept-encoding", b"identity")],
     )
+    handoff = _Handoff()
 
-    async def fetch() -> Answer:
+    async def fetch() -> Flight:
         # A flight that just finished may have stored the answer while this request was still
         # looking it up: use it rather than start a second upstream request.
         stored = cache.from_memory(key.digest)
@@ -156,7 +175,17 @@ async def serve_cacheable(
             upstream, plain, endpoint.token, policy.token_on_v4, retry=shield.retry
         )
         sent_head = _sent_head_size(response)
-        body = await read_whole(response, upstream.name)
+        body = await read_bounded(response, upstream.name, policy.max_body_bytes)
+        if isinstance(body, Overflow):
+            # Sharing it would mean holding it whole. The request whose fetch this is relays
+            # the open answer as it arrives; the flight's other waiters each ask on their own
+            # (streamed too): one extra upstream request per concurrent waiter, and only for
+            # answers past the limit, against memory that grows with the answer for everyone.
+            if handoff.wanted:
+                handoff.overflow = body
+            else:
+                await body.aclose()  # that request is gone (client left, deadline)
+            return TOO_LARGE
         answer = Answer(response.status_code, for_client(response.headers.raw), body)
         if storable(answer.status, fit, sent_head):
             _store(cache, policy, endpoint, key, answer)
@@ -165,36 +194,75 @@ async def serve_cacheable(
     # Only a request the key describes exactly may speak for others: anything else (a head near
     # the limit, fields in a POST's query) would hand its own error to every waiter.
     shared = fit is Fit.EXACT
-    if (
-        shared
-        and entry is not None
-        and not fresh_wanted
-        and entry.status == 200
-        and cache.clock() - entry.expires_at < shield.revalidate_seconds
-    ):
-        # Just expired: answer with it now and refresh it in the background, once per key.
-        shield.coalescer.start(key.digest, fetch)
-        await send_stale(cache, entry, send, shield)
-        return
-    cache.count(endpoint.path, hit=False)
     try:
-        async with asyncio.timeout(shield.deadline_seconds):
-            answer = await (shield.coalescer.run(key.digest, fetch) if shared else fetch())
-    except (GatewayError, TimeoutError) as exc:
-        stale = _stale_copy(cache, entry, shield)
+        if (
+            shared
+            and entry is not None
+            and not fresh_wanted
+            and entry.status == 200
+            and cache.clock() - entry.expires_at < shield.revalidate_seconds
+        ):
+            # Just expired: answer with it now and refresh it in the background, once per key.
+            handoff.wanted = False
+            shield.coalescer.start(key.digest, fetch)
+            await send_stale(cache, entry, send, shield)
+            return
+        cache.count(endpoint.path, hit=False)
+        try:
+            async with asyncio.timeout(shield.deadline_seconds):
+                flight = await (shield.coalescer.run(key.digest, fetch) if shared else fetch())
+        except (GatewayError, TimeoutError) as exc:
+            stale = _stale_copy(cache, entry, shield)
+            if stale is not None:
+                await send_stale(cache, stale, send, shield)
+                return
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(
+                    "no answer within the request deadline", upstream=upstream.name
+                ) from exc
+            raise
+        if isinstance(flight, TooLarge):
+            overflow, handoff.overflow = handoff.overflow, None
+            await _relay_too_large(
+                overflow, policy, shield, upstream, endpoint, request, receive, send
+            )
+            return
+        answer = flight
+        stale = _stale_copy(cache, entry, shield) if answer.status in UNHEALTHY_STATUSES else None
         if stale is not None:
             await send_stale(cache, stale, send, shield)
             return
-        if isinstance(exc, TimeoutError):
-            raise UpstreamTimeout(
-                "no answer within the request deadline", upstream=upstream.name
-            ) from exc
-        raise
-    stale = _stale_copy(cache, entry, shield) if answer.status in UNHEALTHY_STATUSES else None
-    if stale is not None:
-        await send_stale(cache, stale, send, shield)
-        return
-    await send_bytes(send, answer.status, answer.body, [*answer.headers, MISS, AGE_ZERO])
+        await send_bytes(send, answer.status, answer.body, [*answer.headers, MISS, AGE_ZERO])
+    finally:
+        handoff.wanted = False
+        if handoff.overflow is not None:
+            await handoff.overflow.aclose()  # obtained but never relayed: free the upstream
+
+
+async def _relay_too_large(
+    overflow: Overflow | None,
+    policy: CachePolicy,
+    shield: ShieldPolicy,
+    upstream: Upstream,
+    endpoint: Endpoint,
+    request: OutgoingRequest,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Relay an answer past ``max_body_bytes`` as it arrives: the flight's own (``overflow``,
+    for the request whose fetch obtained it) or, for a waiter, one it asks for itself."""
+    if overflow is not None:
+        response = overflow.response
+    else:
+        try:
+            async with asyncio.timeout(shield.deadline_seconds):
+                response = await open_shielded(
+                    upstream, request, endpoint.token, policy.token_on_v4, retry=shield.retry
+                )
+        except TimeoutError as exc:
+            message = "no answer within the request deadline"
+            raise UpstreamTimeout(message, upstream=upstream.name) from exc
+    await relay_stream(response, upstream.name, receive, send, uncached_marks(response), overflow)
 
 
 def _store(
