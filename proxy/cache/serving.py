@@ -52,7 +52,7 @@ class CachePolicy:
     ttl_overrides: tuple[tuple[str, float], ...]
     negative_ttl_seconds: float
     token_on_v4: bool
-    max_body_bytes: int = 32 * 1024 * 1024  # larger answers are relayed, never held or stored
+    max_body_bytes: int  # larger answers are relayed as they arrive, never held or stored
 
 
 def cache_key(
@@ -194,6 +194,7 @@ async def serve_cacheable(
     # Only a request the key describes exactly may speak for others: anything else (a head near
     # the limit, fields in a POST's query) would hand its own error to every waiter.
     shared = fit is Fit.EXACT
+    deadline = asyncio.get_running_loop().time() + shield.deadline_seconds
     try:
         if (
             shared
@@ -209,7 +210,7 @@ async def serve_cacheable(
             return
         cache.count(endpoint.path, hit=False)
         try:
-            async with asyncio.timeout(shield.deadline_seconds):
+            async with asyncio.timeout_at(deadline):
                 flight = await (shield.coalescer.run(key.digest, fetch) if shared else fetch())
         except (GatewayError, TimeoutError) as exc:
             stale = _stale_copy(cache, entry, shield)
@@ -224,7 +225,7 @@ async def serve_cacheable(
         if isinstance(flight, TooLarge):
             overflow, handoff.overflow = handoff.overflow, None
             await _relay_too_large(
-                overflow, policy, shield, upstream, endpoint, request, receive, send
+                overflow, deadline, policy, shield, upstream, endpoint, request, receive, send
             )
             return
         answer = flight
@@ -241,6 +242,7 @@ async def serve_cacheable(
 
 async def _relay_too_large(
     overflow: Overflow | None,
+    deadline: float,
     policy: CachePolicy,
     shield: ShieldPolicy,
     upstream: Upstream,
@@ -250,12 +252,13 @@ async def _relay_too_large(
     send: Send,
 ) -> None:
     """Relay an answer past ``max_body_bytes`` as it arrives: the flight's own (``overflow``,
-    for the request whose fetch obtained it) or, for a waiter, one it asks for itself."""
+    for the request whose fetch obtained it) or, for a waiter, one it asks for itself (within
+    the same request ``deadline``, on the event loop's clock)."""
     if overflow is not None:
         response = overflow.response
     else:
         try:
-            async with asyncio.timeout(shield.deadline_seconds):
+            async with asyncio.timeout_at(deadline):
                 response = await open_shielded(
                     upstream, request, endpoint.token, policy.token_on_v4, retry=shield.retry
                 )
