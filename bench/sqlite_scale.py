@@ -30,6 +30,8 @@ from proxy.db import make_engine, migrate
 from proxy.endpoints import ENDPOINTS
 
 ENDPOINT = ENDPOINTS["v4/getSeries"]
+UPSTREAM = "http://127.0.0.1:9"  # nothing listens: every timed request must be a hit
+ORIGIN = UPSTREAM  # the upstream's base URL, as the gateway puts it into keys
 BODY = json.dumps([{"SeriesInstanceUID": "1.2.3", "Collection": "X", "Modality": "CT"}] * 8)
 
 
@@ -43,7 +45,7 @@ def fill(path: Path, count: int) -> None:
     connection.execute("PRAGMA synchronous=OFF")
     rows = []
     for n in range(count):
-        key = make_key("nbia", "anonymous", "GET", ENDPOINT, [("Collection", f"C{n}")])
+        key = make_key(ORIGIN, "nbia", "anonymous", "GET", ENDPOINT, [("Collection", f"C{n}")])
         rows.append(
             (key.digest, "nbia", "anonymous", "GET", ENDPOINT.path, key.params, 200, headers,
              BODY.encode(), len(BODY) + 300, now, now + 86400, now)
@@ -59,7 +61,7 @@ def fill(path: Path, count: int) -> None:
 
 def time_hits(data_dir: Path, count: int, samples: int) -> list[float]:
     """Milliseconds per hit for ``samples`` random keys, through a gateway without memory tier."""
-    gateway, url = start_gateway("http://127.0.0.1:9", data_dir, ["--cache-memory-bytes", "0"])
+    gateway, url = start_gateway(UPSTREAM, data_dir, ["--cache-memory-bytes", "0"])
     try:
         timings = []
         with httpx.Client(base_url=url, timeout=10) as client:
@@ -82,7 +84,12 @@ def time_store_reads(path: Path, count: int, samples: int) -> list[float]:
     store = CacheStore(make_engine(f"sqlite:///{path}"))
     digests = [
         make_key(
-            "nbia", "anonymous", "GET", ENDPOINT, [("Collection", f"C{random.randrange(count)}")]
+            ORIGIN,
+            "nbia",
+            "anonymous",
+            "GET",
+            ENDPOINT,
+            [("Collection", f"C{random.randrange(count)}")],
         )
         for _ in range(samples)
     ]

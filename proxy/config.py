@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     cache_negative_ttl_seconds: float = Field(
         60.0, ge=0, description="Lifetime of 400/404 answers (0: never stored)."
     )
+    max_cached_body_bytes: int = Field(
+        32 * 1024**2,
+        gt=0,
+        description="Largest metadata answer held in memory and cached (per request); a larger "
+        "one is relayed as it arrives and not stored.",
+    )
     cache_keep_expired_seconds: float = Field(
         7 * 24 * 3600.0, ge=0, description="How long expired entries are kept before the sweep."
     )

@@ -24,9 +24,11 @@ from proxy.cache.serving import (
     CachePolicy,
     ShieldPolicy,
     cache_key,
+    forwarded_head_size,
     send_hit,
     serve_cacheable,
 )
+from proxy.cache.shape import Fit, classify
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.client_tokens import TokenAnswer
@@ -35,9 +37,9 @@ from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
 from proxy.errors import ClientError, GatewayError, UpstreamTimeout
 from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
 from proxy.headers import find, for_client
-from proxy.responses import AGE_ZERO, BYPASS, GATEWAY_MADE, send_bytes, send_error, send_json
+from proxy.responses import GATEWAY_MADE, send_bytes, send_error, send_json
 from proxy.shield import Coalescer, ShieldCounters
-from proxy.streaming import StreamBroken, read_whole, relay_stream
+from proxy.streaming import StreamBroken, read_bounded, relay_stream, uncached_marks
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.gateway")
@@ -81,6 +83,7 @@ class Gateway:
             ttl_overrides=tuple(settings.cache_ttl.items()),
             negative_ttl_seconds=settings.cache_negative_ttl_seconds,
             token_on_v4=settings.token_on_v4,
+            max_body_bytes=settings.max_cached_body_bytes,
         )
         # Longest mount first, so /nlst/... is not taken by the root mount.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
@@ -255,9 +258,19 @@ class Gateway:
             body=await self._read_body(scope, receive),
         )
         endpoint = lookup(path)
-        if self.cache is not None and endpoint is not None and endpoint.cacheable:
-            key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
-            if key is not None and method in ("GET", "POST"):
+        if endpoint is not None:
+            verdict = classify(
+                endpoint,
+                method,
+                request.query,
+                request.body,
+                request.headers,
+                forwarded_head_size(upstream, request),
+            )
+            if verdict.fit is Fit.REFUSED:
+                raise ClientError(verdict.reason)
+            if self.cache is not None and verdict.fit >= Fit.CACHED:
+                key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
                 self._remember_key(scope, request, key)
                 await serve_cacheable(
                     self.cache,
@@ -267,6 +280,8 @@ class Gateway:
                     endpoint,
                     request,
                     key,
+                    verdict.fit,
+                    receive,
                     send,
                 )
                 return
@@ -307,11 +322,15 @@ class Gateway:
         except TimeoutError as exc:
             message = "no answer within the request deadline"
             raise UpstreamTimeout(message, upstream=upstream.name) from exc
-        extra = [BYPASS] if "age" in response.headers else [BYPASS, AGE_ZERO]
+        extra = uncached_marks(response)
         if buffer and request.method in ("GET", "POST"):
-            body = await read_whole(response, upstream.name)
-            kept = for_client(response.headers.raw)
-            await send_bytes(send, response.status_code, body, kept + extra)
+            # Held whole only up to the bound; a larger text answer is relayed as it arrives.
+            body = await read_bounded(response, upstream.name, self.settings.max_cached_body_bytes)
+            if isinstance(body, bytes):
+                kept = for_client(response.headers.raw)
+                await send_bytes(send, response.status_code, body, kept + extra)
+                return
+            await relay_stream(response, upstream.name, receive, send, extra, body)
         else:
             await relay_stream(response, upstream.name, receive, send, extra)
 

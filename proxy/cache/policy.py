@@ -1,16 +1,20 @@
 """Pure cache decisions: what a request's key is, how long an answer lives, what may be stored.
 
-No I/O here. The key holds what makes two requests mean the same thing: the upstream, whose view
-is asked for (identity), the method, the resource, and the query and form parameters in a
-canonical order. Parameters are sorted by name with a stable sort, so repeated fields such as
-``list=`` keep their values in the order given.
+No I/O here. The key holds what makes two requests mean the same thing: the upstream (its base
+URL, so a cache filled from a mistaken URL is never served for the right one), whose view is
+asked for (identity), the method, the resource, and the query and form parameters, each in a
+canonical order and kept apart: NBIA reads a GET resource's parameters from the query only and a
+POST resource's from the form only, so ``?a=1`` and a body ``a=1`` are different questions.
+Parameters are sorted by name with a stable sort, so repeated fields such as ``list=`` keep their
+values in the order given. Which requests a key describes exactly is :mod:`proxy.cache.shape`'s
+question.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote
 
@@ -47,7 +51,6 @@ DEFAULT_TTL_BY_PAYLOAD: Mapping[Payload, float] = {
 #: Deterministic client errors may be remembered briefly; everything else but 200 never.
 NEGATIVE_STATUSES = frozenset({400, 404})
 
-_FORM = b"application/x-www-form-urlencoded"
 # Parameters whose values name a collection or series, for purging by either.
 _COLLECTION_PARAMS = frozenset({"collection", "collectionname"})
 _SERIES_PARAMS = frozenset(
@@ -63,7 +66,7 @@ class CacheKey:
     """A request's identity in the cache: the digest is the primary key, the rest is for humans."""
 
     digest: str
-    upstream: str
+    upstream: str  # the upstream's short name (the base URL is in the digest)
     identity: str
     method: str
     endpoint: str
@@ -71,25 +74,51 @@ class CacheKey:
     tags: frozenset[tuple[str, str]]
 
 
-def parameters(query: bytes, body: bytes, content_type: bytes | None) -> list[tuple[str, str]]:
-    """Query and form parameters as decoded pairs; raise ValueError if the body is not a form."""
-    pairs = _pairs(query)
-    if body:
-        if content_type is None or not content_type.lower().startswith(_FORM):
-            raise ValueError("only form bodies can be part of a cache key")
-        pairs += _pairs(body)
-    return pairs
+def pairs(raw: bytes) -> list[tuple[str, str]]:
+    """Query or form parameters as decoded pairs, in the order given (bytes kept, see _quote)."""
+    if not raw:
+        return []
+    text = raw.decode("utf-8", "surrogateescape")
+    return parse_qsl(text, keep_blank_values=True, errors="surrogateescape")
 
 
 def make_key(
-    upstream: str, identity: str, method: str, endpoint: Endpoint, pairs: list[tuple[str, str]]
+    origin: str,
+    upstream: str,
+    identity: str,
+    method: str,
+    endpoint: Endpoint,
+    query: Sequence[tuple[str, str]],
+    form: Sequence[tuple[str, str]] = (),
 ) -> CacheKey:
-    """The canonical key for a request whose parameters are ``pairs``."""
-    ordered = sorted(pairs, key=lambda pair: pair[0])  # stable: repeated fields keep their order
-    params = "&".join(f"{_quote(k, '')}={_quote(v, ',')}" for k, v in ordered)
-    text = "\n".join((upstream, identity, method, endpoint.path, params))
+    """The canonical key for a request to ``origin`` (the upstream's base URL) with these
+    ``query`` and ``form`` parameters.
+
+    ``params``, for people reading the table, is ``?query form``: the canonical query after a
+    ``?`` and the canonical form after a space, each left out when empty. Neither part can hold
+    a ``?`` or a space (both are percent-encoded), so the string is unambiguous.
+    """
+    parts = []
+    if query:
+        parts.append("?" + _canonical(query))
+    if form:
+        parts.append(_canonical(form))
+    params = " ".join(parts)
+    text = "\n".join((origin, upstream, identity, method, endpoint.path, params))
     digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
-    return CacheKey(digest, upstream, identity, method, endpoint.path, params, _tags(ordered))
+    tags = _tags(sorted([*query, *form], key=lambda pair: pair[0]))
+    return CacheKey(digest, upstream, identity, method, endpoint.path, params, tags)
+
+
+def origin(scheme: str, netloc: str, path: str) -> str:
+    """An upstream's base URL as it goes into keys: ``netloc`` is host and port (no
+    credentials), the path loses its trailing slash."""
+    return f"{scheme}://{netloc}{path.rstrip('/')}"
+
+
+def _canonical(pairs: Sequence[tuple[str, str]]) -> str:
+    ordered = sorted(pairs, key=lambda pair: pair[0])  # stable: repeated fields keep their order
+    return "&".join(f"{_quote(k, '')}={_quote(v, ',')}" for k, v in ordered)
 
 
 def ttl_for(endpoint: Endpoint, overrides: Iterable[tuple[str, float]] = ()) -> float:
@@ -143,13 +172,6 @@ def glob_to_like(pattern: str) -> str:
 def _quote(text: str, safe: str) -> str:
     # surrogateescape round-trips bytes that were not valid UTF-8 in the request.
     return quote(text, safe=safe, errors="surrogateescape")
-
-
-def _pairs(raw: bytes) -> list[tuple[str, str]]:
-    if not raw:
-        return []
-    text = raw.decode("utf-8", "surrogateescape")
-    return parse_qsl(text, keep_blank_values=True, errors="surrogateescape")
 
 
 def _tags(pairs: list[tuple[str, str]]) -> frozenset[tuple[str, str]]:

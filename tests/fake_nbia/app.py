@@ -15,7 +15,16 @@ from . import routes_images, routes_legacy, routes_v4  # noqa: F401  (register r
 from .dataset import build_dataset
 from .faults import CutMode, Faults, SlowRule
 from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore
-from .responses import SERVER_ERROR, ApiError, Reply, empty, server_error, text, unauthorized
+from .responses import (
+    SERVER_ERROR,
+    ApiError,
+    HugeJson,
+    Reply,
+    empty,
+    server_error,
+    text,
+    unauthorized,
+)
 from .routing import ROUTES, Call, LoggedRequest, check_allowed, resolve
 from .tables import Tables
 from .tokens import GUEST, TokenStore
@@ -26,6 +35,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 CHUNK = 1024 * 1024
+#: Tomcat's maxHttpHeaderSize: a request line plus headers beyond it is a 400 before any resource.
+MAX_HEAD_BYTES = 8192
+FORM_TYPE = "application/x-www-form-urlencoded"
 SLOW_CHUNK = 4 * 1024  # with seconds_between_chunks, even small zips come in pieces
 TOMCAT_PAGE = (
     '<!doctype html><html lang="en"><head><title>HTTP Status {0} – {1}</title>'
@@ -60,6 +72,7 @@ class FakeNBIA:
         self._recent: list[float] = []
         self.rate_limited = 0
         self._body_cuts: list[list[Any]] = []
+        self._huge: list[HugeJson] = []
 
     # --- state ----------------------------------------------------------------
 
@@ -77,6 +90,7 @@ class FakeNBIA:
         self.rate_limit(0)
         self.rate_limited = 0  # 429s sent by rate_limit()
         self._body_cuts: list[list[Any]] = []
+        self._huge = []
 
     def requests_to(self, path_suffix: str) -> list[LoggedRequest]:
         with self._lock:
@@ -215,6 +229,20 @@ class FakeNBIA:
                     return int(after_bytes)
         return None
 
+    def serve_huge_json(
+        self, n_bytes: int, path_contains: str, *, declare_length: bool = False
+    ) -> HugeJson:
+        """Matching requests (until reset) get a 200 JSON array of exactly ``n_bytes``, made
+        while it is sent (the fake never holds it): chunked, or with its Content-Length."""
+        huge = HugeJson(n_bytes, path_contains, declare_length)
+        with self._lock:
+            self._huge.append(huge)
+        return huge
+
+    def _huge_for(self, path: str) -> HugeJson | None:
+        with self._lock:
+            return next((h for h in self._huge if h.path_contains in path), None)
+
     def rate_limit(self, per_second: float, retry_after: float = 1.0) -> None:
         """Answer 429 with Retry-After to requests beyond ``per_second`` in any one second,
         as a rate-limited public API does (the token endpoint is exempt). 0 switches it off."""
@@ -261,10 +289,15 @@ class FakeNBIA:
         # Decided on arrival, like failures: a slow request from an earlier test that only
         # now reaches the sending stage must not take a fault meant for a later one.
         cut_at = self._take_body_cut(log.path)
-        if failure is not None:
+        huge = self._huge_for(log.path)
+        if _head_bytes(scope) > MAX_HEAD_BYTES:
+            reply = Reply(400, TOMCAT_PAGE.format(400, "Bad Request").encode(), "text/html")
+        elif failure is not None:
             reply = _fault_reply(failure.status, failure.retry_after)
         elif limited is not None:
             reply = _fault_reply(429, limited)
+        elif huge is not None:
+            reply = huge.reply()
         else:
             reply = await asyncio.to_thread(self.handle, log)
         try:
@@ -297,9 +330,7 @@ class FakeNBIA:
             page = TOMCAT_PAGE.format(405, "Method Not Allowed").encode()
             return Reply(405, page, "text/html", [("allow", route.method)])
         form: list[tuple[str, str]] = []
-        if method == "POST" and log.headers.get("content-type", "").startswith(
-            "application/x-www-form-urlencoded"
-        ):
+        if method == "POST" and _is_form(log.headers.get("content-type")):
             form = parse_qsl(log.body.decode("utf-8", "replace"), keep_blank_values=True)
         call = Call(
             self, log, target[0], target[1], parse_qsl(log.query, keep_blank_values=True), form
@@ -348,7 +379,7 @@ class FakeNBIA:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
         if reply.content_type:
             headers.append((b"content-type", reply.content_type.encode()))
-        streamed = reply.stream or isinstance(reply.body, Path)
+        streamed = reply.stream or not isinstance(reply.body, bytes)
         if not streamed:
             assert isinstance(reply.body, bytes)
             headers.append((b"content-length", str(len(reply.body)).encode()))
@@ -386,8 +417,27 @@ class FakeNBIA:
         await send({"type": "http.response.body", "body": b""})
 
 
-def _chunks(body: bytes | Path, size: int) -> Any:
-    """Yield `body` in pieces of `size` (a Path is read lazily)."""
+def _is_form(content_type: str | None) -> bool:
+    """Jersey's test: the media type is exactly the form type, parameters allowed."""
+    if content_type is None:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() == FORM_TYPE
+
+
+def _head_bytes(scope: Scope) -> int:
+    """The request line plus headers as they arrived (what Tomcat's header buffer holds)."""
+    target = len(scope.get("raw_path") or scope["path"].encode())
+    if scope["query_string"]:
+        target += 1 + len(scope["query_string"])
+    line = len(scope["method"]) + 1 + target + len(" HTTP/1.1\r\n")
+    return line + sum(len(n) + len(v) + 4 for n, v in scope["headers"]) + 2
+
+
+def _chunks(body: bytes | Path | HugeJson, size: int) -> Any:
+    """Yield `body` in pieces of `size` (a Path is read lazily, a HugeJson made on the way)."""
+    if isinstance(body, HugeJson):
+        yield from body.pieces(size)
+        return
     if isinstance(body, bytes):
         for i in range(0, len(body), size):
             yield body[i : i + size]

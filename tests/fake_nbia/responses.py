@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +17,35 @@ class Reply:
     """What a handler answers. A Path body (or stream=True) is sent chunked."""
 
     status: int = 200
-    body: bytes | Path = b""
+    body: bytes | Path | HugeJson = b""
     content_type: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     stream: bool = False
     zip: bool = False  # a binary zip download: subject to cut_stream
+
+
+@dataclass
+class HugeJson:
+    """A JSON answer far larger than any real metadata answer, generated as it is sent."""
+
+    n_bytes: int
+    path_contains: str
+    declare_length: bool
+
+    def reply(self) -> Reply:
+        headers = [("content-length", str(self.n_bytes))] if self.declare_length else []
+        return Reply(200, self, "application/json", headers, stream=True)
+
+    def pieces(self, size: int) -> Iterator[bytes]:
+        """The body in pieces of about ``size``: ``[``, records, padding, ``{}]``."""
+        record = b'{"SeriesInstanceUID":"1.3.6.1.4.1.14519.5.2.1.99","Collection":"Huge"},'
+        block = record * max(1, size // len(record))
+        left = self.n_bytes - 4  # "[" and "{}]"
+        yield b"["
+        while left > len(block):
+            yield block
+            left -= len(block)
+        yield b" " * left + b"{}]"
 
 
 class ApiError(Exception):
