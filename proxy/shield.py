@@ -7,12 +7,16 @@
   says it is overloaded (429/503 with ``Retry-After``), every upstream request of the gateway
   waits until then, not only the one that was told.
 * :class:`Breaker` opens after repeated upstream failures, refuses at once during a cool-down,
-  then lets one probe through and closes again when it succeeds.
+  then lets one probe through and closes again when it succeeds. Only evidence that the
+  upstream is unwell counts (:func:`counts_against_upstream`), once per client request.
+
+All of this is per gateway process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import deque
@@ -22,9 +26,10 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Generic, TypeVar
 
-from proxy.errors import UpstreamError
+from proxy.errors import ServiceTokenError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 T = TypeVar("T")
+log = logging.getLogger("nbia_proxy.shield")
 
 _CALM_SECONDS = 30.0  # no overload for this long: forget the learned rate
 _ADDITIVE_STEP = 0.1  # requests/second gained per successful upstream request
@@ -210,6 +215,26 @@ class Limiter:
             await asyncio.sleep(wait)
 
 
+def counts_against_upstream(error: UpstreamError, *, slow: bool) -> bool:
+    """Whether ``error`` is evidence that the upstream is unwell (and so counts for the breaker).
+
+    Connection failures (refused, reset, DNS, TLS, connect time-out) count; so does a request
+    the upstream received but did not answer in time, unless the endpoint is marked slow. The
+    gateway's own limits (a full queue or pool, the request deadline) and a login the upstream
+    refused (wrong password: a configuration error) do not.
+    """
+    if isinstance(error, UpstreamTimeout):
+        return error.phase == "connect" or (error.phase in ("read", "write") and not slow)
+    if isinstance(error, ServiceTokenError):
+        return error.upstream_status in FAILURE_STATUSES
+    return isinstance(error, UpstreamUnreachable)
+
+
+def is_failure_status(status: int, *, slow: bool) -> bool:
+    """Whether an upstream answer counts against the breaker (a 504 of a slow query does not)."""
+    return status in FAILURE_STATUSES and not (slow and status == 504)
+
+
 @dataclass
 class Breaker:
     """Closed → open after ``threshold`` failures in a row → half-open probe after the cool-down."""
@@ -229,6 +254,11 @@ class Breaker:
             return "closed"
         return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
 
+    @property
+    def is_open(self) -> bool:
+        """Open or half-open: the upstream has not yet shown that it is back."""
+        return self.opened_at is not None
+
     def before(self) -> None:
         """Raise :class:`CircuitOpen` unless a request may go upstream now."""
         if self.opened_at is None:
@@ -244,10 +274,12 @@ class Breaker:
         self.probing = True  # this request is the probe
 
     def abandon(self) -> None:
-        """The request never reached the upstream: let another one be the probe."""
+        """No verdict on the upstream (never reached, or not its fault): another may probe."""
         self.probing = False
 
     def success(self) -> None:
+        if self.opened_at is not None:
+            log.info("upstream %s answers again; circuit closed", self.upstream)
         self.failures = 0
         self.opened_at = None
         self.probing = False
@@ -255,6 +287,12 @@ class Breaker:
     def failure(self) -> None:
         self.failures += 1
         if self.probing or self.failures >= self.threshold:
+            if self.opened_at is None:
+                log.warning(
+                    "upstream %s failed %d times in a row; circuit open",
+                    self.upstream,
+                    self.failures,
+                )
             self.opened_at = self.clock()
         self.probing = False
 
