@@ -1,5 +1,5 @@
-"""Issue 8, items 9 and 18 (upstream side): no client opens the circuit for everyone, and
-upstream errors say what went wrong.
+"""Issue 8, items 9, 10 and 18 (upstream side): no client opens the circuit for everyone,
+service returns within seconds of the upstream, and upstream errors say what went wrong.
 
 The attacks are sent as raw bytes (an HTTP client would normalise or refuse them); every test
 checks that another client is still served and that nothing cached was lost.
@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -29,7 +30,7 @@ from proxy.endpoints import ENDPOINTS, TokenUse
 from proxy.errors import ClientError
 from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
 from proxy.gateway import Gateway
-from proxy.shield import Breaker
+from proxy.shield import Breaker, Prober, ShieldCounters
 from proxy.upstream import Upstream, UpstreamConfig
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings, request_line, send_raw
@@ -248,6 +249,100 @@ def test_a_refused_service_account_login_does_not_open_the_circuit(
             assert "hunter2" not in answer.text
         assert circuit(gw) == "closed"
         assert get(gw, OTHER).status_code == 200
+
+
+# --- item 10: active probing, recovery within seconds, /healthz ------------------------------
+
+
+def test_the_circuit_closes_by_itself_soon_after_the_upstream_returns(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    """No client request is needed: the gateway probes while open (bounds here are generous;
+    bench.breaker measures the figure)."""
+    with make_gateway(
+        circuit_failure_threshold=2, circuit_cooldown_seconds=60, circuit_probe_seconds=0.2
+    ) as gw:
+        health = get(gw, "/healthz").json()
+        assert health["status"] == "ok"
+        assert health["upstreams"]["nbia"] == {"mount": "/", "state": "ok", "circuit": "closed"}
+        nbia_upstream.stop()
+        for i in range(2):
+            assert get(gw, f"{S}/v4/getSeries?Collection=DOWN{i}").status_code == 502
+        refused = get(gw, f"{S}/v4/getSeries?Collection=DOWN9")
+        assert refused.status_code == 503 and "circuit open" in refused.json()["error"]
+        while_open = get(gw, "/healthz")
+        # Liveness stays 200 "ok": a load balancer must not kill a gateway serving the cache.
+        assert while_open.status_code == 200 and while_open.json()["status"] == "ok"
+        assert while_open.json()["upstreams"]["nbia"]["state"] == "degraded"
+        assert while_open.json()["upstreams"]["nbia"]["circuit"] == "open"
+        assert while_open.json()["upstreams"]["nlst"]["state"] == "ok"
+        time.sleep(1.0)  # a few probes fail against the stopped upstream
+        nbia_upstream.app.reset()
+        nbia_upstream.start()
+        deadline = time.monotonic() + 20
+        while get(gw, "/healthz").json()["upstreams"]["nbia"]["state"] != "ok":
+            assert time.monotonic() < deadline, "the circuit did not close by itself"
+            time.sleep(0.05)
+        assert circuit(gw) == "closed"
+        answer = get(gw, f"{S}/v4/getSeries?Collection=TCGA-KIRC")
+        assert answer.status_code == 200 and answer.headers["x-cache"] == "MISS"
+        probes = nbia_upstream.app.requests_to("/v4/getCollectionValues")
+        assert probes and all(p.query == "" for p in probes)
+        # The probe is neither cached nor counted as client traffic.
+        assert "v4/getCollectionValues" not in stats(gw)["endpoints"]
+        assert stats(gw)["shield"]["circuit_probes"] >= len(probes)
+
+
+def test_requests_while_open_get_stale_answers_or_an_immediate_503(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    with make_gateway(
+        circuit_failure_threshold=1, circuit_cooldown_seconds=60, circuit_probe_seconds=30
+    ) as gw:
+        nbia_upstream.stop()
+        assert get(gw, f"{S}/v4/getSeries?Collection=DOWN").status_code == 502
+        started = time.monotonic()
+        refused = get(gw, f"{S}/v4/getSeries?Collection=DOWN2")
+        assert refused.status_code == 503 and "retry-after" in refused.headers
+        assert time.monotonic() - started < 5  # immediate, not after a time-out
+
+
+def test_probe_intervals_start_short_and_back_off_to_the_cooldown() -> None:
+    delays: list[float] = []
+    outcomes = iter([False] * 6 + [True])
+
+    async def scenario() -> None:
+        counters = ShieldCounters()
+        breaker = Breaker("nbia", threshold=1, cooldown=4.0, counters=counters)
+
+        async def probe() -> bool:
+            return next(outcomes)
+
+        async def sleep(seconds: float) -> None:
+            delays.append(seconds)
+
+        prober = Prober(breaker, probe, first=1.0, sleep=sleep)
+        breaker.listener = prober.wake
+        breaker.failure()  # opens, and wakes the prober
+        assert breaker.state == "open"
+        await prober.wait()
+        assert breaker.state == "closed"
+        assert counters.circuit_probes == 7
+        await prober.aclose()
+
+    asyncio.run(scenario())
+    assert delays == [1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+
+
+def test_no_probe_task_outlives_the_gateway(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    with make_gateway(circuit_failure_threshold=1, circuit_probe_seconds=0.1) as gw:
+        nbia_upstream.stop()
+        get(gw, f"{S}/v4/getSeries?Collection=DOWN")
+        upstream = next(u for u in gw.app.upstreams if u.name == "nbia")
+        assert upstream.prober.running
+    assert not upstream.prober.running
 
 
 # --- item 18 (upstream side): errors name the host and the cause ------------------------------
