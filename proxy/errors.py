@@ -104,11 +104,11 @@ def transport_error(
     The host and the configured time limits are read from the request the failure belongs to
     (``exc.request``), so the message says where and why: ``upstream <host> refused the
     connection``. ``mid_body``: the response had started already.
-    ``during`` names what the gateway was doing, e.g. ``"service account login"``.
+    ``during`` names what the gateway was doing, as a prefix: ``"service account login"``.
     """
     host, limits = _request_facts(exc, upstream)
     who = f"upstream {host}"
-    suffix = f" ({during})" if during else ""
+    prefix = f"{during}: " if during else ""
     if isinstance(exc, httpx.TimeoutException):
         phase: TimeoutPhase = "read"
         for kind, named in _TIMEOUT_PHASES.items():
@@ -126,12 +126,12 @@ def transport_error(
             message = f"{who} sent nothing more of the body {within}"
         else:
             message = f"{who} did not answer {within}"
-        return UpstreamTimeout(message + suffix, upstream=upstream, phase=phase)
+        return UpstreamTimeout(prefix + message, upstream=upstream, phase=phase)
     if mid_body:
         return UpstreamUnreachable(
-            f"{who} broke off the response: {_break_reason(exc)}{suffix}", upstream=upstream
+            f"{prefix}{who} broke off the response: {_break_reason(exc)}", upstream=upstream
         )
-    return UpstreamUnreachable(who + _failure_reason(exc) + suffix, upstream=upstream)
+    return UpstreamUnreachable(prefix + who + _failure_reason(exc), upstream=upstream)
 
 
 def _request_facts(exc: httpx.HTTPError, upstream: str) -> tuple[str, dict[str, float]]:

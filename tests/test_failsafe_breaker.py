@@ -362,8 +362,8 @@ def test_a_refused_connection_names_the_host_on_both_paths(
         assert get(gw, f"{S}/v4/getImage?SeriesInstanceUID={uid}").json() == expected
         token_path = get(gw, f"{S}/getCollectionValuesAndCounts")  # needs a login first
         assert token_path.json() == {
-            "error": f"upstream {host_of(nbia_upstream)} refused the connection "
-            "(service account login)",
+            "error": "service account login: "
+            f"upstream {host_of(nbia_upstream)} refused the connection",
             "upstream": "nbia",
         }
 
