@@ -176,7 +176,16 @@ class Settings(BaseSettings):
         5, gt=0, description="Upstream failures in a row that open the circuit."
     )
     circuit_cooldown_seconds: float = Field(
-        30.0, gt=0, description="How long an open circuit rests before one probe."
+        4.0,
+        gt=0,
+        description="Longest pause between probes of an open circuit; after it, one client "
+        "request may also go through as a probe.",
+    )
+    circuit_probe_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="First probe of an open circuit this long after it opens, the pause "
+        "doubling up to circuit_cooldown_seconds (0: no probes of the gateway's own).",
     )
     cache_recheck_seconds: float = Field(
         5.0, ge=0, description="Age after which a memory copy is checked against the database."

@@ -63,6 +63,15 @@ def shield_document(upstreams: list[Upstream], counters: ShieldCounters) -> dict
     }
 
 
+def upstream_health(upstream: Upstream) -> dict[str, str]:
+    """An upstream as /healthz shows it: where it is mounted, and whether its circuit is open."""
+    return {
+        "mount": upstream.config.mount or "/",
+        "state": "degraded" if upstream.breaker.is_open else "ok",
+        "circuit": upstream.breaker.state,
+    }
+
+
 def access_document(access: Access) -> dict[str, Any]:
     """The access mode and what it turned away."""
     return {
@@ -89,12 +98,14 @@ def control_app(
 
     @app.get("/healthz")
     async def healthz() -> dict[str, object]:
-        """Liveness: the gateway process answers. Upstream health is not checked here."""
+        """Liveness: ``status`` is "ok" (HTTP 200) whenever the process answers, and each
+        upstream is "degraded" while its circuit is open (the gateway still serves its cache
+        then, so a load balancer must not take it out for that)."""
         return {
             "status": "ok",
             "version": __version__,
             "cache": cache is not None,
-            "upstreams": {u.name: {"mount": u.config.mount or "/"} for u in upstreams},
+            "upstreams": {u.name: upstream_health(u) for u in upstreams},
         }
 
     @app.get("/_proxy/cache/stats")

@@ -53,6 +53,7 @@ class Endpoint:
     token: TokenUse
     side_effect: bool = False
     identity: bool = False  # the answer depends on the caller even when anonymous
+    slow: bool = False  # may legitimately take longer than the read time-out (see _SLOW)
 
     @property
     def generation(self) -> str:
@@ -193,6 +194,28 @@ _PER_CALLER = {
     "getAdvancedQCSearch",
     "getAdvancedQCCriteria",
 }
+# Answers that may take minutes on a healthy server (catalog §2): getSeriesSize is "extremely
+# slow"; one call can span the whole archive (getSeries and getUpdatedSeries without filters,
+# searches and their manifests, tcia-utils asking for size=1000000), a whole collection
+# (getManifestForCollection, getMD5Hierarchy by Collection) or 10,000 series (getSeriesMetadata
+# as tcia-utils chunks it). Their read time-outs are no evidence that the upstream is unwell.
+_SLOW = {
+    "getSeriesSize",
+    "getSeries",
+    "getUpdatedSeries",
+    "getSimpleSearch",
+    "getSimpleSearchWithModalityAndBodyPartPaged",
+    "getTextSearch",
+    "getTextSearchPaged",
+    "getManifestForSimpleSearch",
+    "getManifestForTextSearch",
+    "getManifestForCollection",
+    "getSeriesMetadata",
+    "getSeriesMetadata2",
+    "getSeriesMetadata3",
+    "getSeriesMetadataCombined",
+    "getMD5Hierarchy",
+}
 _TOKEN_BY_GENERATION = {
     "v1": TokenUse.NEVER,
     "v2": TokenUse.REQUIRED,
@@ -227,6 +250,7 @@ def _build_table() -> dict[str, Endpoint]:
                     side_effect=payload is Payload.WRITE,
                     # Token-bearing generations answer per user; v4/v1 only for a few names.
                     identity=generation in {"v2", "v3", "root"} or name in _PER_CALLER,
+                    slow=name in _SLOW,
                 )
     return table
 

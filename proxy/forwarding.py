@@ -2,27 +2,31 @@
 
 :func:`open_upstream` returns the upstream response with its body still unread, so the caller
 decides whether to buffer it (metadata) or stream it (binaries). Transport failures become
-:class:`~proxy.errors.UpstreamError` subclasses; a 401 to a token-bearing request renews the
-token once and retries once.
+:class:`~proxy.errors.UpstreamError` subclasses naming the host and the cause; a request httpx
+refuses to send is the client's 400. A 401 to a token-bearing request renews the token once
+and retries once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 import httpx
 
 from proxy import rawhttp
-from proxy.endpoints import TokenUse
-from proxy.errors import ClientError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from proxy.endpoints import TokenUse, lookup
+from proxy.errors import ClientError, UpstreamError, transport_error
 from proxy.headers import RawHeaders, for_upstream
 from proxy.shield import (
-    FAILURE_STATUSES,
     OVERLOAD_STATUSES,
     backoff_seconds,
+    counts_against_upstream,
+    is_failure_status,
     retry_after_seconds,
 )
 from proxy.upstream import Upstream
@@ -112,12 +116,12 @@ async def _send(
             return await upstream.client.send(outgoing, stream=True)
     except httpx.InvalidURL as exc:
         raise ClientError("malformed request path") from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout("upstream timed out", upstream=upstream.name) from exc
+    except httpx.LocalProtocolError as exc:
+        # httpx would not write this request (h11's message quotes the offending bytes, which
+        # may be a secret, so it is not repeated): the client's request, not the upstream.
+        raise ClientError("the request cannot be forwarded: it is not valid HTTP") from exc
     except httpx.TransportError as exc:
-        raise UpstreamUnreachable(
-            f"upstream unreachable ({type(exc).__name__})", upstream=upstream.name
-        ) from exc
+        raise transport_error(exc, upstream.name) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,42 +144,59 @@ async def open_shielded(
     """:func:`open_upstream` behind the upstream's breaker and limiter, with retries for reads.
 
     ``retry`` is None for requests that must not be repeated (side effects); the others are
-    also sent once more when a kept-alive connection breaks before answering. The breaker counts
-    transport failures and 5xx answers; a 429/503 with ``Retry-After`` pauses every upstream
-    request of the gateway for that long, not only this one.
+    also sent once more when a kept-alive connection breaks before answering. The breaker hears
+    one verdict per client request, however often it was retried, and only evidence that the
+    upstream is unwell counts (:func:`~proxy.shield.counts_against_upstream`); a header that
+    cannot be forwarded is the client's 400 before the breaker or the limiter see the request.
+    A 429/503 with ``Retry-After`` pauses every upstream request of the gateway for that long.
     """
+    for_upstream(request.headers)
+    slow = _is_slow(request.raw_path)
+    breaker = upstream.breaker
+    breaker.before()
+    try:
+        response = await _with_retries(upstream, request, token_use, token_on_v4, bulk, retry)
+    except UpstreamError as exc:
+        if counts_against_upstream(exc, slow=slow):
+            breaker.failure()
+        else:
+            breaker.abandon()
+        raise
+    except BaseException:
+        # Refused by the queue, cancelled by the deadline, or the client's fault: no verdict
+        # on the upstream, but a probe in flight must not stay "in flight" for ever.
+        breaker.abandon()
+        raise
+    if is_failure_status(response.status_code, slow=slow):
+        breaker.failure()
+    else:
+        breaker.success()
+    return response
+
+
+async def _with_retries(
+    upstream: Upstream,
+    request: OutgoingRequest,
+    token_use: TokenUse,
+    token_on_v4: bool,
+    bulk: bool,
+    retry: RetryPolicy | None,
+) -> UpstreamResponse:
+    """Send, and send a read again after 429/503 within the retry budget."""
     counters = upstream.limiter.counters
     started = time.monotonic()
     attempt = 0
     while True:
-        upstream.breaker.before()
-        outcome_known = False
-        try:
-            async with upstream.limiter.slot():
-                try:
-                    response = await open_upstream(
-                        upstream,
-                        request,
-                        token_use,
-                        token_on_v4,
-                        bulk=bulk,
-                        replayable=retry is not None,
-                    )
-                except UpstreamError:
-                    upstream.breaker.failure()
-                    outcome_known = True
-                    raise
-            outcome_known = True
-        finally:
-            if not outcome_known:
-                # Refused by the queue or cancelled by the deadline: not a verdict on the
-                # upstream, but a probe in flight must not stay "in flight" for ever.
-                upstream.breaker.abandon()
+        async with upstream.limiter.slot():
+            response = await open_upstream(
+                upstream,
+                request,
+                token_use,
+                token_on_v4,
+                bulk=bulk,
+                replayable=retry is not None,
+            )
         status = response.status_code
-        if status in FAILURE_STATUSES:
-            upstream.breaker.failure()
-        else:
-            upstream.breaker.success()
         if status not in OVERLOAD_STATUSES:
             upstream.limiter.succeeded()
             return response
@@ -191,7 +212,13 @@ async def open_shielded(
             upstream.limiter.pause(told)
         delay = told if told is not None else backoff_seconds(attempt)
         spent = time.monotonic() - started
-        if retry is None or attempt >= retry.max_attempts or spent + delay > retry.budget_seconds:
+        if (
+            retry is None
+            or attempt >= retry.max_attempts
+            or spent + delay > retry.budget_seconds
+            # Opened meanwhile (or this request is the half-open probe): stop pressing.
+            or upstream.breaker.is_open
+        ):
             return response
         await response.aclose()
         attempt += 1
@@ -203,10 +230,16 @@ async def open_shielded(
             await asyncio.sleep(delay)  # with Retry-After, the limiter's pause does the waiting
 
 
+_SLASHES = re.compile(rb"/+")
+
+
+def _is_slow(raw_path: bytes) -> bool:
+    """Whether the catalog marks the endpoint slow (the path decoded as the upstream will)."""
+    path = _SLASHES.sub(b"/", unquote_to_bytes(raw_path)).decode("utf-8", "replace")
+    endpoint = lookup(path)
+    return endpoint is not None and endpoint.slow
+
+
 def translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
     """Map an httpx error raised while reading a body to the gateway's error type."""
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout("upstream timed out while sending the body", upstream=upstream)
-    return UpstreamUnreachable(
-        f"upstream broke off the response ({type(exc).__name__})", upstream=upstream
-    )
+    return transport_error(exc, upstream, mid_body=True)

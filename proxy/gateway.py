@@ -36,7 +36,7 @@ from proxy.config import Settings
 from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
 from proxy.errors import ClientError, GatewayError, UpstreamTimeout
 from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
-from proxy.headers import find, for_client
+from proxy.headers import check_forwardable, find, for_client
 from proxy.responses import GATEWAY_MADE, send_bytes, send_error, send_json
 from proxy.shield import Coalescer, ShieldCounters
 from proxy.streaming import StreamBroken, read_bounded, relay_stream, uncached_marks
@@ -246,6 +246,7 @@ class Gateway:
         _reject_dot_segments(path)
         if method not in _FORWARDED_METHODS:
             raise ClientError(f"method {method} is not supported", status=405)
+        check_forwardable(scope["headers"])  # the client's 400 before the cache or coalescing
         mount = upstream.config.mount.encode()
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not raw_path.startswith(mount + b"/"):

@@ -4,11 +4,17 @@ Hop-by-hop headers (RFC 9110 §7.6.1) belong to one connection and are dropped b
 Towards the upstream the gateway also drops the client's credentials (``Authorization``,
 ``Cookie``) because upstream identity is the service account's alone; towards the client it
 drops ``Set-Cookie`` because an upstream session belongs to that same account.
+
+Whatever is forwarded must be a well-formed field line (RFC 9110 §5.1, §5.5): a header the
+gateway cannot send as received is the client's 400, never an upstream failure.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+from proxy.errors import ClientError
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -36,6 +42,12 @@ _NOT_FORWARDED = _HOP_BY_HOP | {
 }
 _NOT_RETURNED = _HOP_BY_HOP | {b"set-cookie", b"content-length"}
 
+# RFC 9110: field-name = token; field-value = visible characters (and obs-text), with spaces
+# and tabs only between them. No CR, LF or NUL (they would end or split the line), no other
+# control characters, no leading or trailing whitespace (h11 refuses to send those).
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?")
+
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Header names listed in ``Connection`` are hop-by-hop too."""
@@ -53,8 +65,36 @@ def _keep(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> 
 
 
 def for_upstream(client_headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
-    """End-to-end request headers to send upstream, minus the client's credentials."""
-    return _keep(client_headers, _NOT_FORWARDED)
+    """End-to-end request headers to send upstream, minus the client's credentials.
+
+    Raises :class:`~proxy.errors.ClientError` (400) for a header that cannot be sent as is.
+    """
+    kept = _keep(client_headers, _NOT_FORWARDED)
+    problem = malformed(kept)
+    if problem is not None:
+        raise ClientError(problem)
+    return kept
+
+
+def check_forwardable(client_headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """The 400 of :func:`for_upstream`, raised before the cache or coalescing see the request."""
+    for_upstream(client_headers)
+
+
+def malformed(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """What is wrong with the first header that is not a valid field line, else None.
+
+    The message names the header, never its value (it may be a secret).
+    """
+    for name, value in headers:
+        if not _FIELD_NAME.fullmatch(name):
+            return "a header name is not a valid HTTP token"
+        if not _FIELD_VALUE.fullmatch(value):
+            return (
+                f"header {name.decode('ascii').lower()} has leading or trailing whitespace or "
+                "a control character; the gateway cannot forward it"
+            )
+    return None
 
 
 def for_client(upstream_headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:

@@ -9,12 +9,18 @@ that memory stays flat when the client is slower than the upstream.
 
 The response object offers the small part of ``httpx.Response`` that the relay uses
 (``status_code``, ``headers``, ``aiter_raw()``, ``aclose()``), and failures are raised as the
-matching ``httpx`` exceptions, so callers handle both clients the same way.
+matching ``httpx`` exceptions (carrying an ``httpx.Request`` with the URL and time limits, so
+error messages can name the host), so callers handle both clients the same way.
+
+The request head is written by hand, so it is checked first: a method, target, header name or
+value that would end or split a line (CR, LF, NUL, ...) raises ``httpx.LocalProtocolError``
+before anything is sent, as h11 does for httpx.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -23,16 +29,22 @@ from typing import cast
 import httptools
 import httpx
 
+from proxy.headers import malformed
+
 # Pause reading from the upstream when this much body is waiting for the client, and resume
 # once it has drained below the low mark: bounds memory per transfer to about 1 MiB.
 _HIGH_WATER = 1024 * 1024
 _LOW_WATER = 256 * 1024
 
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII only (RFC 9112 §3.2)
+
 
 class _ResponseProtocol(asyncio.Protocol):
     """Parses one response and queues its body chunks, pausing the socket when full."""
 
-    def __init__(self) -> None:
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.status_code = 0
@@ -54,15 +66,20 @@ class _ResponseProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"invalid upstream response: {exc}"))
+            error = httpx.RemoteProtocolError(
+                f"invalid upstream response: {exc}", request=self.request
+            )
+            self._fail(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_done.done() and exc is None and self._delimited_by_close():
             self.on_message_complete()
         if not self.complete:
-            self._fail(
-                httpx.RemoteProtocolError("upstream closed the connection before the body ended")
+            error = httpx.RemoteProtocolError(
+                "upstream closed the connection before the body ended", request=self.request
             )
+            error.__cause__ = exc  # a reset or a TLS error says more than "closed"
+            self._fail(error)
 
     def _delimited_by_close(self) -> bool:
         """A body with neither length nor chunking ends when the connection closes."""
@@ -132,7 +149,9 @@ class RawResponse:
                 async with asyncio.timeout(self._read_timeout):
                     await protocol.wakeup.wait()
             except TimeoutError as exc:
-                raise httpx.ReadTimeout("upstream stopped sending the body") from exc
+                raise httpx.ReadTimeout(
+                    "upstream stopped sending the body", request=protocol.request
+                ) from exc
 
     async def aclose(self) -> None:
         if self._protocol.transport is not None:
@@ -150,6 +169,12 @@ async def send(
     ssl_context: ssl.SSLContext | None = None,
 ) -> RawResponse:
     """Send one request on a new connection and return once the response head has arrived."""
+    request = httpx.Request(
+        method,
+        url,
+        extensions={"timeout": {"connect": connect_timeout, "read": read_timeout}},
+    )
+    head = _request_head(url, method, headers, body, request)
     loop = asyncio.get_running_loop()
     host = url.host
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -157,20 +182,27 @@ async def send(
     try:
         async with asyncio.timeout(connect_timeout):
             _, protocol = await loop.create_connection(
-                _ResponseProtocol, host, port, ssl=tls, server_hostname=host if tls else None
+                lambda: _ResponseProtocol(request),
+                host,
+                port,
+                ssl=tls,
+                server_hostname=host if tls else None,
             )
     except TimeoutError as exc:
-        raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+        message = f"connecting to {host}:{port} timed out"
+        raise httpx.ConnectTimeout(message, request=request) from exc
     except OSError as exc:
-        raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc.strerror}") from exc
+        message = f"cannot connect to {host}:{port}: {exc.strerror}"
+        raise httpx.ConnectError(message, request=request) from exc
     assert protocol.transport is not None
-    protocol.transport.write(_request_head(url, method, headers, body) + body)
+    protocol.transport.write(head + body)
     try:
         async with asyncio.timeout(read_timeout):
             await protocol.head_done
     except TimeoutError as exc:
         protocol.transport.close()
-        raise httpx.ReadTimeout("upstream sent no response head in time") from exc
+        message = "upstream sent no response head in time"
+        raise httpx.ReadTimeout(message, request=request) from exc
     except httpx.HTTPError:
         protocol.transport.close()
         raise
@@ -178,10 +210,24 @@ async def send(
 
 
 def _request_head(
-    url: httpx.URL, method: str, headers: list[tuple[bytes, bytes]], body: bytes
+    url: httpx.URL,
+    method: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    request: httpx.Request,
 ) -> bytes:
+    """The request line and headers; refused when any part would not stay on its own line."""
+    verb = method.encode("latin-1")
+    target = url.raw_path
+    problem = malformed(headers)
+    if not _METHOD.fullmatch(verb):
+        problem = "the method is not a valid HTTP token"
+    elif not _TARGET.fullmatch(target):
+        problem = "the request target is not visible ASCII"
+    if problem is not None:
+        raise httpx.LocalProtocolError(problem, request=request)
     host = url.netloc  # host[:port] exactly as configured
-    lines = [b"%s %s HTTP/1.1" % (method.encode("ascii"), url.raw_path), b"host: " + host]
+    lines = [b"%s %s HTTP/1.1" % (verb, target), b"host: " + host]
     lines += [name + b": " + value for name, value in headers]
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(b"content-length: %d" % len(body))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 from pydantic import SecretStr
 
-from proxy.errors import ServiceTokenError, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import ServiceTokenError, host_label, transport_error
 
 log = logging.getLogger("nbia_proxy.token")
 
@@ -123,26 +124,40 @@ class ServiceToken:
         return grant
 
     async def _post(self, form: dict[str, str]) -> _Grant:
+        # Messages name the host and the cause, never the password, a token or the form.
         try:
             response = await self._client.post(self._token_url, data=form)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("token endpoint timed out", upstream=self._upstream) from exc
-        except httpx.TransportError as exc:
-            raise UpstreamUnreachable(
-                "token endpoint unreachable", upstream=self._upstream
-            ) from exc
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self._upstream, during="service account login") from exc
+        host = host_label(response.request.url)
         if response.status_code != 200:
+            status = response.status_code
+            outcome = (
+                "refused the service account login"
+                if status in (400, 401, 403)
+                else "answered the service account login with an error"
+            )
             raise ServiceTokenError(
-                f"service account login failed (upstream status {response.status_code})",
+                f"upstream {host} {outcome} (status {status})",
                 upstream=self._upstream,
+                upstream_status=response.status_code,
             )
         try:
             body = response.json()
             access = str(body["access_token"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ServiceTokenError(
-                "token endpoint returned an unreadable answer", upstream=self._upstream
+                f"upstream {host} answered the service account login unreadably",
+                upstream=self._upstream,
+                upstream_status=response.status_code,
             ) from exc
+        if not _BEARER_TOKEN.fullmatch(access):
+            # It goes into an Authorization header, written by hand on the binary path.
+            raise ServiceTokenError(
+                f"upstream {host} sent a service token that is not a valid bearer token",
+                upstream=self._upstream,
+                upstream_status=response.status_code,
+            )
         now = self._clock()
         expires_in = _seconds(body.get("expires_in"), 7200.0)
         refresh_in = _seconds(body.get("refresh_expires_in"), expires_in)
@@ -153,6 +168,10 @@ class ServiceToken:
             expires_at=now + expires_in,
             refresh_expires_at=now + refresh_in,
         )
+
+
+#: RFC 6750 b64token: what may follow "Bearer " in an Authorization header.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 def _seconds(value: object, default: float) -> float:

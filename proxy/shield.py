@@ -7,12 +7,19 @@
   says it is overloaded (429/503 with ``Retry-After``), every upstream request of the gateway
   waits until then, not only the one that was told.
 * :class:`Breaker` opens after repeated upstream failures, refuses at once during a cool-down,
-  then lets one probe through and closes again when it succeeds.
+  then lets one probe through and closes again when it succeeds. Only evidence that the
+  upstream is unwell counts (:func:`counts_against_upstream`), once per client request.
+* :class:`Prober` asks the upstream a cheap question while the circuit is open, soon and then
+  less often, and closes the circuit as soon as it answers.
+
+All of this is per gateway process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import time
 from collections import deque
@@ -22,9 +29,10 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Generic, TypeVar
 
-from proxy.errors import UpstreamError
+from proxy.errors import ServiceTokenError, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 T = TypeVar("T")
+log = logging.getLogger("nbia_proxy.shield")
 
 _CALM_SECONDS = 30.0  # no overload for this long: forget the learned rate
 _ADDITIVE_STEP = 0.1  # requests/second gained per successful upstream request
@@ -69,6 +77,7 @@ class ShieldCounters:
     upstream_503: int = 0
     rejected_queue_full: int = 0
     rejected_circuit_open: int = 0
+    circuit_probes: int = 0  # the gateway's own probes of an open circuit, not client traffic
 
 
 class Coalescer(Generic[T]):
@@ -210,9 +219,32 @@ class Limiter:
             await asyncio.sleep(wait)
 
 
+def counts_against_upstream(error: UpstreamError, *, slow: bool) -> bool:
+    """Whether ``error`` is evidence that the upstream is unwell (and so counts for the breaker).
+
+    Connection failures (refused, reset, DNS, TLS, connect time-out) count; so does a request
+    the upstream received but did not answer in time, unless the endpoint is marked slow. The
+    gateway's own limits (a full queue or pool, the request deadline) and a login the upstream
+    refused (wrong password: a configuration error) do not.
+    """
+    if isinstance(error, UpstreamTimeout):
+        return error.phase == "connect" or (error.phase in ("read", "write") and not slow)
+    if isinstance(error, ServiceTokenError):
+        return error.upstream_status in FAILURE_STATUSES
+    return isinstance(error, UpstreamUnreachable)
+
+
+def is_failure_status(status: int, *, slow: bool) -> bool:
+    """Whether an upstream answer counts against the breaker (a 504 of a slow query does not)."""
+    return status in FAILURE_STATUSES and not (slow and status == 504)
+
+
 @dataclass
 class Breaker:
-    """Closed → open after ``threshold`` failures in a row → half-open probe after the cool-down."""
+    """Closed → open after ``threshold`` failures in a row → half-open probe after the cool-down.
+
+    ``listener`` is called whenever a failure leaves the circuit open (the :class:`Prober`).
+    """
 
     upstream: str
     threshold: int
@@ -222,12 +254,18 @@ class Breaker:
     failures: int = 0
     opened_at: float | None = None
     probing: bool = False
+    listener: Callable[[], None] | None = None
 
     @property
     def state(self) -> str:
         if self.opened_at is None:
             return "closed"
         return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
+
+    @property
+    def is_open(self) -> bool:
+        """Open or half-open: the upstream has not yet shown that it is back."""
+        return self.opened_at is not None
 
     def before(self) -> None:
         """Raise :class:`CircuitOpen` unless a request may go upstream now."""
@@ -244,10 +282,12 @@ class Breaker:
         self.probing = True  # this request is the probe
 
     def abandon(self) -> None:
-        """The request never reached the upstream: let another one be the probe."""
+        """No verdict on the upstream (never reached, or not its fault): another may probe."""
         self.probing = False
 
     def success(self) -> None:
+        if self.opened_at is not None:
+            log.info("upstream %s answers again; circuit closed", self.upstream)
         self.failures = 0
         self.opened_at = None
         self.probing = False
@@ -255,8 +295,85 @@ class Breaker:
     def failure(self) -> None:
         self.failures += 1
         if self.probing or self.failures >= self.threshold:
+            if self.opened_at is None:
+                log.warning(
+                    "upstream %s failed %d times in a row; circuit open",
+                    self.upstream,
+                    self.failures,
+                )
             self.opened_at = self.clock()
         self.probing = False
+        if self.opened_at is not None and self.listener is not None:
+            self.listener()
+
+
+class Prober:
+    """While ``breaker`` is open, ``probe`` the upstream: after ``first`` seconds, then doubling
+    the pause after each failed probe up to the breaker's cool-down. A healthy answer closes
+    the circuit at once, so service returns within seconds of the upstream (not after a whole
+    cool-down, and without waiting for a client request to be the probe).
+
+    One task per breaker, started lazily by :meth:`wake` (from :attr:`Breaker.listener`) and
+    ending when the circuit closes; :meth:`aclose` stops it with the app. ``first`` = 0: off.
+    """
+
+    def __init__(
+        self,
+        breaker: Breaker,
+        probe: Callable[[], Awaitable[bool]],
+        *,
+        first: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.breaker = breaker
+        self.first = first
+        self._probe = probe
+        self._sleep = sleep
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def wake(self) -> None:
+        """Start probing unless a round is already running (or probing is off)."""
+        if self.first <= 0 or self.running:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no event loop (a breaker driven by hand): nothing to probe with
+        self._task = loop.create_task(self._run(), name=f"probe-{self.breaker.upstream}")
+
+    async def wait(self) -> None:
+        """Until the current round of probing has ended."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        pause = self.first
+        longest = max(self.breaker.cooldown, self.first)
+        while self.breaker.is_open:
+            await self._sleep(pause)
+            if not self.breaker.is_open:
+                return  # a client request (the half-open probe) closed it meanwhile
+            self.breaker.counters.circuit_probes += 1
+            try:
+                healthy = await self._probe()
+            except Exception:
+                log.exception("probing upstream %s failed unexpectedly", self.breaker.upstream)
+                healthy = False
+            if healthy:
+                self.breaker.success()
+                return
+            pause = min(pause * 2, longest)
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

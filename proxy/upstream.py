@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,8 +11,19 @@ import httpx
 from pydantic import SecretStr
 
 from proxy.config import Settings
+from proxy.errors import transport_error
 from proxy.service_token import ServiceToken
-from proxy.shield import Breaker, Limiter, ShieldCounters
+from proxy.shield import Breaker, Limiter, Prober, ShieldCounters, is_failure_status
+
+log = logging.getLogger("nbia_proxy.upstream")
+
+#: What the gateway asks an upstream whose circuit is open: the list of collection names. It
+#: works on every NBIA server without a token (v4 answers anonymously), is one small indexed
+#: query (a few KB, the call every tcia-utils session starts with), has no side effect (unlike
+#: the token endpoint, which would log in, or downloads, which TCIA records), and it goes
+#: through the application, not just the web server in front of it (unlike a bare TCP
+#: connect). The answer is neither cached nor counted as client traffic.
+PROBE_PATH = b"/nbia-api/services/v4/getCollectionValues"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +110,15 @@ class Upstream:
             counters,
             clock,
         )
+        self.prober = Prober(self.breaker, self.probe, first=settings.circuit_probe_seconds)
+        self.breaker.listener = self.prober.wake
+        # A probe slower than the longest pause between probes counts as failed: the next one
+        # starts at once rather than after the full read time-out.
+        patience = max(1.0, settings.circuit_cooldown_seconds)
+        self._probe_timeout = httpx.Timeout(
+            min(settings.read_timeout_seconds, patience),
+            connect=min(settings.connect_timeout_seconds, patience),
+        )
 
     def url_for(self, raw_path: bytes, query: bytes) -> httpx.URL:
         """The upstream URL for a client path (below the mount) and raw query, bytes kept."""
@@ -105,5 +126,18 @@ class Upstream:
         target = base_path + raw_path + (b"?" + query if query else b"")
         return self.base_url.copy_with(raw_path=target)
 
+    async def probe(self) -> bool:
+        """One cheap anonymous read (:data:`PROBE_PATH`): True when the upstream answers with
+        anything but 502/503/504 (a 4xx still shows a working application)."""
+        url = self.url_for(PROBE_PATH, b"")
+        try:
+            response = await self.client.get(url, timeout=self._probe_timeout)
+        except httpx.HTTPError as exc:
+            log.debug("probe: %s", transport_error(exc, self.name).message)
+            return False
+        log.debug("probe of upstream %s: %d", self.name, response.status_code)
+        return not is_failure_status(response.status_code, slow=False)
+
     async def aclose(self) -> None:
+        await self.prober.aclose()
         await self.client.aclose()

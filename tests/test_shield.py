@@ -254,7 +254,11 @@ def test_full_upstream_queue_answers_503_with_retry_after(
 def test_circuit_opens_after_repeated_failures_and_closes_after_a_probe(
     make_gateway: GatewayFactory, nbia_upstream: FakeServer, mono: Clock, wall: Clock
 ) -> None:
-    with make_gateway(circuit_failure_threshold=3, circuit_cooldown_seconds=30) as gw:
+    # The gateway's own probes are off here: this is the passive path, a client request as
+    # the probe after the cool-down (tests/test_failsafe_breaker.py covers active probing).
+    with make_gateway(
+        circuit_failure_threshold=3, circuit_cooldown_seconds=30, circuit_probe_seconds=0
+    ) as gw:
         get(gw, SERIES)
         wall.advance(2 * DAY)
         nbia_upstream.stop()
