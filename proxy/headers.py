@@ -44,7 +44,8 @@ _NOT_RETURNED = _HOP_BY_HOP | {b"set-cookie", b"content-length"}
 
 # RFC 9110: field-name = token; field-value = visible characters (and obs-text), with spaces
 # and tabs only between them. No CR, LF or NUL (they would end or split the line), no other
-# control characters, no leading or trailing whitespace (h11 refuses to send those).
+# control characters, no leading or trailing whitespace (h11 refuses to send those;
+# for_upstream strips them first).
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?")
 
@@ -67,9 +68,11 @@ def _keep(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> 
 def for_upstream(client_headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
     """End-to-end request headers to send upstream, minus the client's credentials.
 
-    Raises :class:`~proxy.errors.ClientError` (400) for a header that cannot be sent as is.
+    Leading and trailing spaces and tabs are not part of a field value (RFC 9110 §5.5, and
+    Tomcat drops them too), so they are dropped rather than refused. Raises
+    :class:`~proxy.errors.ClientError` (400) for a header that still cannot be sent.
     """
-    kept = _keep(client_headers, _NOT_FORWARDED)
+    kept = [(n, v.strip(b" \t")) for n, v in _keep(client_headers, _NOT_FORWARDED)]
     problem = malformed(kept)
     if problem is not None:
         raise ClientError(problem)
@@ -91,8 +94,8 @@ def malformed(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             return "a header name is not a valid HTTP token"
         if not _FIELD_VALUE.fullmatch(value):
             return (
-                f"header {name.decode('ascii').lower()} has leading or trailing whitespace or "
-                "a control character; the gateway cannot forward it"
+                f"header {name.decode('ascii').lower()} has a control character or stray "
+                "whitespace; the gateway cannot forward it"
             )
     return None
 

@@ -89,44 +89,40 @@ def small_series(upstream: FakeServer) -> str:
 
 
 @pytest.mark.parametrize("value", [b"value ", b"value\t", b"value  \t"])
-def test_trailing_whitespace_in_a_header_is_the_client_s_400_and_never_opens_the_circuit(
+def test_trailing_whitespace_in_a_header_is_dropped_and_never_opens_the_circuit(
     make_gateway: GatewayFactory, nbia_upstream: FakeServer, value: bytes
 ) -> None:
-    """The issue's attack: five such requests opened the circuit for every user for 30 s."""
+    """The issue's attack: five such requests opened the circuit for every user for 30 s,
+    because the gateway's own HTTP client refused to send them. Whitespace around a field value
+    is not part of it (RFC 9110 §5.5): the gateway drops it, as Tomcat would, and forwards."""
     with make_gateway(circuit_failure_threshold=5) as gw:
         warm = get(gw, OTHER)
         assert warm.status_code == 200
-        entries = stats(gw)["entries"]
         seen = len(nbia_upstream.app.requests)
         for i in range(5):
             head = request_line("GET", f"{S}/v4/getSeries?Collection=ATTACK{i}")
             attack = head.replace(b"Connection:", b"X-Lab-Tag: " + value + b"\r\nConnection:")
-            status, _, body = send_raw(gw.url, attack)
-            assert status == 400
-            assert len(body) < 200
-            assert error_of(body) == {
-                "error": "header x-lab-tag has leading or trailing whitespace or a control "
-                "character; the gateway cannot forward it"
-            }
-        assert len(nbia_upstream.app.requests) == seen  # TCIA never saw them
+            status, _, _ = send_raw(gw.url, attack)
+            assert status == 200
+        sent = nbia_upstream.app.requests[seen:]
+        assert [call.headers["x-lab-tag"] for call in sent] == ["value"] * 5
         assert circuit(gw) == "closed" and breaker(gw).failures == 0
-        assert stats(gw)["entries"] == entries  # nothing stored, nothing lost
         again = get(gw, OTHER)
         assert again.status_code == 200 and again.headers["x-cache"] == "HIT"
         assert again.content == warm.content
-        assert get(gw, f"{S}/v4/getSeries?Collection=TCGA-KIRC").status_code == 200
 
 
-def test_the_binary_path_refuses_the_same_headers_instead_of_writing_them_raw(
+def test_the_binary_path_forwards_the_same_headers_trimmed(
     make_gateway: GatewayFactory, nbia_upstream: FakeServer
 ) -> None:
     with make_gateway() as gw:
         uid = small_series(nbia_upstream)
         head = request_line("GET", f"{S}/v4/getImage?SeriesInstanceUID={uid}")
-        status, _, body = send_raw(gw.url, head.replace(b"Host:", b"X-Lab-Tag: v \r\nHost:"))
-        assert status == 400 and "x-lab-tag" in error_of(body)["error"]
-        assert nbia_upstream.app.requests_to("/v4/getImage") == []
-        assert get(gw, f"{S}/v4/getImage?SeriesInstanceUID={uid}").status_code == 200
+        status, _, _ = send_raw(gw.url, head.replace(b"Host:", b"X-Lab-Tag: v \r\nHost:"))
+        assert status == 200
+        [call] = nbia_upstream.app.requests_to("/v4/getImage")
+        assert call.headers["x-lab-tag"] == "v"
+        assert circuit(gw) == "closed"
 
 
 def test_headers_the_gateway_drops_anyway_are_not_refused(
@@ -514,7 +510,7 @@ def test_the_forwarding_layer_refuses_unforwardable_headers_before_any_network()
             with pytest.raises(ClientError) as caught:
                 await open_shielded(
                     upstream,
-                    _outgoing(f"{S}/v4/getSeries", [(b"x-lab-tag", b"secret ")]),
+                    _outgoing(f"{S}/v4/getSeries", [(b"x-lab-tag", b"sec\x7fret")]),
                     TokenUse.OPTIONAL,
                     False,
                 )
