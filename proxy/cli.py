@@ -34,7 +34,14 @@ from pydantic import SecretStr
 
 from proxy import __version__
 from proxy.config import ENV_PREFIX, InvalidSettings, Settings, load_settings, unknown_variables
-from proxy.preflight import FAILURE, USAGE, CommandError, check_data_dir, check_database
+from proxy.preflight import (
+    FAILURE,
+    USAGE,
+    CommandError,
+    check_data_dir,
+    check_database,
+    check_listen,
+)
 
 #: Secrets are never taken from the command line, where ``ps`` would show them.
 _NO_FLAG = frozenset({"password", "nlst_password"})
@@ -440,6 +447,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.command == "serve":
             check_data_dir(settings.data_dir)
+            check_listen(settings.host, settings.port)
             if settings.cache_enabled or settings.access == "accounts":
                 check_database(settings)
             serve(settings)

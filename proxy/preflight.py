@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pwd
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,36 @@ class CommandError(Exception):
 def check_data_dir(path: Path) -> None:
     """The data dir is a writable directory, or can be created as one in an existing parent."""
     _check_directory("data_dir", path)
+
+
+def check_listen(host: str, port: int) -> None:
+    """The gateway can listen on ``host``:``port``: the name resolves, the address is this
+    machine's and nothing else holds the port (checked by binding, then letting go)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise CommandError(f"host {host} cannot be listened on: {exc.strerror}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CommandError(
+                    f"port {port} on {host} is in use (another gateway?): stop it or give "
+                    "another port",
+                    FAILURE,
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise CommandError(
+                    f"port {port} needs privileges this user lacks: give a port above 1023"
+                ) from None
+            raise CommandError(
+                f"host {host} cannot be listened on ({exc.strerror}): give an address of this "
+                "machine"
+            ) from None
 
 
 def check_database(settings: Settings) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -260,6 +261,16 @@ MISTAKES: dict[str, Mistake] = {
     ),
     "flag unknown": Mistake((*SERVE, *DATA, "--prot", "1"), 2, ("--prot",)),
     "subcommand missing": Mistake(("cache",), 2, ("stats", "purge")),
+    "host that does not resolve": Mistake(
+        ("serve", "--port", "0", *DATA, "--host", "nowhere.invalid", "--allow-remote-open"),
+        2,
+        ("nowhere.invalid",),
+    ),
+    "host of another machine": Mistake(
+        ("serve", "--port", "0", *DATA, "--host", "192.0.2.1", "--allow-remote-open"),
+        2,
+        ("192.0.2.1", "address of this machine"),
+    ),
     "stats from a port with nothing listening": Mistake(
         ("cache", "stats", "--from", "http://127.0.0.1:{free_port}"),
         1,
@@ -312,6 +323,17 @@ def test_a_mistake_is_one_line_that_says_what_to_do(tmp_path: Path, name: str) -
         unprivileged=mistake.unprivileged,
     )
     assert_one_line(run, mistake.status, *(fill(w) for w in mistake.words))
+
+
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """Before migrations or uvicorn's log lines: the port is taken, exit 1 (free it, retry)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        run = run_cli("serve", "--port", port, "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    assert_one_line(run, 1, f"port {port}", "in use")
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_read_only_database_is_left_as_it_was(tmp_path: Path) -> None:
