@@ -3,7 +3,21 @@
 ``serve`` (the default) runs the gateway; ``migrate`` brings the database schema up to date;
 ``cache stats`` and ``cache purge`` inspect and empty the cache directly in its database, so they
 work whether a gateway is running or not (running gateways drop purged memory copies within
-``cache_recheck_seconds``).
+``cache_recheck_seconds``); ``cache stats --from URL`` asks a running gateway instead.
+
+Every failure is one line on stderr starting with ``nbia-proxy:`` and saying what to do, never a
+traceback. The exit status tells which side must change:
+
+* 2, a usage error: the command line, a setting, the config file or the environment is wrong,
+  or names something that cannot work as given (a data dir that is a file or not writable, a
+  read-only database, a database URL of an unsupported kind, a missing or refused admin key, a
+  URL that is not a gateway's). Running the same command again cannot succeed.
+* 1, a runtime failure: something the command needs did not do its part (PostgreSQL or the
+  gateway does not answer, a lab account that does not exist or exists already). Running the
+  same command again may succeed once that is mended.
+
+Checks of values live in :mod:`proxy.config`; checks of the file system and the network that
+each command needs run first, in :mod:`proxy.preflight`.
 """
 
 from __future__ import annotations
@@ -13,22 +27,44 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from proxy import __version__
-from proxy.config import Settings, load_settings
+from proxy.config import ENV_PREFIX, InvalidSettings, Settings, load_settings, unknown_variables
+from proxy.preflight import (
+    FAILURE,
+    USAGE,
+    CommandError,
+    check_data_dir,
+    check_database,
+    check_listen,
+)
 
 #: Secrets are never taken from the command line, where ``ps`` would show them.
 _NO_FLAG = frozenset({"password", "nlst_password"})
 #: How ``serve --workers N`` hands the parent's settings to each worker process.
 _SETTINGS_ENV = "NBIA_PROXY_WORKER_SETTINGS"
+#: The admin key ``cache stats --from`` sends (or ``--key-file``; never a flag value).
+_ADMIN_KEY_ENV = "NBIA_PROXY_ADMIN_KEY"
+#: Variables of the command itself, not settings (so not warned about).
+_COMMAND_VARIABLES = frozenset({ENV_PREFIX + "CONFIG", _SETTINGS_ENV, _ADMIN_KEY_ENV})
+_STATS_PATH = "/_proxy/cache/stats"
+_STATS_TIMEOUT_SECONDS = 30.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (argparse prints the whole usage, ~40 lines, first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"nbia-proxy: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: `--password x` must not be taken as `--password-file x`.
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nbia-proxy",
         description="A local caching gateway for the NBIA REST API.",
         allow_abbrev=False,
@@ -48,14 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="ask a running gateway instead (adds its live shield counters, circuit and queue)",
     )
+    stats.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="FILE",
+        help=f"with --from: file holding an admin's API key, for a gateway with lab accounts "
+        f"(or env {_ADMIN_KEY_ENV}; never on the command line)",
+    )
     _add_settings_flags(stats)
     purge = cache_commands.add_parser(
-        "purge", help="delete everything, or what matches all the given filters"
+        "purge", help="delete what matches all the given filters, or everything with --all"
     )
-    purge.add_argument("--path", dest="purge_path", help="endpoint glob, e.g. 'v4/getSeries*'")
-    purge.add_argument("--collection", dest="purge_collection", help="a Collection name")
-    purge.add_argument("--series", dest="purge_series", help="a SeriesInstanceUID")
+    purge.add_argument(
+        "--path", dest="purge_path", type=_filter, help="endpoint glob, e.g. 'v4/getSeries*'"
+    )
+    purge.add_argument(
+        "--collection", dest="purge_collection", type=_filter, help="a Collection name"
+    )
+    purge.add_argument("--series", dest="purge_series", type=_filter, help="a SeriesInstanceUID")
+    purge.add_argument(
+        "--all", dest="purge_all", action="store_true", help="delete every entry (no filter)"
+    )
     _add_settings_flags(purge)
+    _name_commands(cache_commands)
     users = commands.add_parser("users", help="lab accounts (for access = accounts)")
     user_commands = users.add_subparsers(dest="users_command", required=True)
     add = user_commands.add_parser("add", help="create a user and print their API key once")
@@ -71,7 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
         command = user_commands.add_parser(verb, help=text)
         command.add_argument("name")
         _add_settings_flags(command)
+    _name_commands(user_commands)
     return parser
+
+
+def _name_commands(commands: Any) -> None:
+    """A missing subcommand is reported by its choices, not by its internal ``dest``."""
+    commands.metavar = "{" + ",".join(commands.choices) + "}"
+
+
+def _filter(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("is empty: give a value, or --all to purge everything")
+    return value
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("""not a JSON object, e.g. '{"v4/getSeries*": 3600}'""")
+    return parsed
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,7 +159,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif field.annotation == dict[str, float]:
-            parser.add_argument(flag, dest=name, type=json.loads, metavar="JSON", help=help_text)
+            parser.add_argument(flag, dest=name, type=_json_object, metavar="JSON", help=help_text)
         else:
             parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
 
@@ -165,27 +238,137 @@ def _plain(settings: Settings) -> dict[str, Any]:
 
 
 def run_cache_command(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """``cache stats`` / ``cache purge`` straight on the database."""
+    """``cache stats`` / ``cache purge`` straight on the database (or ``stats --from URL``)."""
     from proxy.app import build_cache
     from proxy.control import stats_document
 
     if args.cache_command == "stats" and args.stats_from:
-        import httpx
-
-        answer = httpx.get(args.stats_from.rstrip("/") + "/_proxy/cache/stats", timeout=30)
-        answer.raise_for_status()
-        return dict(answer.json())
-    run_migrations(settings)
+        return fetch_stats(args.stats_from, _admin_key(args.key_file))
+    if args.cache_command == "stats" and args.key_file:
+        raise CommandError("--key-file goes with --from (the database itself needs no key)")
+    filters = _purge_filters(args) if args.cache_command == "purge" else {}
+    prepare_database(settings)
     cache = build_cache(settings)
     try:
         if args.cache_command == "stats":
             return stats_document(cache.store.stats(), {})
-        entries, size = cache.store.purge(
-            pattern=args.purge_path, collection=args.purge_collection, series=args.purge_series
-        )
+        entries, size = cache.store.purge(**filters)
         return {"purged_entries": entries, "purged_bytes": size}
     finally:
         cache.store.engine.dispose()
+
+
+def _purge_filters(args: argparse.Namespace) -> dict[str, str]:
+    """The filters of ``cache purge``: everything only when asked for with ``--all``."""
+    given = {
+        name: value
+        for name, value in (
+            ("pattern", args.purge_path),
+            ("collection", args.purge_collection),
+            ("series", args.purge_series),
+        )
+        if value is not None
+    }
+    if args.purge_all and given:
+        raise CommandError(
+            "--all deletes everything: give it without --path, --collection or --series"
+        )
+    if not (args.purge_all or given):
+        raise CommandError(
+            "cache purge deletes what matches --path, --collection or --series; "
+            "give --all to delete everything"
+        )
+    return given
+
+
+def fetch_stats(url: str, key: tuple[str, str] | None) -> dict[str, Any]:
+    """``GET /_proxy/cache/stats`` of the gateway at ``url``; ``key`` is an admin's API key and
+    where it came from, sent as ``Authorization: Bearer`` (a gateway with lab accounts needs it)."""
+    import httpx
+
+    base = _gateway_base(url)
+    headers = {"Authorization": f"Bearer {key[0]}"} if key else {}
+    try:
+        answer = httpx.get(base + _STATS_PATH, headers=headers, timeout=_STATS_TIMEOUT_SECONDS)
+    except httpx.TimeoutException:
+        raise CommandError(
+            f"the gateway at {base} did not answer within {_STATS_TIMEOUT_SECONDS:g} s", FAILURE
+        ) from None
+    except httpx.InvalidURL:
+        raise CommandError("--from takes the gateway's URL, e.g. http://127.0.0.1:8080") from None
+    except httpx.HTTPError as exc:
+        reason = (str(exc).rpartition("] ")[2] or type(exc).__name__).lower().rstrip(".")
+        if isinstance(exc, httpx.ConnectError):
+            message = f"nothing answers at {base} ({reason}): is the gateway running there?"
+        else:
+            message = f"no HTTP answer from {base} ({reason}): is it the gateway's address?"
+        raise CommandError(message, FAILURE) from None
+    if answer.status_code in (401, 403):
+        raise CommandError(_refusal(base, answer.status_code, key[1] if key else None))
+    try:
+        document = answer.json()
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise CommandError(f"{base} is not an nbia-proxy gateway (no JSON at {_STATS_PATH})")
+    if answer.status_code != 200:
+        error = document.get("error", "no reason given")
+        raise CommandError(f"the gateway at {base} answered {answer.status_code}: {error}", FAILURE)
+    return document
+
+
+def _refusal(base: str, status: int, key_source: str | None) -> str:
+    """What to do when a gateway with lab accounts refuses ``cache stats --from``."""
+    if key_source is None:
+        return (
+            f"the gateway at {base} has lab accounts: put an admin's API key in "
+            f"{_ADMIN_KEY_ENV} or in a file named with --key-file"
+        )
+    if status == 401:
+        return (
+            f"the gateway at {base} refused the key from {key_source}: check it "
+            "(nbia-proxy users rotate NAME prints a new one)"
+        )
+    return (
+        f"the gateway at {base} shows its stats to admins only, and the key from {key_source} "
+        "is a member's (nbia-proxy users add NAME --admin makes an admin)"
+    )
+
+
+def _gateway_base(url: str) -> str:
+    example = "e.g. http://127.0.0.1:8080"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CommandError(f"--from takes the gateway's URL, starting with http://, {example}")
+    path_parts = {part.lower() for part in parts.path.split("/")}
+    if parts.query or parts.fragment or path_parts & {"nbia-api", "_proxy"}:
+        raise CommandError(f"--from takes the gateway's base URL, {example}")
+    return url.rstrip("/")
+
+
+def _admin_key(key_file: Path | None) -> tuple[str, str] | None:
+    """The admin key and where it came from: ``--key-file`` (which wins) or the environment."""
+    if key_file is None:
+        key = os.environ.get(_ADMIN_KEY_ENV, "").strip()
+        return (key, _ADMIN_KEY_ENV) if key else None
+    try:
+        key = key_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise CommandError(f"--key-file {key_file} cannot be read: {reason}") from None
+    if not key:
+        raise CommandError(f"--key-file {key_file} is empty")
+    return key, f"--key-file {key_file}"
+
+
+def prepare_database(settings: Settings) -> str:
+    """Check the database can be used, bring its schema up to date; return its URL."""
+    check_database(settings)
+    return run_migrations(settings)
 
 
 def run_users_command(args: argparse.Namespace, settings: Settings) -> str:
@@ -193,7 +376,7 @@ def run_users_command(args: argparse.Namespace, settings: Settings) -> str:
     from proxy.accounts.registry import Registry
     from proxy.db import database_url, make_engine
 
-    run_migrations(settings)
+    prepare_database(settings)
     engine = make_engine(database_url(settings.database_url, settings.data_dir))
     registry = Registry(engine)
     try:
@@ -230,37 +413,59 @@ def _key_notice(name: str) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``nbia-proxy`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def with_default_command(argv: list[str]) -> list[str]:
+    """``nbia-proxy --port 9000`` means ``nbia-proxy serve --port 9000``."""
+    argv = list(argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "serve")
-    args = build_parser().parse_args(argv)
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nbia-proxy`` command (exit statuses: see the module docstring)."""
+    args = build_parser().parse_args(with_default_command(sys.argv[1:] if argv is None else argv))
+    for warning in unknown_variables(os.environ, _COMMAND_VARIABLES):
+        print(f"nbia-proxy: warning: {warning}", file=sys.stderr)
     try:
         settings = settings_from_args(args)
-    except ValidationError as exc:
+        return _run(args, settings)
+    except InvalidSettings as exc:
         # One line per bad setting, without echoing the value (it might be a secret).
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "settings"
-            print(f"nbia-proxy: invalid setting {where}: {error['msg']}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:
-        print(f"nbia-proxy: invalid settings: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "serve":
-        serve(settings)
-    elif args.command == "migrate":
-        print(f"nbia-proxy: database at {run_migrations(settings)} is up to date")
-    elif args.command == "cache":
-        print(json.dumps(run_cache_command(args, settings), indent=2))
-    elif args.command == "users":
-        from proxy.accounts.registry import AccountError
+        for line in exc.lines:
+            print(f"nbia-proxy: {line}", file=sys.stderr)
+        return USAGE
+    except CommandError as exc:
+        print(f"nbia-proxy: {exc}", file=sys.stderr)
+        return exc.exit_status
 
-        try:
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from proxy.accounts.registry import AccountError
+    from proxy.db import database_url
+    from proxy.preflight import database_failure
+
+    try:
+        if args.command == "serve":
+            check_data_dir(settings.data_dir)
+            check_listen(settings.host, settings.port)
+            if settings.cache_enabled or settings.access == "accounts":
+                check_database(settings)
+            serve(settings)
+        elif args.command == "migrate":
+            print(f"nbia-proxy: database at {prepare_database(settings)} is up to date")
+        elif args.command == "cache":
+            print(json.dumps(run_cache_command(args, settings), indent=2))
+        elif args.command == "users":
             print(run_users_command(args, settings))
-        except AccountError as exc:
-            print(f"nbia-proxy: {exc}", file=sys.stderr)
-            return 1
+    except AccountError as exc:
+        raise CommandError(str(exc), FAILURE) from None
+    except SQLAlchemyError as exc:
+        # Past the preflight checks (e.g. a schema PostgreSQL will not let this user create).
+        raise database_failure(
+            exc, database_url(settings.database_url, settings.data_dir)
+        ) from None
     return 0
 
 

@@ -1,17 +1,33 @@
 """Settings: every knob of the gateway, read from flags, ``NBIA_PROXY_*`` variables or a TOML file.
 
 Precedence, highest first: command-line flag, environment variable, config file, default.
-Nothing is read at import time; :func:`load_settings` builds a fresh :class:`Settings`.
+Nothing is read at import time; :func:`load_settings` builds a fresh :class:`Settings`, or
+raises :class:`InvalidSettings` with one line per problem, naming where the bad value came from.
+The checks here are pure (values only); what needs the file system or the network is checked by
+:mod:`proxy.preflight` when a command starts.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
+import re
 import tomllib
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+import pydantic_settings
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +38,28 @@ from proxy.client_tokens import read_secret_file
 
 #: NBIA's public guest account; the real server accepts any password for it.
 GUEST_USERNAME = "nbia_guest"
+ENV_PREFIX = "NBIA_PROXY_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Path segments of NBIA's own API: a base URL holding one was copied from an API address.
+_NBIA_PATH_PARTS = frozenset({"nbia-api", "services", "oauth", "v1", "v2", "v3", "v4"})
+_BASE_URL_EXAMPLES = {
+    "upstream": "https://services.cancerimagingarchive.net",
+    "nlst_upstream": "https://nlst.cancerimagingarchive.net",
+}
+#: Database URL schemes the gateway runs on (``postgres`` and ``postgresql`` mean psycopg 3).
+_DATABASES = {"sqlite": ("", "pysqlite"), "postgresql": ("", "psycopg"), "postgres": ("",)}
+_DATABASE_HINT = (
+    "use sqlite:///PATH (the default is a file in data_dir) or postgresql://USER@HOST:PORT/DB "
+    "(through the psycopg package, which nbia-proxy installs)"
+)
+
+
+class InvalidSettings(ValueError):
+    """Settings that cannot be used; :attr:`lines` says what is wrong, one line per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("; ".join(lines))
+        self.lines = lines
 
 
 class Settings(BaseSettings):
@@ -193,10 +231,26 @@ class Settings(BaseSettings):
 
     @field_validator("upstream", "nlst_upstream")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("an upstream URL must start with http:// or https://")
-        return value.rstrip("/")
+    def _check_base_url(cls, value: str, info: ValidationInfo) -> str:
+        return checked_base_url(value, _BASE_URL_EXAMPLES[str(info.field_name)])
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str | None) -> str | None:
+        if value:
+            problem = _database_url_problem(value)
+            if problem is not None:
+                # Never the URL itself: it may hold a password.
+                raise ValueError(f"{problem}: {_DATABASE_HINT}")
+        return value
 
     @model_validator(mode="after")
     def _refuse_open_remote(self) -> Settings:
@@ -211,7 +265,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _read_password_file(self) -> Settings:
         if self.password_file is not None:
-            text = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            try:
+                text = self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ValueError(
+                    f"password_file {self.password_file} cannot be read: {reason}"
+                ) from None
             self.password = SecretStr(text)
         return self
 
@@ -243,31 +303,122 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def checked_base_url(value: str, example: str) -> str:
+    """``value`` without a trailing slash, if it can be an NBIA server's base URL.
+
+    The gateway appends NBIA's own paths (``/nbia-api/services/v4/...``), so a URL that already
+    holds one of them, a query, a fragment or credentials is a mistake; a plain prefix (NBIA
+    behind a reverse proxy, another gateway's ``/nlst`` mount) is not.
+    """
+    hint = f"give the server's base URL without /nbia-api, e.g. {example}"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"not a URL: {hint}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"must start with http:// or https://, e.g. {example}")
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: the service account is username and password (or password_file).
+        raise ValueError("must not hold a user name or password: set username and password")
+    if not parts.hostname:
+        raise ValueError(f"has no host: {hint}")
+    if "?" in value or "#" in value:
+        raise ValueError(f"must not have a query or fragment: {hint}")
+    if _NBIA_PATH_PARTS & {part.lower() for part in parts.path.split("/")}:
+        raise ValueError(hint)
+    return value.rstrip("/")
+
+
+def _database_url_problem(url: str) -> str | None:
+    scheme, separator, _ = url.partition("://")
+    if not separator or not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?", scheme):
+        return "not a database URL"
+    backend, _, driver = scheme.lower().partition("+")
+    if backend not in _DATABASES:
+        return f"{backend} databases are not supported"
+    if driver not in _DATABASES[backend]:
+        return f"the {driver} driver is not supported"
+    return None
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings from (in order of strength) ``overrides``, the environment and a TOML file.
 
     ``overrides`` holds only the flags the user actually gave; ``None`` values are ignored.
+    Raises :class:`InvalidSettings`, whose lines name each bad setting and where it came from.
     """
     flags = {key: value for key, value in overrides.items() if value is not None}
     file_values = _read_config_file(config_file) if config_file else {}
     env_names = _names_set_in_environment()
     # A file value applies only where neither a flag nor the environment set that field.
-    merged = {k: v for k, v in file_values.items() if k not in env_names} | flags
-    return Settings(**merged)
+    from_file = {k: v for k, v in file_values.items() if k not in env_names}
+    try:
+        return Settings(**(from_file | flags))
+    except ValidationError as exc:
+        # Where each value came from, for the message (a flag needs no reminder).
+        sources = dict.fromkeys(from_file, f" in {config_file}")
+        sources |= {name: f" in {ENV_PREFIX}{name.upper()}" for name in env_names}
+        sources |= dict.fromkeys(flags, "")
+        raise InvalidSettings([_explain(error, sources) for error in exc.errors()]) from None
+    except pydantic_settings.SettingsError as exc:
+        # Raised for a variable that is not JSON where JSON is expected (e.g. cache_ttl).
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = found.group(1) if found else "?"
+        raise InvalidSettings(
+            [f"invalid setting {name} in {ENV_PREFIX}{name.upper()}: not valid JSON"]
+        ) from None
+
+
+def _explain(error: Any, sources: dict[str, str]) -> str:
+    """One line for one validation error, without pydantic's prefixes and without the value."""
+    name = str(error["loc"][0]) if error["loc"] else ""
+    if error["type"] == "extra_forbidden":
+        guess = difflib.get_close_matches(name, list(Settings.model_fields), n=1)
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        return f"unknown setting {name}{sources.get(name, '')}{hint}"
+    message = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    if not name:
+        return message  # a check across settings: its message names them
+    return f"invalid setting {name}{sources.get(name, '')}: {message}"
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        data = tomllib.load(handle)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise InvalidSettings([f"config file {path} does not exist"]) from None
+    except OSError as exc:
+        raise InvalidSettings([f"config file {path} cannot be read: {exc.strerror}"]) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidSettings([f"config file {path} is not valid TOML: {exc}"]) from None
     # Accept both a flat file and one with a [nbia-proxy] table.
     table = data.get("nbia-proxy", data)
     if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected a table of settings")
+        raise InvalidSettings([f"config file {path}: [nbia-proxy] must be a table of settings"])
     return {key.replace("-", "_"): value for key, value in table.items()}
 
 
 def _names_set_in_environment() -> set[str]:
-    import os
+    return {
+        name[len(ENV_PREFIX) :].lower()
+        for name in os.environ
+        if name.upper().startswith(ENV_PREFIX)
+    }
 
-    prefix = "NBIA_PROXY_"
-    return {name[len(prefix) :].lower() for name in os.environ if name.upper().startswith(prefix)}
+
+def unknown_variables(environ: Mapping[str, str], others: Collection[str]) -> list[str]:
+    """A warning for each ``NBIA_PROXY_*`` variable that is neither a setting nor in ``others``
+    (the command's own variables), with the likeliest setting it was meant to be.
+    ``NBIA_PROXY_TEST_*`` belongs to the test suite (``tests/databases.py``)."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | set(others)
+    warnings = []
+    for variable in sorted(name.upper() for name in environ):
+        if variable.startswith(ENV_PREFIX + "TEST_"):
+            continue
+        if variable.startswith(ENV_PREFIX) and variable not in known:
+            guess = difflib.get_close_matches(variable, sorted(known), n=1)
+            hint = f"; did you mean {guess[0]}?" if guess else ""
+            warnings.append(f"{variable} is not a setting and is ignored{hint}")
+    return warnings

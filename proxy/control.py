@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +20,7 @@ from proxy import __version__
 from proxy.access import Access
 from proxy.cache.store import EndpointStats
 from proxy.cache.tiers import TieredCache
+from proxy.errors import ClientError
 from proxy.shield import ShieldCounters
 from proxy.upstream import Upstream
 
@@ -46,6 +47,41 @@ def stats_document(rows: list[EndpointStats], extra: dict[str, Any]) -> dict[str
             for r in rows
         },
     }
+
+
+#: The query parameters of ``DELETE /_proxy/cache``: its filters (by their name in
+#: :meth:`TieredCache.purge`), and ``all``.
+_PURGE_FILTERS = {"path": "pattern", "collection": "collection", "series": "series"}
+_PURGE_PARAMETERS = (*_PURGE_FILTERS, "all")
+_MAX_FILTER_LENGTH = 200
+
+
+def purge_filters(parameters: list[tuple[str, str]]) -> dict[str, str]:
+    """The filters of a purge request, as keywords of :meth:`TieredCache.purge`; none means
+    everything (no parameter at all, or ``all=true``).
+
+    Any mistake is a :class:`ClientError`: an unknown parameter (a typo of a filter must not
+    widen the purge to everything), an empty or repeated one, or ``all`` beside a filter.
+    """
+    given: dict[str, str] = {}
+    for name, value in parameters:
+        if name not in _PURGE_PARAMETERS:
+            raise ClientError(
+                f"unknown parameter {name[:40]}: the accepted ones are "
+                f"{', '.join(_PURGE_PARAMETERS)} (all=true alone purges everything)"
+            )
+        if name in given:
+            raise ClientError(f"give {name} once")
+        if name == "all" and value != "true":
+            raise ClientError("all takes only all=true (purge everything)")
+        if not value:
+            raise ClientError(f"{name} is empty: give a value, or all=true alone for everything")
+        if len(value) > _MAX_FILTER_LENGTH:
+            raise ClientError(f"{name} is longer than {_MAX_FILTER_LENGTH} characters")
+        given[name] = value
+    if given.pop("all", None) and given:
+        raise ClientError("all=true purges everything: give it without path, collection or series")
+    return {_PURGE_FILTERS[name]: value for name, value in given.items()}
 
 
 def shield_document(upstreams: list[Upstream], counters: ShieldCounters) -> dict[str, Any]:
@@ -121,16 +157,17 @@ def control_app(
         }
         return stats_document(await cache.stats(), extra)
 
-    @app.delete("/_proxy/cache")
-    async def cache_purge(
-        path: str | None = Query(None, max_length=200, description="endpoint glob, v4/getSeries*"),
-        collection: str | None = Query(None, max_length=200),
-        series: str | None = Query(None, max_length=200),
-    ) -> dict[str, int]:
-        """Delete everything, or the entries matching all the given filters."""
+    @app.delete("/_proxy/cache", response_model=None)
+    async def cache_purge(request: Request) -> dict[str, int] | JSONResponse:
+        """Delete the entries matching all the given filters (path, collection, series), or
+        everything: no parameter at all, or ``all=true``."""
         if cache is None:
             raise StarletteHTTPException(404, "the cache is disabled")
-        entries, size = await cache.purge(pattern=path, collection=collection, series=series)
+        try:
+            filters = purge_filters(request.query_params.multi_items())
+        except ClientError as exc:
+            return JSONResponse(exc.to_json(), status_code=exc.status)
+        entries, size = await cache.purge(**filters)
         return {"purged_entries": entries, "purged_bytes": size}
 
     return app

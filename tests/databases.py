@@ -2,7 +2,7 @@
 
 PostgreSQL is found at ``NBIA_PROXY_TEST_POSTGRES_URL`` (default: the local ``test`` database
 with trust auth). When it cannot be reached the PostgreSQL variants skip with the reason,
-unless ``NBIA_PROXY_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns that into a failure.
+unless ``NBIA_PROXY_TEST_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns that into a failure.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def database(backend: str, tmp_path: Path) -> Iterator[str]:
     except OperationalError as exc:
         admin.dispose()
         reason = f"PostgreSQL not reachable at {postgres_url()}: {exc.orig}"
-        if os.environ.get("NBIA_PROXY_REQUIRE_POSTGRES") == "1":
+        if os.environ.get("NBIA_PROXY_TEST_REQUIRE_POSTGRES") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
     separator = "&" if "?" in postgres_url() else "?"
