@@ -9,11 +9,12 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -54,6 +55,11 @@ class Settings(BaseSettings):
     )
     max_header_bytes: int = Field(
         1024 * 1024, gt=0, description="Largest request line plus headers accepted (431 beyond)."
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or networks (comma-separated, e.g. 10.0.0.5,10.1.0.0/16) whose "
+        "X-Forwarded-For is believed (default: none).",
     )
     allow_remote_open: bool = Field(
         False,
@@ -175,6 +181,26 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("an upstream URL must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        # A flag or an environment variable gives one string; a TOML file may give a list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted proxy {entry!r} is not an IP address or network (CIDR)"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _refuse_open_remote(self) -> Settings:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import http
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import httptools
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy import audit
@@ -22,15 +23,21 @@ from proxy.cache.store import Entry
 from proxy.gateway import Gateway
 
 _WRITE_BUFFER_LIMIT = 256 * 1024
+_Wrapped = TypeVar("_Wrapped")
+
+
+def _unwrap(app: Any, kind: type[_Wrapped]) -> _Wrapped | None:
+    """The ``kind`` inside uvicorn's middleware wrappers, if any."""
+    for _ in range(10):
+        if isinstance(app, kind):
+            return app
+        app = getattr(app, "app", None)
+    return None
 
 
 def find_gateway(app: Any) -> Gateway | None:
     """The Gateway inside uvicorn's middleware wrappers, if any."""
-    for _ in range(10):
-        if isinstance(app, Gateway):
-            return app
-        app = getattr(app, "app", None)
-    return None
+    return _unwrap(app, Gateway)
 
 
 def status_line(status: int) -> bytes:
@@ -57,12 +64,23 @@ class HitProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._gateway = find_gateway(self.app)
         self._answered = False  # the current request was answered by the shortcut
+        # uvicorn's X-Forwarded-For handling, present only when trusted_proxies names some.
+        proxy_headers = _unwrap(self.app, ProxyHeadersMiddleware)
+        self._trusted = proxy_headers.trusted_hosts if proxy_headers else None
+        self._peer = "-"
+        self._peer_trusted = False
         # httptools (llhttp) puts no bound on the request head: this protocol does.
         self._head_limit = self._gateway.settings.max_header_bytes if self._gateway else 0
         self._head_size = 0
         self._refused = False  # the head was too large: answered 431, connection closing
         # When an idle keep-alive connection is to be closed; None while a request is under way.
         self._idle_deadline: float | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if self.client:
+            self._peer = str(self.client[0])
+            self._peer_trusted = self._trusted is not None and self._peer in self._trusted
 
     def on_message_begin(self) -> None:
         # uvicorn builds the ASGI scope here (a dict, and a copy of the app state) for every
@@ -191,7 +209,7 @@ class HitProtocol(HttpToolsProtocol):
         gateway = self._gateway
         assert gateway is not None
         cache = gateway.cache
-        client = str(self.client[0]) if self.client else "-"
+        client = self._forwarded_client() if self._peer_trusted else self._peer
         principal = gateway.access.quick_principal(self.headers, client)
         if principal is None:
             return None  # no valid credentials: the full path writes the refusal
@@ -208,3 +226,13 @@ class HitProtocol(HttpToolsProtocol):
             user = gateway.access.audit_name(principal, self.headers)
             gateway.audit_hit(user, client, path, entry, time.perf_counter())
         return b"%sx-cache: HIT\r\nage: %d\r\n\r\n%s" % (response_head(entry), age, entry.body)
+
+    def _forwarded_client(self) -> str:
+        """The client behind a trusted proxy, read as uvicorn's middleware reads it for the
+        ASGI path, so that lockout and audit see the same address on both paths."""
+        assert self._trusted is not None
+        forwarded = [value for name, value in self.headers if name == b"x-forwarded-for"]
+        if not forwarded:
+            return self._peer
+        host, _ = self._trusted.get_trusted_client_address(b", ".join(forwarded).decode("latin-1"))
+        return host or self._peer

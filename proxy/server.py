@@ -1,0 +1,47 @@
+"""How the gateway is served: uvicorn's options from the settings.
+
+``nbia-proxy serve`` and the test harness (``tests/gateway_server.py``) build uvicorn's
+configuration with :func:`uvicorn_options`, so the tests run what users run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+from proxy.config import Settings
+
+log = logging.getLogger("nbia_proxy.server")
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config`` (all but the app) that serve ``settings``."""
+    return {
+        # uvicorn's httptools protocol, bounded, plus a shortcut for fresh cache hits.
+        "http": "proxy.hit_protocol:HitProtocol",
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "log_config": None,
+        # The upstream's own Date and Server headers are relayed instead.
+        "server_header": False,
+        "date_header": False,
+        "access_log": False,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local caller could
+        # then choose the address that is audited and locked out. Only listed proxies count.
+        "proxy_headers": bool(settings.trusted_proxies),
+        "forwarded_allow_ips": list(settings.trusted_proxies),
+    }
+
+
+def serve_app(app: Any, settings: Settings) -> None:
+    """Serve ``app`` in this process until a signal stops it."""
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings)))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the server caught signals
+        server.run()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)  # the reason has been logged
