@@ -106,10 +106,11 @@ def serve(settings: Settings) -> None:
 
     from proxy.app import create_app
     from proxy.logs import configure_logging
-    from proxy.server import serve_app, uvicorn_options
+    from proxy.server import raise_file_limit, serve_app, uvicorn_options
 
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    raise_file_limit()  # before the workers start: they inherit it
     if settings.workers == 1:
         serve_app(create_app(settings), settings)
         return

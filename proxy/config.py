@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         1024 * 1024, gt=0, description="Largest request line plus headers accepted (431 beyond)."
     )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a connection may take to send a complete request head (then 408 "
+        "and closed; a connection that sends nothing is closed).",
+    )
+    max_connections_per_client: int = Field(
+        256,
+        ge=0,
+        description="Open connections per client address, per process; more are answered 503 "
+        "and closed at once (0: no limit; trusted proxies are exempt).",
+    )
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Addresses or networks (comma-separated, e.g. 10.0.0.5,10.1.0.0/16) whose "

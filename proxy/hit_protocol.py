@@ -1,29 +1,76 @@
-"""uvicorn's httptools protocol with a shortcut for cache hits.
+"""uvicorn's httptools protocol, bounded, with a shortcut for cache hits.
 
-For every request uvicorn builds an ASGI scope, a request/response cycle and an asyncio task;
-for a cache hit that bookkeeping costs several times more than the answer itself. This protocol
-answers a plain keep-alive ``GET`` that the gateway has answered before, and whose stored copy
-is fresh in memory, straight from the parser callback with one ``transport.write``. Anything
-else (a miss, a body, ``no-cache``, pipelining, HTTP/1.0, an upgrade, a percent-encoded path)
-goes down uvicorn's ordinary path unchanged.
+Bounds, so that no client holds the gateway (all per process):
+
+* the request head (request line and headers) may not exceed ``max_header_bytes``, counted while
+  it arrives (httptools gathers an unfinished header line without limit): beyond it, 431 and the
+  connection is closed;
+* it must be complete within ``header_timeout_seconds`` of the connection's opening or of the
+  request's first byte: else 408 (or, for a connection that sent nothing, just a close);
+* a client address may hold ``max_connections_per_client`` connections; more are answered 503
+  and closed at once (a trusted proxy speaks for many clients and is not capped);
+
+The shortcut: for every request uvicorn builds an ASGI scope, a request/response cycle and an
+asyncio task; for a cache hit that bookkeeping costs several times more than the answer itself.
+This protocol answers a plain keep-alive ``GET`` that the gateway has answered before, and
+whose stored copy is fresh in memory, straight from the parser callback with one
+``transport.write``. Anything else (a miss, a body, ``no-cache``, pipelining, HTTP/1.0, an
+upgrade, a percent-encoded path) goes down uvicorn's ordinary path unchanged.
 """
 
 from __future__ import annotations
 
 import http
+import json
+import logging
 import time
+import weakref
+from asyncio import TimerHandle
+from collections import Counter
 from typing import Any, TypeVar
 
 import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from proxy import audit
 from proxy.cache.store import Entry
 from proxy.gateway import Gateway
 
+log = logging.getLogger("nbia_proxy.protocol")
+
 _WRITE_BUFFER_LIMIT = 256 * 1024
 _Wrapped = TypeVar("_Wrapped")
+
+
+class ClientConnections:
+    """Live connections per client address, for one server, and the cap on them."""
+
+    def __init__(self) -> None:
+        self._live: Counter[str] = Counter()
+        self._refusing: set[str] = set()  # warned about, until one of its connections ends
+
+    def admit(self, address: str, cap: int) -> bool:
+        """Count a new connection from ``address``; False (and no count) when at the cap."""
+        if self._live[address] < cap:
+            self._live[address] += 1
+            return True
+        if address not in self._refusing:
+            self._refusing.add(address)
+            log.warning("%s holds %d connections; refusing more", address, cap)
+        return False
+
+    def release(self, address: str) -> None:
+        """A counted connection from ``address`` has ended."""
+        self._live[address] -= 1
+        if self._live[address] <= 0:
+            del self._live[address]
+        self._refusing.discard(address)
+
+
+#: Per server: in the gateway one per process, in the tests one per GatewayServer.
+_CLIENTS: weakref.WeakKeyDictionary[ServerState, ClientConnections] = weakref.WeakKeyDictionary()
 
 
 def _unwrap(app: Any, kind: type[_Wrapped]) -> _Wrapped | None:
@@ -48,6 +95,16 @@ def status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("ascii"))
 
 
+def error_answer(status: int, message: str) -> bytes:
+    """A complete response in the gateway's error shape that ends the connection."""
+    body = json.dumps({"error": message}, separators=(",", ":")).encode()
+    return (
+        b"%scontent-type: application/json\r\ncache-control: no-store\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (status_line(status), len(body), body)
+    )
+
+
 def response_head(entry: Entry) -> bytes:
     """Status line and stored headers (with Content-Length), computed once per entry."""
     if entry.wire_head is None:
@@ -64,15 +121,24 @@ class HitProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._gateway = find_gateway(self.app)
         self._answered = False  # the current request was answered by the shortcut
+        settings = self._gateway.settings if self._gateway else None
         # uvicorn's X-Forwarded-For handling, present only when trusted_proxies names some.
         proxy_headers = _unwrap(self.app, ProxyHeadersMiddleware)
         self._trusted = proxy_headers.trusted_hosts if proxy_headers else None
+        self._head_limit = settings.max_header_bytes if settings else 0
+        self._head_timeout = settings.header_timeout_seconds if settings else 0.0
+        self._per_client = settings.max_connections_per_client if settings else 0
         self._peer = "-"
         self._peer_trusted = False
-        # httptools (llhttp) puts no bound on the request head: this protocol does.
-        self._head_limit = self._gateway.settings.max_header_bytes if self._gateway else 0
+        self._counted = False  # this connection counts against its address's cap
+        # The head of the current request: exact size of what the parser delivered, and raw
+        # bytes received while it was incomplete (the parser keeps an unfinished line whole).
         self._head_size = 0
-        self._refused = False  # the head was too large: answered 431, connection closing
+        self._head_bytes = 0
+        self._head_pending = True
+        self._head_deadline: float | None = None
+        self._head_timer: TimerHandle | None = None
+        self._refused = False  # answered with an error by this protocol, connection closing
         # When an idle keep-alive connection is to be closed; None while a request is under way.
         self._idle_deadline: float | None = None
 
@@ -81,6 +147,35 @@ class HitProtocol(HttpToolsProtocol):
         if self.client:
             self._peer = str(self.client[0])
             self._peer_trusted = self._trusted is not None and self._peer in self._trusted
+        if self._per_client and self.client and not self._peer_trusted:
+            clients = _CLIENTS.setdefault(self.server_state, ClientConnections())
+            if not clients.admit(self._peer, self._per_client):
+                self._refuse(503, "too many connections from this address")
+                return
+            self._counted = True
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for timer in (self.timeout_keep_alive_task, self._head_timer):
+            if timer is not None:
+                timer.cancel()  # it would keep this protocol alive until then
+        self.timeout_keep_alive_task = self._head_timer = None
+        if self._counted:
+            self._counted = False
+            _CLIENTS[self.server_state].release(self._peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._head_pending:
+            self._head_bytes += len(data)
+            if self._head_deadline is None:
+                self._await_head()
+        super().data_received(data)
+        # Still no complete head: httptools has kept the unfinished line whole, so count here.
+        if self._head_pending and self._head_limit and self._head_bytes > self._head_limit:
+            self._refuse_head()
 
     def on_message_begin(self) -> None:
         # uvicorn builds the ASGI scope here (a dict, and a copy of the app state) for every
@@ -89,6 +184,8 @@ class HitProtocol(HttpToolsProtocol):
         self.headers = []
         self.expect_100_continue = False
         self._head_size = 0
+        if self._head_deadline is None:
+            self._await_head()  # a pipelined request, begun in the same read as the last one
 
     def _start_message(self) -> None:
         """Run uvicorn's ``on_message_begin`` now, keeping what the parser already delivered."""
@@ -112,18 +209,55 @@ class HitProtocol(HttpToolsProtocol):
         self._head_size += size
         if not self._head_limit or self._head_size <= self._head_limit:
             return True
-        self._refused = True
-        body = b'{"error":"request head larger than %d bytes"}' % self._head_limit
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
-        )
-        self.transport.close()
+        self._refuse_head()
         return False
+
+    def _refuse_head(self) -> None:
+        self._refuse(431, f"request head larger than {self._head_limit} bytes")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a JSON error, once, and close the connection."""
+        if self._refused:
+            return
+        self._refused = True
+        self._head_deadline = None
+        if not self.transport.is_closing():
+            self.transport.write(error_answer(status, message))
+            self.transport.close()
+
+    # The header timeout: like the keep-alive timer below, one timer per connection that checks
+    # a deadline when it fires, so a request whose head arrives in time costs no timer churn.
+
+    def _await_head(self) -> None:
+        """A request head is due within the header timeout from now."""
+        if not self._head_timeout:
+            return
+        self._head_deadline = self.loop.time() + self._head_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self._head_timeout, self._head_timer_fired)
+
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        if self._head_deadline is None or self.transport.is_closing():
+            return
+        left = self._head_deadline - self.loop.time()
+        if left > 0:
+            self._head_timer = self.loop.call_later(left, self._head_timer_fired)
+            return
+        self._head_deadline = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a response is still going out; the keep-alive timeout follows it
+        if self._head_bytes:
+            log.debug("%s sent no complete request head in time", self._peer)
+            self._refuse(408, "request head not received in time")
+        else:
+            self.transport.close()  # nothing was asked: nothing to answer
 
     def on_headers_complete(self) -> None:
         if self._refused:
             return
+        self._head_pending = False
+        self._head_deadline = None
         answer = self._hit() if self._gateway is not None else None
         if answer is None:
             self._start_message()
@@ -166,12 +300,6 @@ class HitProtocol(HttpToolsProtocol):
         else:
             super().timeout_keep_alive_handler()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if self.timeout_keep_alive_task is not None:
-            self.timeout_keep_alive_task.cancel()  # it would keep this protocol alive until then
-            self.timeout_keep_alive_task = None
-
     def on_body(self, body: bytes) -> None:
         if not (self._answered or self._refused):
             super().on_body(body)
@@ -179,6 +307,8 @@ class HitProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._refused:
             return
+        self._head_pending = True  # the next request's head may start at once
+        self._head_bytes = 0
         if self._answered:
             self._answered = False
             return

@@ -1,4 +1,4 @@
-"""How the gateway is served: uvicorn's options from the settings.
+"""How the gateway is served: uvicorn's options from the settings, the open-file limit.
 
 ``nbia-proxy serve`` and the test harness (``tests/gateway_server.py``) build uvicorn's
 configuration with :func:`uvicorn_options`, so the tests run what users run.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 from typing import Any
 
 import uvicorn
@@ -36,6 +37,20 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": bool(settings.trusted_proxies),
         "forwarded_allow_ips": list(settings.trusted_proxies),
     }
+
+
+def raise_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one: each connection holds a descriptor, and
+    the usual soft limit (1024) is reached by a thousand idle clients."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.info("open-file limit stays at %d (raising it to %d failed: %s)", soft, hard, exc)
+        return
+    log.info("open-file limit raised from %d to %d", soft, hard)
 
 
 def serve_app(app: Any, settings: Settings) -> None:

@@ -1,5 +1,5 @@
-"""The client's address: forwarding headers are believed from trusted proxies only (issue 8,
-item 7).
+"""Connections that hold the gateway: a head that never ends, idle and slow connections, and
+forged forwarding headers (issue 8, items 5, 6 and 7).
 
 Every address in 127.0.0.0/8 is loopback on Linux: an attacker's sockets are bound to 127.0.0.2,
 another client's to 127.0.0.3, so the per-address cap and "other clients" can be told apart.
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
@@ -21,7 +23,7 @@ import pytest
 
 from proxy.config import Settings
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import GatewayProcess, GatewayServer, make_settings
 
 MIB = 1024 * 1024
 S = "/nbia-api/services"
@@ -119,6 +121,261 @@ class PeakMemory(Repeating):
 
     def step(self) -> None:
         self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+# --- item 5: a request head is bounded while it arrives ---------------------------------------
+
+
+def send_unterminated_header(url: str, size: int) -> tuple[bytes, int]:
+    """One header value of ``size`` bytes that never ends; returns (answer, bytes sent)."""
+    sent = 0
+    with connect(url, ATTACKER, timeout=30) as sock:
+        try:
+            sock.sendall(f"GET {SERIES} HTTP/1.1\r\nHost: gateway\r\nX-Pad: ".encode())
+            chunk = b"a" * 65536
+            while sent < size:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # the gateway closed the connection: expected
+        try:
+            return read_to_end(sock), sent
+        except TimeoutError:
+            return b"", sent
+
+
+def test_a_64_mb_unterminated_header_gets_431_while_others_are_served(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    with GatewayProcess(nbia_upstream.url, tmp_path / "data") as gateway:
+        warm = httpx.get(gateway.url + SERIES, timeout=10)
+        assert warm.headers["x-cache"] == "MISS"
+        before = psutil.Process(gateway.pid).memory_info().rss
+        with PeakMemory(gateway.pid) as memory, Probe(gateway.url) as probe:
+            time.sleep(0.3)
+            answer, sent = send_unterminated_header(gateway.url, 64 * MIB)
+            time.sleep(0.3)
+        again = httpx.get(gateway.url + SERIES, timeout=10)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert b"request head larger than" in answer
+    assert sent < 32 * MIB  # cut off long before the end, not read to the end first
+    assert memory.peak - before < 40 * MIB, f"RSS grew by {(memory.peak - before) / MIB:.0f} MiB"
+    assert probe.failures == [] and len(probe.latencies) >= 3
+    assert max(probe.latencies) < 5.0
+    assert (again.headers["x-cache"], again.content) == ("HIT", warm.content)
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        b"GET /nbia-api/services/v4/getSeries?x=",  # a request line that never ends
+        b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Pad: ",  # a header value
+        b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-",  # a header name
+    ],
+    ids=["request-line", "header-value", "header-name"],
+)
+def test_a_head_over_the_limit_in_small_pieces_is_refused_before_it_ends(
+    tmp_path: Path, nbia_upstream: FakeServer, start: bytes
+) -> None:
+    """The bound holds whatever the parser delivers, and however the bytes are cut up."""
+    settings = make_settings(tmp_path, nbia_upstream.url, max_header_bytes=16 * 1024)
+    with GatewayServer(settings) as gateway, connect(gateway.url, ATTACKER) as sock:
+        sock.sendall(start)
+        try:
+            for _ in range(64):  # 64 KiB in 1 KiB pieces
+                sock.sendall(b"b" * 1024)
+                time.sleep(0.005)
+        except OSError:
+            pass  # the gateway closed the connection
+        answer = read_to_end(sock)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert httpx.get(gateway.url + "/healthz").status_code == 200
+
+
+def test_a_body_arriving_with_its_head_is_not_counted_as_head(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    """A small head and a large form body in the same segments: the body is not a head."""
+    settings = make_settings(tmp_path, nbia_upstream.url, max_header_bytes=4096)
+    form = "&".join(f"list=1.3.6.1.4.1.14519.{i}" for i in range(4000)).encode()
+    assert len(form) > 64 * 1024
+    head = (
+        f"POST {S}/v4/getSeriesMetadata HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n"
+    ).encode()
+    with GatewayServer(settings) as gateway, connect(gateway.url, OTHER) as sock:
+        sock.sendall(head + form)
+        answer = read_to_end(sock)
+    assert answer.split(b" ", 2)[1] not in (b"431", b"400"), answer[:200]
+
+
+# --- item 6: idle and slow connections ----------------------------------------------------------
+
+
+@pytest.fixture
+def strict_gateway(tmp_path: Path, nbia_upstream: FakeServer) -> Iterator[GatewayServer]:
+    """A gateway with a 1 s header timeout and a cap of 5 connections per address."""
+    settings = make_settings(
+        tmp_path, nbia_upstream.url, header_timeout_seconds=1.0, max_connections_per_client=5
+    )
+    with GatewayServer(settings, timeout_keep_alive=30) as server:
+        yield server
+
+
+def test_a_silent_connection_is_closed_after_the_header_timeout(
+    strict_gateway: GatewayServer,
+) -> None:
+    with connect(strict_gateway.url, ATTACKER) as sock:
+        assert read_to_end(sock) == b""  # closed by the gateway, not by the 10 s socket timeout
+
+
+def test_a_head_that_stops_half_way_gets_408(strict_gateway: GatewayServer) -> None:
+    with connect(strict_gateway.url, ATTACKER) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n")
+        answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+        "error": "request head not received in time"
+    }
+
+
+def test_a_dribbled_head_is_cut_off_although_bytes_keep_coming(
+    strict_gateway: GatewayServer,
+) -> None:
+    """Slowloris: one byte every 0.2 s keeps the connection busy, but the head never ends."""
+    with connect(strict_gateway.url, ATTACKER) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        try:
+            for _ in range(40):  # 8 s of dribbling against a 1 s timeout
+                sock.sendall(b"X")
+                time.sleep(0.2)
+        except OSError:
+            pass  # the gateway has closed the connection
+        assert read_to_end(sock).startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_slow_answer_and_a_quiet_keep_alive_are_not_cut_by_the_header_timeout(
+    strict_gateway: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """The timeout is for the request head only: not the upstream's time, not keep-alive."""
+    nbia_upstream.app.slow(seconds_before_headers=2.0, path_contains="getCollectionValues")
+    with client(OTHER) as http:
+        slow = http.get(strict_gateway.url + f"{S}/v4/getCollectionValues")
+        assert slow.status_code == 200
+        time.sleep(2.0)  # idle for twice the header timeout, well within keep-alive
+        again = http.get(strict_gateway.url + "/healthz")
+        assert again.status_code == 200
+        assert len({slow.extensions["network_stream"], again.extensions["network_stream"]}) == 1
+
+
+def hold_connections(url: str, source: str, count: int) -> list[socket.socket]:
+    """``count`` keep-alive connections from ``source``, each having been answered once."""
+    held = []
+    for _ in range(count):
+        sock = connect(url, source)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        held.append(sock)
+    return held
+
+
+def test_connections_beyond_the_per_client_cap_get_503_and_others_are_served(
+    strict_gateway: GatewayServer,
+) -> None:
+    held = hold_connections(strict_gateway.url, ATTACKER, 5)
+    try:
+        with connect(strict_gateway.url, ATTACKER) as extra:
+            answer = read_to_end(extra)
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b"connections from this address" in answer
+        with client(OTHER) as http:
+            assert http.get(strict_gateway.url + SERIES).status_code == 200
+        held.pop().close()
+        time.sleep(0.2)  # the gateway notices the close
+        held += hold_connections(strict_gateway.url, ATTACKER, 1)  # a free place again
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_trusted_proxy_is_not_capped_as_one_client(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    settings = make_settings(
+        tmp_path, nbia_upstream.url, max_connections_per_client=2, trusted_proxies=[ATTACKER]
+    )
+    with GatewayServer(settings, timeout_keep_alive=30) as gateway:
+        held = hold_connections(gateway.url, ATTACKER, 6)
+        for sock in held:
+            sock.close()
+
+
+def limit_open_files(soft: int, hard: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that lowers the child's open-file limits (below this process's)."""
+    ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if ceiling != resource.RLIM_INFINITY:
+        soft, hard = min(soft, ceiling), min(hard, ceiling)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return limit
+
+
+@pytest.fixture
+def many_files() -> Iterator[None]:
+    """This test process opens more than a thousand sockets: raise its own soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("many_files")
+def test_1000_idle_connections_leave_the_gateway_to_other_clients(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    """With a file limit of 1000, 1000 idle connections once left no descriptor for anyone."""
+    gateway = GatewayProcess(
+        nbia_upstream.url,
+        tmp_path / "data",
+        "--header-timeout-seconds",
+        "3",
+        preexec_fn=limit_open_files(1000, 1000),
+    )
+    with gateway:
+        idle = [connect(gateway.url, ATTACKER) for _ in range(1000)]
+        try:
+            time.sleep(0.5)
+            with client(OTHER) as http:
+                assert http.get(gateway.url + "/healthz").status_code == 200
+                assert http.get(gateway.url + SERIES).status_code == 200
+            assert httpx.get(gateway.url + "/healthz", timeout=30).status_code == 200
+            # Beyond the cap (256) they were refused at once; the rest go at the header timeout.
+            answers = [read_to_end(sock) for sock in idle]
+        finally:
+            for sock in idle:
+                sock.close()
+    refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503 ")]
+    assert len(refused) == 1000 - 256
+    assert all(answer == b"" for answer in answers if answer not in refused)
+
+
+def test_the_soft_file_limit_is_raised_to_the_hard_one(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    limit = limit_open_files(256, 4096)
+    gateway = GatewayProcess(nbia_upstream.url, tmp_path / "data", preexec_fn=limit)
+    with gateway:
+        soft, hard = psutil.Process(gateway.pid).rlimit(psutil.RLIMIT_NOFILE)
+    assert soft == hard > 256
+
+
+def test_the_systemd_unit_raises_the_file_limit() -> None:
+    lines = UNIT.read_text().splitlines()
+    assert "LimitNOFILE=65536" in lines
 
 
 # --- item 7: forwarding headers only from trusted proxies --------------------------------------
