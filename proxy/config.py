@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Addresses or networks (comma-separated, e.g. 10.0.0.5,10.1.0.0/16) whose "
         "X-Forwarded-For is believed (default: none).",
     )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM or Ctrl-C, how long transfers in flight may go on before they "
+        "are aborted; a second signal stops at once.",
+    )
     allow_remote_open: bool = Field(
         False,
         description="Listen beyond loopback although no lab accounts protect the gateway "

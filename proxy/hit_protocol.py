@@ -9,6 +9,7 @@ Bounds, so that no client holds the gateway (all per process):
   request's first byte: else 408 (or, for a connection that sent nothing, just a close);
 * a client address may hold ``max_connections_per_client`` connections; more are answered 503
   and closed at once (a trusted proxy speaks for many clients and is not capped);
+* at shutdown, a transfer still running after ``shutdown_grace_seconds`` is aborted.
 
 The shortcut: for every request uvicorn builds an ASGI scope, a request/response cycle and an
 asyncio task; for a cache hit that bookkeeping costs several times more than the answer itself.
@@ -128,6 +129,7 @@ class HitProtocol(HttpToolsProtocol):
         self._head_limit = settings.max_header_bytes if settings else 0
         self._head_timeout = settings.header_timeout_seconds if settings else 0.0
         self._per_client = settings.max_connections_per_client if settings else 0
+        self._grace = settings.shutdown_grace_seconds if settings else None
         self._peer = "-"
         self._peer_trusted = False
         self._counted = False  # this connection counts against its address's cap
@@ -138,6 +140,7 @@ class HitProtocol(HttpToolsProtocol):
         self._head_pending = True
         self._head_deadline: float | None = None
         self._head_timer: TimerHandle | None = None
+        self._grace_timer: TimerHandle | None = None
         self._refused = False  # answered with an error by this protocol, connection closing
         # When an idle keep-alive connection is to be closed; None while a request is under way.
         self._idle_deadline: float | None = None
@@ -157,10 +160,10 @@ class HitProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        for timer in (self.timeout_keep_alive_task, self._head_timer):
+        for timer in (self.timeout_keep_alive_task, self._head_timer, self._grace_timer):
             if timer is not None:
                 timer.cancel()  # it would keep this protocol alive until then
-        self.timeout_keep_alive_task = self._head_timer = None
+        self.timeout_keep_alive_task = self._head_timer = self._grace_timer = None
         if self._counted:
             self._counted = False
             _CLIENTS[self.server_state].release(self._peer)
@@ -252,6 +255,21 @@ class HitProtocol(HttpToolsProtocol):
             self._refuse(408, "request head not received in time")
         else:
             self.transport.close()  # nothing was asked: nothing to answer
+
+    def shutdown(self) -> None:
+        """The server is stopping: idle connections close now, a transfer after the grace."""
+        super().shutdown()
+        if self._grace is not None and not self.transport.is_closing():
+            self._grace_timer = self.loop.call_later(self._grace, self._abort_transfer)
+
+    def _abort_transfer(self) -> None:
+        self._grace_timer = None
+        log.warning(
+            "shutdown grace of %g s over: aborting the transfer to %s", self._grace, self._peer
+        )
+        # Abort, not close: nothing buffered is flushed, no final chunk is written, so the body
+        # ends short of its chunked end or its Content-Length: a broken transfer to the client.
+        self.transport.abort()
 
     def on_headers_complete(self) -> None:
         if self._refused:

@@ -24,7 +24,7 @@ import uvicorn
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.gateway import Gateway
-from proxy.server import uvicorn_options
+from proxy.server import Server, uvicorn_options
 
 
 def make_settings(
@@ -64,7 +64,7 @@ class GatewayServer:
             "timeout_keep_alive": self.timeout_keep_alive,
         }
         config = uvicorn.Config(self.app, **options)
-        server = uvicorn.Server(config)  # signal handlers are skipped off the main thread
+        server = Server(config)  # signal handlers are skipped off the main thread
         self._server = server
         self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
         self._thread.start()

@@ -1,5 +1,5 @@
-"""Connections that hold the gateway: a head that never ends, idle and slow connections, and
-forged forwarding headers (issue 8, items 5, 6 and 7).
+"""Connections that hold the gateway: a head that never ends, idle and slow connections, forged
+forwarding headers, and transfers still running at shutdown (issue 8, items 5, 6, 7 and 17).
 
 Every address in 127.0.0.0/8 is loopback on Linux: an attacker's sockets are bound to 127.0.0.2,
 another client's to 127.0.0.3, so the per-address cap and "other clients" can be told apart.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import signal
 import socket
 import threading
 import time
@@ -462,3 +463,85 @@ def test_behind_a_trusted_proxy_the_lockout_is_per_forwarded_client(
         others = wrong_logins(gateway.url, ["198.51.100.8"])
     assert statuses[6:] == [429, 429]
     assert others == [401]  # another client behind the same proxy is not locked out
+
+
+# --- item 17: a bounded shutdown ------------------------------------------------------------------
+
+
+class Download:
+    """A slow series download through the gateway, read in a thread."""
+
+    def __init__(self, url: str, fake: FakeServer) -> None:
+        fake.app.set_big_zip_bytes(16 * MIB)
+        # 4 KiB every 10 ms: the whole zip would take more than 40 s.
+        fake.app.slow(seconds_between_chunks=0.01, path_contains="getImage")
+        self.url = url + f"{S}/v4/getImage?SeriesInstanceUID={fake.app.big_series_uid}"
+        self.received = 0
+        self.error: Exception | None = None
+        self.ended_cleanly = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while self.received < 64 * 1024:
+            assert time.monotonic() < deadline and self.error is None, self.error
+            time.sleep(0.02)
+
+    def _run(self) -> None:
+        try:
+            with httpx.stream("GET", self.url, timeout=120) as response:
+                for chunk in response.iter_raw():
+                    self.received += len(chunk)
+            self.ended_cleanly = True
+        except httpx.HTTPError as exc:
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive()
+
+
+def stop_with(gateway: GatewayProcess, *signals: signal.Signals, wait: float) -> float:
+    """Send ``signals`` 0.5 s apart; return how long the process took to exit after the first."""
+    assert gateway.process is not None
+    started = time.monotonic()
+    for number, sig in enumerate(signals):
+        if number:
+            time.sleep(0.5)
+        gateway.process.send_signal(sig)
+    gateway.process.wait(timeout=wait)
+    return time.monotonic() - started
+
+
+def tracebacks(stderr: Path) -> list[str]:
+    return [line for line in stderr.read_text().splitlines() if "Traceback" in line]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_aborts_a_transfer_still_running_after_the_grace(
+    tmp_path: Path, nbia_upstream: FakeServer, workers: int
+) -> None:
+    stderr = tmp_path / "stderr.log"
+    args = ("--shutdown-grace-seconds", "2", "--workers", str(workers))
+    with GatewayProcess(nbia_upstream.url, tmp_path / "data", *args, stderr=stderr) as gateway:
+        download = Download(gateway.url, nbia_upstream)
+        at_signal = download.received
+        took = stop_with(gateway, signal.SIGTERM, wait=2 + 15)
+        download.join()
+    assert took >= 1.5  # the transfer had its grace
+    assert download.received > at_signal  # and went on during it
+    assert not download.ended_cleanly and isinstance(download.error, httpx.TransportError)
+    assert tracebacks(stderr) == []
+
+
+def test_a_second_signal_ends_the_gateway_at_once_and_quietly(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    stderr = tmp_path / "stderr.log"
+    args = ("--shutdown-grace-seconds", "600")
+    with GatewayProcess(nbia_upstream.url, tmp_path / "data", *args, stderr=stderr) as gateway:
+        download = Download(gateway.url, nbia_upstream)
+        took = stop_with(gateway, signal.SIGINT, signal.SIGINT, wait=15)
+        download.join()
+    assert took < 10  # far from the 600 s grace
+    assert not download.ended_cleanly and isinstance(download.error, httpx.TransportError)
+    assert tracebacks(stderr) == [], stderr.read_text()
