@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import resource
 import signal
 import socket
@@ -54,6 +55,20 @@ def read_to_end(sock: socket.socket) -> bytes:
     except ConnectionResetError:
         pass
     return data
+
+
+def ask_healthz(sock: socket.socket) -> bytes:
+    """One keep-alive ``GET /healthz`` on ``sock``; returns the whole answer."""
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    assert length is not None, head
+    while len(body) < int(length[1]):
+        body += sock.recv(65536)
+    return answer
 
 
 def client(source: str) -> httpx.Client:
@@ -256,6 +271,23 @@ def test_a_dribbled_head_is_cut_off_although_bytes_keep_coming(
         assert read_to_end(sock).startswith(b"HTTP/1.1 408 ")
 
 
+def test_blank_lines_do_not_keep_an_idle_connection_open(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    """Between requests the parser skips blank lines; they begin no request, so the keep-alive
+    timeout still runs (uvicorn restarts it on every read)."""
+    with GatewayServer(make_settings(tmp_path, nbia_upstream.url), timeout_keep_alive=1) as gateway:
+        with connect(gateway.url, ATTACKER) as sock:
+            assert ask_healthz(sock).startswith(b"HTTP/1.1 200 ")
+            try:
+                for _ in range(40):  # 8 s of blank lines against a 1 s keep-alive
+                    sock.sendall(b"\r\n")
+                    time.sleep(0.2)
+            except OSError:
+                pass  # the gateway has closed the connection
+            assert read_to_end(sock) == b""
+
+
 def test_a_slow_answer_and_a_quiet_keep_alive_are_not_cut_by_the_header_timeout(
     strict_gateway: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
@@ -275,8 +307,7 @@ def hold_connections(url: str, source: str, count: int) -> list[socket.socket]:
     held = []
     for _ in range(count):
         sock = connect(url, source)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        assert ask_healthz(sock).startswith(b"HTTP/1.1 200 ")
         held.append(sock)
     return held
 
