@@ -179,29 +179,20 @@ def serve(settings: Settings) -> None:
 
     from proxy.app import create_app
     from proxy.logs import configure_logging
+    from proxy.server import raise_file_limit, serve_app, uvicorn_options
 
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    options: dict[str, Any] = {
-        # uvicorn's httptools protocol, plus a shortcut for fresh cache hits.
-        "http": "proxy.hit_protocol:HitProtocol",
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level.lower(),
-        "log_config": None,
-        # The upstream's own Date and Server headers are relayed instead.
-        "server_header": False,
-        "date_header": False,
-        "access_log": False,
-    }
+    raise_file_limit()  # before the workers start: they inherit it
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **options)
+        serve_app(create_app(settings), settings)
         return
     # Several processes: migrate once here, then let each worker build its app from the
     # settings passed down in the environment (workers must not race on migrations).
     if (settings.cache_enabled or settings.access == "accounts") and settings.auto_migrate:
         run_migrations(settings)
     os.environ[_SETTINGS_ENV] = json.dumps(_plain(settings))
+    options = uvicorn_options(settings)
     uvicorn.run("proxy.cli:worker_app", factory=True, workers=settings.workers, **options)
 
 

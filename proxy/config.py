@@ -16,7 +16,7 @@ import re
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import pydantic_settings
@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -94,6 +95,29 @@ class Settings(BaseSettings):
     )
     max_header_bytes: int = Field(
         1024 * 1024, gt=0, description="Largest request line plus headers accepted (431 beyond)."
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a connection may take to send a complete request head (then 408 "
+        "and closed; a connection that sends nothing is closed).",
+    )
+    max_connections_per_client: int = Field(
+        256,
+        ge=0,
+        description="Open connections per client address, per process; more are answered 503 "
+        "and closed at once (0: no limit; trusted proxies are exempt).",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or networks (comma-separated, e.g. 10.0.0.5,10.1.0.0/16) whose "
+        "X-Forwarded-For is believed (default: none).",
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM or Ctrl-C, how long transfers in flight may go on before they "
+        "are aborted; a second signal stops at once.",
     )
     allow_remote_open: bool = Field(
         False,
@@ -250,6 +274,26 @@ class Settings(BaseSettings):
             if problem is not None:
                 # Never the URL itself: it may hold a password.
                 raise ValueError(f"{problem}: {_DATABASE_HINT}")
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        # A flag or an environment variable gives one string; a TOML file may give a list.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted proxy {entry!r} is not an IP address or network (CIDR)"
+                ) from None
         return value
 
     @model_validator(mode="after")

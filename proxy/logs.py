@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from proxy.streaming import StreamBroken
@@ -11,12 +12,13 @@ class _DropAbortTracebacks(logging.Filter):
     """uvicorn logs any exception that ends an ASGI call with a traceback.
 
     A :class:`StreamBroken` is how the gateway makes the server abort a client transfer after an
-    upstream failure; it was already logged in one line, so the traceback is noise.
+    upstream failure; it was already logged in one line, so the traceback is noise. So is a
+    ``CancelledError``: requests are only cancelled at shutdown, which logs its own line.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, StreamBroken)
+        return not isinstance(exc, StreamBroken | asyncio.CancelledError)
 
 
 def configure_logging(level: str) -> None:

@@ -124,6 +124,9 @@ async def relay_stream(
             await asyncio.gather(pumping, return_exceptions=True)
     finally:
         watching.cancel()
+        # Done already, except when the relay itself is cancelled (at shutdown): the pump must
+        # not outlive it, reading from a closed response.
+        pumping.cancel()
         await response.aclose()
     return sent
 

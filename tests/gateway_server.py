@@ -7,11 +7,13 @@ streaming, disconnects and aborted transfers are only observable over a real soc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,7 +24,7 @@ import uvicorn
 from proxy.app import create_app
 from proxy.config import Settings
 from proxy.gateway import Gateway
-from proxy.hit_protocol import HitProtocol
+from proxy.server import Server, uvicorn_options
 
 
 def make_settings(
@@ -53,20 +55,16 @@ class GatewayServer:
         self.url = ""
 
     def __enter__(self) -> GatewayServer:
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            log_config=None,
-            lifespan="on",
-            http=HitProtocol,
-            timeout_keep_alive=self.timeout_keep_alive,
-            server_header=False,
-            date_header=False,
-            access_log=False,
-        )
-        server = uvicorn.Server(config)  # signal handlers are skipped off the main thread
+        # The options `nbia-proxy serve` uses, on a free loopback port.
+        options = uvicorn_options(self.settings) | {
+            "host": "127.0.0.1",
+            "port": 0,
+            "log_level": "warning",
+            "lifespan": "on",
+            "timeout_keep_alive": self.timeout_keep_alive,
+        }
+        config = uvicorn.Config(self.app, **options)
+        server = Server(config)  # signal handlers are skipped off the main thread
         self._server = server
         self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
         self._thread.start()
@@ -98,9 +96,20 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """``python -m proxy serve`` as its own process, as a user runs it (for memory, workers)."""
+    """``python -m proxy serve`` as its own process, as a user runs it (for memory, workers).
 
-    def __init__(self, upstream: str, data_dir: Path, *args: str) -> None:
+    ``preexec_fn`` runs in the child before the gateway starts (e.g. to lower a resource limit);
+    ``stderr`` is a file to write the gateway's stderr to (default: the test's own).
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        data_dir: Path,
+        *args: str,
+        preexec_fn: Callable[[], None] | None = None,
+        stderr: Path | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [
@@ -108,6 +117,9 @@ class GatewayProcess:
             "--upstream", upstream, "--data-dir", str(data_dir), "--log-level", "warning", *args,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
+        self.preexec_fn = preexec_fn
+        self.stderr = stderr
+        self.exit_code: int | None = None
 
     @property
     def pid(self) -> int:
@@ -115,7 +127,8 @@ class GatewayProcess:
         return self.process.pid
 
     def __enter__(self) -> GatewayProcess:
-        self.process = subprocess.Popen(self.command)
+        with open(self.stderr, "wb") if self.stderr else contextlib.nullcontext() as err:
+            self.process = subprocess.Popen(self.command, preexec_fn=self.preexec_fn, stderr=err)
         deadline = time.monotonic() + 30
         while True:
             try:
