@@ -36,14 +36,14 @@ import vcr
 import yaml
 from vcr.persisters.filesystem import FilesystemPersister
 
+from tests import reference
 from tests.gateway_server import GatewayServer, make_settings
 
 CASSETTES = Path(__file__).parent / "cassettes"
 UPSTREAM = "https://services.cancerimagingarchive.net"
 TOKEN_CASSETTE = CASSETTES / "token_password_grant.yaml"
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # next to the repository
-CATALOG = SHARED / "nbia-api.md"
-SEED = SHARED / "seeds" / "000_6f4faefbed4ca96d.txt"
+CATALOG = reference.CATALOG
+SEED = reference.GUIDE
 
 FORM = "application/x-www-form-urlencoded"
 CLIENT_AUTHORIZATION = "Bearer client-token-that-must-stay-here"
@@ -366,9 +366,6 @@ def _documents() -> str:
 _DOCUMENTED_PREFIX = {"v4_strict_400": "Invalid query parameter: 'foo'. Allowed parameters are: ["}
 
 
-@pytest.mark.skipif(
-    not (CATALOG.is_file() and SEED.is_file()), reason="shared/nbia-api.md or the seed is absent"
-)
 @pytest.mark.parametrize(
     "name",
     # The empty-body cassette has no text to trace; test_client_gets_the_documented_answer

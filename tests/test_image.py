@@ -28,6 +28,8 @@ from tests.fake_nbia import FakeServer
 from tests.gateway_server import free_port
 
 DOCKERFILE = REPO / "Dockerfile"
+# The replayed build installs every dependency twice over: minutes on a busy machine.
+pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
