@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +51,7 @@ class Writer:
         housekeeping: Housekeeping,
         collect: Callable[[], tuple[set[str], dict[str, list[int]]]],
         clock: Callable[[], float] = time.time,
-        on_written: Callable[[Iterable[str]], None] = lambda digests: None,
+        on_written: Callable[[list[Entry]], None] = lambda entries: None,
     ) -> None:
         self._store = store
         self._housekeeping = housekeeping
@@ -131,7 +131,7 @@ class Writer:
         if added is not None:
             self.total_bytes += added
             self.written += len(latest)
-            self._on_written(latest.keys())
+            self._on_written([entry for _, entry in latest.values()])
             if self.total_bytes > self._housekeeping.max_bytes:
                 self._guard(self._evict)
         if follow_up is not None:
