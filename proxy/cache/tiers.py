@@ -10,6 +10,7 @@ database through the single writer thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class CacheSettings:
     memory_bytes: int
     recheck_seconds: float
     keep_expired_seconds: float
+    min_free_disk_bytes: int = 0
 
 
 class TieredCache:
@@ -55,6 +57,8 @@ class TieredCache:
         self.store = store
         self.settings = settings
         self.clock = clock
+        #: Why the database could not be used at start (the gateway then relays uncached).
+        self.unavailable: str | None = None
         self._memory: LRUCache[str, _Held] = LRUCache(
             maxsize=max(settings.memory_bytes, 1), getsizeof=lambda held: held.entry.size
         )
@@ -71,13 +75,18 @@ class TieredCache:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbia-proxy-read")
         self.writer = Writer(
             store,
-            Housekeeping(settings.max_bytes, settings.keep_expired_seconds),
+            Housekeeping(
+                settings.max_bytes,
+                settings.keep_expired_seconds,
+                min_free_disk_bytes=settings.min_free_disk_bytes,
+            ),
             self._take_bookkeeping,
             clock,
             on_written=self._written.extend,
         )
 
     def start(self) -> None:
+        """Start the writer; raises if the database cannot be read or written."""
         self.writer.start()
 
     def close(self) -> None:
@@ -150,7 +159,8 @@ class TieredCache:
 
     async def stats(self) -> list[EndpointStats]:
         """Per-endpoint entries and bytes, with hits and misses counted so far."""
-        await asyncio.wrap_future(self.writer.submit(self.writer.record_bookkeeping))
+        with contextlib.suppress(Exception):  # a full disk: counted and logged by the writer
+            await asyncio.wrap_future(self.writer.submit(self.writer.record_bookkeeping))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self.store.stats)
 
