@@ -310,7 +310,7 @@ def test_start_up_on_an_unusable_database_relays_uncached_with_one_warning(
     if problem == "pragmas fail":  # what a full disk does to PRAGMA journal_mode=WAL
         monkeypatch.setattr(proxy.db, "_sqlite_pragmas", _failing_pragmas)
     elif problem == "migrations fail":
-        (tmp_path / SQLITE_FILE).mkdir()  # where the database file should be
+        (tmp_path / SQLITE_FILE).mkdir(mode=0o700)  # where the database file should be
     else:
         path = tmp_path / SQLITE_FILE
         migrate(f"sqlite:///{path}")
