@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from sqlalchemy import make_url
 
 from proxy.access import Access
 from proxy.accounts.directory import Directory
@@ -23,7 +24,7 @@ from proxy.client_tokens import ClientTokens, read_secret_file, signing_key
 from proxy.config import Settings
 from proxy.control import control_app
 from proxy.datadir import keep_private, prepare, sqlite_file
-from proxy.db import database_url, is_current, make_engine, migrate
+from proxy.db import database_url, describe_failure, is_current, make_engine, migrate
 from proxy.gateway import Gateway
 from proxy.shield import ShieldCounters
 from proxy.upstream import Upstream, upstream_configs
@@ -49,9 +50,14 @@ def create_app(
     ]
     cache = build_cache(settings, cache_clock) if settings.cache_enabled else None
     access = build_access(settings, cache_clock)
-    lifespan = _lifespan(settings, upstreams, cache, access)
+
+    def relay_uncached() -> None:
+        gateway.cache = None  # every request then takes the BYPASS path
+
+    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached)
     control = control_app(upstreams, cache, counters, access, lifespan)
-    return Gateway(settings, upstreams, access, control, cache, counters)
+    gateway = Gateway(settings, upstreams, access, control, cache, counters)
+    return gateway
 
 
 def build_access(settings: Settings, clock: Callable[[], float] = time.time) -> Access:
@@ -108,24 +114,63 @@ def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> T
             memory_bytes=settings.cache_memory_bytes,
             recheck_seconds=settings.cache_recheck_seconds,
             keep_expired_seconds=settings.cache_keep_expired_seconds,
+            min_free_disk_bytes=settings.cache_min_free_disk_bytes,
         ),
         clock,
     )
 
 
+def _open_database(settings: Settings, cache: TieredCache | None) -> None:
+    """Bring the schema up to date and start the cache's writer (which checks it can write)."""
+    prepare(settings)  # the data dir 0700 and the SQLite files 0600, before SQLite makes them
+    url = database_url(settings.database_url, settings.data_dir)
+    # Alembic is only loaded when there is something to do: a lean serving process.
+    if settings.auto_migrate and not is_current(url):
+        migrate(url)
+    if cache is not None:
+        cache.start()
+
+
+def _go_without_database(
+    settings: Settings,
+    cache: TieredCache | None,
+    access: Access,
+    exc: Exception,
+    relay_uncached: Callable[[], None],
+) -> None:
+    """Open mode on a database it cannot use (full disk, read-only, broken): relay uncached."""
+    where = make_url(database_url(settings.database_url, settings.data_dir))
+    reason = describe_failure(exc)
+    log.warning(
+        "the cache database %s cannot be used (%s): relaying every request uncached "
+        "(X-Cache: BYPASS) until a restart finds it usable",
+        where.render_as_string(hide_password=True),
+        reason,
+    )
+    if cache is not None:
+        cache.unavailable = reason
+        relay_uncached()
+    if access.registry is not None:  # tokens are then signed with this process's own secret
+        access.registry.engine.dispose()
+        access.registry = None
+
+
 def _lifespan(
-    settings: Settings, upstreams: list[Upstream], cache: TieredCache | None, access: Access
+    settings: Settings,
+    upstreams: list[Upstream],
+    cache: TieredCache | None,
+    access: Access,
+    relay_uncached: Callable[[], None],
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if cache is not None or access.registry is not None:
-            await asyncio.to_thread(prepare, settings)
-            url = database_url(settings.database_url, settings.data_dir)
-            # Alembic is only loaded when there is something to do: a lean serving process.
-            if settings.auto_migrate and not await asyncio.to_thread(is_current, url):
-                await asyncio.to_thread(migrate, url)
-        if cache is not None:
-            await asyncio.to_thread(cache.start)
+            try:
+                await asyncio.to_thread(_open_database, settings, cache)
+            except Exception as exc:
+                if access.accounts:
+                    raise  # lab accounts cannot be checked without their database
+                _go_without_database(settings, cache, access, exc, relay_uncached)
         refresher = None
         if access.registry is not None:
             access.tokens.use_secret(await asyncio.to_thread(token_key, settings, access.registry))

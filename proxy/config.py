@@ -189,6 +189,12 @@ class Settings(BaseSettings):
     cache_memory_bytes: int = Field(
         64 * 1024**2, ge=0, description="Size of the in-process memory tier."
     )
+    cache_min_free_disk_bytes: int = Field(
+        256 * 1024**2,
+        ge=0,
+        description="New entries are not written while the SQLite cache's disk has less free "
+        "(so that purging still works when it fills up); 0: write until it is full.",
+    )
     cache_ttl: dict[str, float] = Field(
         default_factory=dict,
         description='Lifetimes by endpoint pattern, e.g. {"v4/getSeries": 3600}; '

@@ -20,6 +20,7 @@ from proxy import __version__
 from proxy.access import Access
 from proxy.cache.store import EndpointStats
 from proxy.cache.tiers import TieredCache
+from proxy.db import describe_failure, is_disk_full
 from proxy.errors import ClientError
 from proxy.shield import ShieldCounters
 from proxy.upstream import Upstream
@@ -141,6 +142,7 @@ def control_app(
             "status": "ok",
             "version": __version__,
             "cache": cache is not None,
+            "cache_available": cache is not None and cache.unavailable is None,
             "upstreams": {u.name: upstream_health(u) for u in upstreams},
         }
 
@@ -150,12 +152,21 @@ def control_app(
         if cache is None:
             raise StarletteHTTPException(404, "the cache is disabled")
         extra = {
+            "available": cache.unavailable is None,
             "memory_bytes": cache.memory_bytes(),
             "write_errors": cache.writer.errors,
+            "write_refused_entries": cache.writer.refused,
+            "write_skipped_low_disk": cache.writer.skipped_low_disk,
             "shield": shield_document(upstreams, counters),
             "access": access_document(access),
         }
-        return stats_document(await cache.stats(), extra)
+        if cache.unavailable is not None:
+            return stats_document([], {**extra, "unavailable_reason": cache.unavailable})
+        try:
+            rows = await cache.stats()
+        except Exception as exc:
+            raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
+        return stats_document(rows, extra)
 
     @app.delete("/_proxy/cache", response_model=None)
     async def cache_purge(request: Request) -> dict[str, int] | JSONResponse:
@@ -167,7 +178,16 @@ def control_app(
             filters = purge_filters(request.query_params.multi_items())
         except ClientError as exc:
             return JSONResponse(exc.to_json(), status_code=exc.status)
-        entries, size = await cache.purge(**filters)
+        if cache.unavailable is not None:
+            raise StarletteHTTPException(503, f"the cache is unavailable: {cache.unavailable}")
+        try:
+            entries, size = await cache.purge(**filters)
+        except Exception as exc:
+            if is_disk_full(exc):
+                advice = "purge everything (no filters) or free" if filters else "free"
+                message = f"the cache's disk is full: {advice} some space"
+                raise StarletteHTTPException(507, message) from exc
+            raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
         return {"purged_entries": entries, "purged_bytes": size}
 
     return app

@@ -37,6 +37,9 @@ def make_settings(
         data_dir=data_dir,
         connect_timeout_seconds=extra.pop("connect_timeout_seconds", 2.0),
         read_timeout_seconds=extra.pop("read_timeout_seconds", 5.0),
+        # The tests' caches are tiny: they must not stop writing on a machine whose disk is
+        # nearly full (the default reserve is 256 MiB; its own tests set it).
+        cache_min_free_disk_bytes=extra.pop("cache_min_free_disk_bytes", 1024 * 1024),
         **extra,
     )
 

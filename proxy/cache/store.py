@@ -3,25 +3,41 @@
 SQLite has one writer at a time; funnelling every write through one thread (see
 :mod:`proxy.cache.writer`) is what keeps "database is locked" away under load. PostgreSQL
 replicas share these tables; upserts make concurrent writers of the same key harmless.
+
+Text reaches the database only through :func:`storable`: a request may carry bytes that are
+not UTF-8 (kept as surrogates when decoded), and no driver can encode those.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from proxy.cache.policy import CacheKey, glob_to_like
 from proxy.cache.tables import CacheCounter, CacheEntry, CacheTag
+from proxy.db import describe_failure
 from proxy.headers import RawHeaders
 
 # Rough per-entry bookkeeping cost (row, index entries), counted in the size cap.
 _ENTRY_OVERHEAD = 256
+
+#: Failures of the database or its disk as a whole (full, read-only, gone), not of one entry.
+ENVIRONMENT_ERRORS = (OperationalError, InterfaceError, PoolTimeout, OSError)
+
+# What no database stores as text: lone surrogates (bytes that were not UTF-8, kept by
+# surrogateescape decoding) and NUL (PostgreSQL text cannot hold it).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(slots=True)
@@ -59,6 +75,77 @@ class EndpointStats:
     def hit_ratio(self) -> float | None:
         total = self.hits + self.misses
         return self.hits / total if total else None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What a batch write did: bytes added, and the entries the database refused (and why)."""
+
+    added_bytes: int
+    refused: dict[str, str]
+
+
+def storable(text: str, limit: int | None = None) -> str:
+    """``text`` as every database can store it, cut to ``limit`` characters.
+
+    Undecodable bytes become ``%XX`` (their percent-encoding) and NUL ``%00``; text without
+    them is returned unchanged, so what clean requests stored before still matches.
+    """
+    if _UNSTORABLE.search(text) is not None:
+        text = _UNSTORABLE.sub(_percent_encode, text)
+    return text[:limit] if limit else text
+
+
+def _limit(column: Any) -> int | None:
+    """The length of a ``String(n)`` column (PostgreSQL refuses longer text)."""
+    return getattr(column.type, "length", None)
+
+
+# Looked up once: reading a column's type through the ORM costs more than the rest of a row.
+_UPSTREAM, _IDENTITY, _METHOD, _ENDPOINT = (
+    _limit(column)
+    for column in (CacheEntry.upstream, CacheEntry.identity, CacheEntry.method, CacheEntry.endpoint)
+)
+_TAG_KIND, _TAG_VALUE, _COUNTER_ENDPOINT = (
+    _limit(column) for column in (CacheTag.kind, CacheTag.value, CacheCounter.endpoint)
+)
+
+
+def _percent_encode(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+        return f"%{code - 0xDC00:02X}"
+    return "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8", "surrogatepass"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """An entry as the database will take it: every text made storable beforehand."""
+
+    digest: str
+    size: int
+    values: dict[str, Any]
+    tags: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, key: CacheKey, entry: Entry) -> _Row:
+        values = {
+            "key": key.digest,
+            "upstream": storable(key.upstream, _UPSTREAM),
+            "identity": storable(key.identity, _IDENTITY),
+            "method": storable(key.method, _METHOD),
+            "endpoint": storable(key.endpoint, _ENDPOINT),
+            "params": storable(key.params),
+            "status": entry.status,
+            "headers": _encode_headers(entry.headers),
+            "body": entry.body,
+            "size": entry.size,
+            "created_at": entry.created_at,
+            "expires_at": entry.expires_at,
+            "last_access": entry.created_at,
+        }
+        tags = sorted({(storable(k, _TAG_KIND), storable(v, _TAG_VALUE)) for k, v in key.tags})
+        return cls(key.digest, entry.size, values, tags)
 
 
 class CacheStore:
@@ -122,37 +209,42 @@ class CacheStore:
 
     # writes (writer thread) ------------------------------------------------------------------
 
-    def put_many(self, items: Iterable[tuple[CacheKey, Entry]]) -> int:
-        """Insert or replace entries and their tags in one transaction; return bytes added."""
-        added = 0
-        with Session(self.engine) as session, session.begin():
-            for key, entry in items:
-                values = {
-                    "key": key.digest,
-                    "upstream": key.upstream,
-                    "identity": key.identity,
-                    "method": key.method,
-                    "endpoint": key.endpoint,
-                    "params": key.params,
-                    "status": entry.status,
-                    "headers": _encode_headers(entry.headers),
-                    "body": entry.body,
-                    "size": entry.size,
-                    "created_at": entry.created_at,
-                    "expires_at": entry.expires_at,
-                    "last_access": entry.created_at,
-                }
-                old = session.scalar(select(CacheEntry.size).where(CacheEntry.key == key.digest))
-                statement = self._insert(CacheEntry).values(**values)
-                changed = {k: v for k, v in values.items() if k != "key"}
-                session.execute(
-                    statement.on_conflict_do_update(index_elements=["key"], set_=changed)
-                )
-                session.execute(delete(CacheTag).where(CacheTag.key == key.digest))
-                for kind, value in sorted(key.tags):
-                    session.add(CacheTag(key=key.digest, kind=kind, value=value[:200]))
-                added += entry.size - (old or 0)
-        return added
+    def put_many(self, items: Iterable[tuple[CacheKey, Entry]]) -> Stored:
+        """Insert or replace entries and their tags; return bytes added and entries refused.
+
+        One transaction for the batch. When the database refuses an entry (rather than failing
+        as a whole: full, read-only, gone, which raises), the batch is written again one entry
+        per transaction, so that only the refused entry is lost, never its neighbours.
+        """
+        rows = [_Row.of(key, entry) for key, entry in items]
+        try:
+            with Session(self.engine) as session, session.begin():
+                return Stored(sum(self._put(session, row) for row in rows), {})
+        except ENVIRONMENT_ERRORS:
+            raise
+        except Exception:  # one of them is refused: find it below rather than lose them all
+            pass
+        added, refused = 0, {}
+        for row in rows:
+            try:
+                with Session(self.engine) as session, session.begin():
+                    added += self._put(session, row)
+            except ENVIRONMENT_ERRORS:
+                raise
+            except Exception as exc:
+                refused[row.digest] = f"{row.values['endpoint']}: {describe_failure(exc)}"
+        return Stored(added, refused)
+
+    def _put(self, session: Session, row: _Row) -> int:
+        old = session.scalar(select(CacheEntry.size).where(CacheEntry.key == row.digest))
+        statement = self._insert(CacheEntry).values(**row.values)
+        changed = {k: v for k, v in row.values.items() if k != "key"}
+        session.execute(statement.on_conflict_do_update(index_elements=["key"], set_=changed))
+        session.execute(delete(CacheTag).where(CacheTag.key == row.digest))
+        for kind, value in row.tags:
+            session.add(CacheTag(key=row.digest, kind=kind, value=value))
+        session.flush()  # a refused entry fails here, inside its own try
+        return row.size - (old or 0)
 
     def touch(self, digests: Iterable[str], when: float) -> None:
         """Record that entries were served (for least-recently-used eviction)."""
@@ -169,8 +261,9 @@ class CacheStore:
         """Add hit/miss deltas per endpoint."""
         with Session(self.engine) as session, session.begin():
             for endpoint, (hits, misses) in counts.items():
+                name = storable(endpoint, _COUNTER_ENDPOINT)
                 statement = self._insert(CacheCounter).values(
-                    endpoint=endpoint, hits=hits, misses=misses
+                    endpoint=name, hits=hits, misses=misses
                 )
                 session.execute(
                     statement.on_conflict_do_update(
@@ -190,17 +283,76 @@ class CacheStore:
         series: str | None = None,
     ) -> tuple[int, int]:
         """Delete matching entries (all of them without filters); return (entries, bytes)."""
+        if not (pattern or collection or series):
+            return self._purge_all()
         query = select(CacheEntry.key, CacheEntry.size)
         if pattern:
-            query = query.where(CacheEntry.endpoint.like(glob_to_like(pattern), escape="\\"))
+            like = glob_to_like(storable(pattern))
+            query = query.where(CacheEntry.endpoint.like(like, escape="\\"))
         for kind, value in (("collection", collection), ("series", series)):
             if value:
+                value = storable(value)
                 tagged = select(CacheTag.key).where(CacheTag.kind == kind, CacheTag.value == value)
                 query = query.where(CacheEntry.key.in_(tagged))
         with Session(self.engine) as session, session.begin():
             rows = session.execute(query).all()
             self._delete(session, [row.key for row in rows])
         return len(rows), sum(row.size for row in rows)
+
+    def _purge_all(self) -> tuple[int, int]:
+        with Session(self.engine) as session, session.begin():
+            count, size = session.execute(
+                select(func.count(), func.coalesce(func.sum(CacheEntry.size), 0))
+            ).one()
+            # Without a WHERE clause SQLite frees the tables' pages wholesale instead of
+            # deleting row by row: a few pages of WAL, which a full disk still has room for.
+            session.execute(delete(CacheTag))
+            session.execute(delete(CacheEntry))
+        self.reclaim()
+        return int(count), int(size)
+
+    def reclaim(self) -> None:
+        """Give the space of deleted entries back to the file system (SQLite, best effort).
+
+        The WAL is emptied first (that frees its file), then VACUUM rebuilds the now small
+        database through it and a last truncating checkpoint shrinks the file. On a disk with
+        no room even for that, the freed pages stay in the file and new entries reuse them.
+        """
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect() as connection:
+            try:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                connection.exec_driver_sql("PRAGMA temp_store=MEMORY")  # not the full disk
+                connection.exec_driver_sql("VACUUM")
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            except OperationalError:
+                pass  # the entries are gone either way
+            finally:
+                connection.exec_driver_sql("PRAGMA temp_store=DEFAULT")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file (SQLite), so that the WAL can start over.
+
+        A WAL that starts over reuses its own file: a purge still finds room in it when the
+        disk fills up afterwards.
+        """
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def free_disk_bytes(self) -> int | None:
+        """Free space on the SQLite file's file system; None for a database server."""
+        name = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not name or name == ":memory:":
+            return None
+        status = os.statvfs(Path(name).parent)
+        return status.f_bavail * status.f_frsize
+
+    def check_writable(self) -> None:
+        """Raise unless the database takes writes (a read-only file, mount or server fails)."""
+        with self.engine.begin() as connection:
+            connection.execute(update(CacheCounter).where(false()).values(hits=0))
 
     def evict(self, max_bytes: int, target_bytes: int) -> tuple[int, int]:
         """Delete least recently used entries while the total exceeds ``max_bytes``."""

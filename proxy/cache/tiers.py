@@ -10,6 +10,7 @@ database through the single writer thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +28,10 @@ from proxy.cache.writer import Housekeeping, Writer
 class _Held:
     entry: Entry
     checked_at: float
+    # A tick (see TieredCache._settle) at which the entry was known to be in the database;
+    # None while the writer has not stored it. A database read that began before that tick may
+    # have missed the row, so its miss says nothing about this copy.
+    stored_at: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,7 @@ class CacheSettings:
     memory_bytes: int
     recheck_seconds: float
     keep_expired_seconds: float
+    min_free_disk_bytes: int = 0
 
 
 class TieredCache:
@@ -51,13 +57,17 @@ class TieredCache:
         self.store = store
         self.settings = settings
         self.clock = clock
+        #: Why the database could not be used at start (the gateway then relays uncached).
+        self.unavailable: str | None = None
         self._memory: LRUCache[str, _Held] = LRUCache(
             maxsize=max(settings.memory_bytes, 1), getsizeof=lambda held: held.entry.size
         )
         # The event loop appends, the writer thread drains: a deque is safe for that handoff.
         self._served: deque[str] = deque()
-        # Stored in memory but not yet in the database: a database miss must not drop them.
-        self._unwritten: set[str] = set()
+        # The other way round: entries the writer has committed, drained by the event loop.
+        self._written: deque[Entry] = deque()
+        # Orders the event loop's look-ups and the commits it learns of (event loop only).
+        self._tick = 0
         # Hits and misses since start, written only by the event loop; the writer stores the
         # difference to what it stored before, so nothing is lost in a handoff.
         self._counts: dict[str, list[int]] = {}
@@ -65,13 +75,18 @@ class TieredCache:
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="nbia-proxy-read")
         self.writer = Writer(
             store,
-            Housekeeping(settings.max_bytes, settings.keep_expired_seconds),
+            Housekeeping(
+                settings.max_bytes,
+                settings.keep_expired_seconds,
+                min_free_disk_bytes=settings.min_free_disk_bytes,
+            ),
             self._take_bookkeeping,
             clock,
-            on_written=self._unwritten.difference_update,
+            on_written=self._written.extend,
         )
 
     def start(self) -> None:
+        """Start the writer; raises if the database cannot be read or written."""
         self.writer.start()
 
     def close(self) -> None:
@@ -92,20 +107,28 @@ class TieredCache:
         if entry is not None:
             return entry
         loop = asyncio.get_running_loop()
+        began = self._settle()
         entry = await loop.run_in_executor(self._readers, self.store.get, digest)
-        if entry is None:
-            held = self._memory.get(digest)
-            if held is not None and digest in self._unwritten:
-                return held.entry  # the writer has not stored it yet
-            self._memory.pop(digest, None)
-        else:
-            self._remember(entry)
-        return entry
+        now = self._settle()
+        if entry is not None:
+            self._remember(entry, stored_at=now)
+            return entry
+        held = self._memory.get(digest)
+        if held is None:
+            return None
+        if held.stored_at is None:
+            held.checked_at = self.clock()  # not written yet: the database cannot contradict it
+            return held.entry
+        if held.stored_at >= began:
+            # Committed after this read began (a flight landing meanwhile): the miss is stale,
+            # and dropping the copy would send the next request upstream again.
+            return held.entry
+        self._memory.pop(digest, None)  # purged since it was stored (by another process)
+        return None
 
     def store_entry(self, key: CacheKey, entry: Entry) -> None:
         """Keep ``entry`` in memory now and in the database soon."""
-        self._remember(entry)
-        self._unwritten.add(entry.digest)
+        self._remember(entry, stored_at=None)
         self.writer.put(key, entry)
 
     def count(self, endpoint: str, hit: bool) -> None:
@@ -136,20 +159,37 @@ class TieredCache:
 
     async def stats(self) -> list[EndpointStats]:
         """Per-endpoint entries and bytes, with hits and misses counted so far."""
-        await asyncio.wrap_future(self.writer.submit(self.writer.record_bookkeeping))
+        with contextlib.suppress(Exception):  # a full disk: counted and logged by the writer
+            await asyncio.wrap_future(self.writer.submit(self.writer.record_bookkeeping))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self.store.stats)
 
     def memory_bytes(self) -> int:
         return int(self._memory.currsize)
 
-    def _remember(self, entry: Entry) -> None:
+    def _remember(self, entry: Entry, stored_at: int | None) -> None:
         held = self._memory.get(entry.digest)
         if held is not None and held.entry.created_at > entry.created_at:
             held.checked_at = self.clock()  # the memory copy is newer than the database row
             return
         if entry.size <= self._memory.maxsize:
-            self._memory[entry.digest] = _Held(entry, self.clock())
+            self._memory[entry.digest] = _Held(entry, self.clock(), stored_at)
+
+    def _settle(self) -> int:
+        """Mark the copies the writer has committed since the last call; return a new tick.
+
+        A copy marked at tick ``t`` was committed before any database read that begins at a
+        later tick (the writer hands it over only after its commit).
+        """
+        tick = self._tick
+        written = self._written
+        for _ in range(len(written)):
+            entry = written.popleft()
+            held = self._memory.get(entry.digest)
+            if held is not None and held.entry is entry:  # not since replaced by a newer one
+                held.stored_at = tick
+        self._tick = tick + 1
+        return self._tick
 
     def _take_bookkeeping(self) -> tuple[set[str], dict[str, list[int]]]:
         """The entries served and the hit/miss counts added since the last call (writer thread)."""

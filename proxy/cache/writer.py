@@ -4,21 +4,26 @@ New entries are queued without waiting and written in batches; purges and other 
 behind them and hand their result back through a future. Between jobs the thread does the
 housekeeping that must never hold up a request: recording which entries were served, adding
 hit/miss counts, evicting least-recently-used entries past the size cap, sweeping old ones.
+
+Failures never stop the thread and never flood the log: a full disk fails every write, so each
+kind of failure is logged once, then once a minute with a count (and counted for the stats).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.cache.policy import CacheKey
 from proxy.cache.store import CacheStore, Entry
+from proxy.db import describe_failure
 
 log = logging.getLogger("nbia_proxy.cache")
 
@@ -32,6 +37,54 @@ class Housekeeping:
     max_bytes: int
     keep_expired_seconds: float
     interval_seconds: float = 5.0
+    min_free_disk_bytes: int = 0  # below this, new entries are not written (0: no check)
+
+
+class FailureLog:
+    """A repeating failure in the log: the first at once, then one line a minute with a count.
+
+    Never a traceback: the reason is one line (:func:`proxy.db.describe_failure`).
+    """
+
+    def __init__(self, what: str, clock: Callable[[], float], every_seconds: float = 60.0):
+        self._what = what
+        self._clock = clock
+        self._every = every_seconds
+        self._logged_at: float | None = None
+        self._unlogged = 0  # failures since the last line
+        self._streak = 0  # failures since the last success
+        self._last = ""
+
+    def failed(self, reason: str) -> None:
+        self._last = reason
+        self._unlogged += 1
+        self._streak += 1
+        if self._logged_at is None:
+            log.warning("%s: %s (repeats are logged once a minute)", self._what, reason)
+            self._logged_at, self._unlogged = self._clock(), 0
+        else:
+            self.report_due()
+
+    def report_due(self) -> None:
+        """Log the failures not yet logged, if the last line is a minute old."""
+        if self._logged_at is None or not self._unlogged:
+            return
+        now = self._clock()
+        if now - self._logged_at >= self._every:
+            log.warning(
+                "%s %d more times in %d s, lately: %s",
+                self._what,
+                self._unlogged,
+                round(now - self._logged_at),
+                self._last,
+            )
+            self._logged_at, self._unlogged = now, 0
+
+    def succeeded(self) -> None:
+        if self._streak:
+            self.report_due()
+            log.info("%s no more (after %d failures)", self._what, self._streak)
+            self._streak = 0
 
 
 class _Job:
@@ -51,7 +104,7 @@ class Writer:
         housekeeping: Housekeeping,
         collect: Callable[[], tuple[set[str], dict[str, list[int]]]],
         clock: Callable[[], float] = time.time,
-        on_written: Callable[[Iterable[str]], None] = lambda digests: None,
+        on_written: Callable[[list[Entry]], None] = lambda entries: None,
     ) -> None:
         self._store = store
         self._housekeeping = housekeeping
@@ -60,13 +113,19 @@ class Writer:
         self._clock = clock
         self._queue: queue.SimpleQueue[tuple[CacheKey, Entry] | _Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="nbia-proxy-writer", daemon=True)
-        self._pending_bytes = 0
         self.total_bytes = 0
         self.written = 0
-        self.errors = 0
+        self.errors = 0  # database writes and jobs that failed
+        self.refused = 0  # entries the database would not take (the rest of their batch was)
+        self.skipped_low_disk = 0  # entries not written because the disk was nearly full
+        self._failures = FailureLog("cache write failed", clock)
+        self._refusals = FailureLog("cache entry refused by the database", clock)
 
     def start(self) -> None:
+        """Check that the database takes writes (raise if not), then start the thread."""
         self.total_bytes = self._store.total_bytes()
+        self._store.check_writable()
+        self._checkpoint()  # the migrations' writes, say: see _write_batch
         self._thread.start()
 
     def put(self, key: CacheKey, entry: Entry) -> None:
@@ -127,24 +186,61 @@ class Writer:
             batch.append(item)
         # Later puts of the same key win, as they would one by one.
         latest = {key.digest: (key, entry) for key, entry in batch}
-        added = self._guard(lambda: self._store.put_many(latest.values()))
-        if added is not None:
-            self.total_bytes += added
-            self.written += len(latest)
-            self._on_written(latest.keys())
-            if self.total_bytes > self._housekeeping.max_bytes:
-                self._guard(self._evict)
+        if self._room_for(sum(entry.size for _, entry in latest.values())):
+            self._store_batch(latest)
+        else:
+            self.skipped_low_disk += len(latest)
+        # The database file takes the batch now, not a thousand pages later: the WAL never
+        # holds more than one batch the file does not, so the free-space check above covers
+        # all the next write needs, and a WAL that starts over leaves a full disk room for a
+        # purge.
+        self._checkpoint()
         if follow_up is not None:
             self._run_job(follow_up)
         if stop:
             self._queue.put(None)
+
+    def _store_batch(self, latest: dict[str, tuple[CacheKey, Entry]]) -> None:
+        stored = self._guard(lambda: self._store.put_many(latest.values()))
+        if stored is None:
+            return
+        self._failures.succeeded()
+        self.total_bytes += stored.added_bytes
+        self.written += len(latest) - len(stored.refused)
+        for reason in stored.refused.values():
+            self.refused += 1
+            self._refusals.failed(reason)
+        self._on_written(
+            [entry for digest, (_, entry) in latest.items() if digest not in stored.refused]
+        )
+        if self.total_bytes > self._housekeeping.max_bytes:
+            self._guard(self._evict)
+
+    def _checkpoint(self) -> None:
+        # Best effort: on a full disk it fails too, and the failed write was reported already.
+        with contextlib.suppress(Exception):
+            self._store.checkpoint()
+
+    def _room_for(self, batch_bytes: int) -> bool:
+        """Whether the disk keeps ``min_free_disk_bytes`` after this batch (in WAL and file)."""
+        minimum = self._housekeeping.min_free_disk_bytes
+        if minimum <= 0:
+            return True
+        free = self._guard(self._store.free_disk_bytes)
+        if free is None or free - 2 * batch_bytes >= minimum:
+            return True
+        self._failures.failed(
+            f"{free} bytes free on the cache's disk, and writing would leave less than "
+            f"{minimum} (cache_min_free_disk_bytes): not written"
+        )
+        return False
 
     def _run_job(self, job: _Job) -> None:
         try:
             job.future.set_result(job.call())
         except Exception as exc:  # handed to whoever waits on the future
             self.errors += 1
-            log.exception("cache job failed")
+            self._failures.failed(describe_failure(exc))
             job.future.set_exception(exc)
 
     def record_bookkeeping(self) -> None:
@@ -156,12 +252,15 @@ class Writer:
             self._store.add_counts(counts)
 
     def _tidy(self) -> None:
+        self._failures.report_due()
+        self._refusals.report_due()
         self.record_bookkeeping()
         self._evict()
         swept = self._store.sweep(self._clock() - self._housekeeping.keep_expired_seconds)
         if swept:
             log.info("swept %d long-expired cache entries", swept)
             self.total_bytes = self._store.total_bytes()
+        self._checkpoint()
 
     def _evict(self) -> None:
         cap = self._housekeeping.max_bytes
@@ -171,10 +270,10 @@ class Writer:
             self.total_bytes = self._store.total_bytes()
 
     def _guard(self, call: Callable[[], Any]) -> Any:
-        """Run a write; a failure is logged and counted, and the thread keeps going."""
+        """Run a write; a failure is logged (once a minute) and counted, and the thread goes on."""
         try:
             return call()
-        except Exception:
+        except Exception as exc:
             self.errors += 1
-            log.exception("cache write failed")
+            self._failures.failed(describe_failure(exc))
             return None
