@@ -35,7 +35,8 @@ def make_settings(
         upstream=upstream,
         nlst_upstream=nlst_upstream or upstream,
         data_dir=data_dir,
-        connect_timeout_seconds=extra.pop("connect_timeout_seconds", 2.0),
+        # Also the wait for a pooled upstream connection: generous, for a loaded CI machine.
+        connect_timeout_seconds=extra.pop("connect_timeout_seconds", 10.0),
         read_timeout_seconds=extra.pop("read_timeout_seconds", 5.0),
         # The tests' caches are tiny: they must not stop writing on a machine whose disk is
         # nearly full (the default reserve is 256 MiB; its own tests set it).
