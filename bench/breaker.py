@@ -49,11 +49,11 @@ def trailing_space(fake: FakeNBIA, gateway: str) -> None:
     fake.reset()
     statuses = []
     for i in range(5):
-        head = request_line("GET", f"{S}/v4/getCollectionValues?attack={i}")
+        head = request_line("GET", f"{S}/v4/getSeries?Collection=ATTACK{i}")
         status, _, _ = send_raw(gateway, head.replace(b"Host:", b"X-Lab: value \r\nHost:"))
         statuses.append(status)
     print(
-        f"1. five requests with a trailing-space header value: statuses {statuses}, "
+        f"1. five requests with a trailing-space header value (trimmed, forwarded): statuses {statuses}, "
         f"{len(fake.requests)} reached the upstream, circuit {circuit(gateway)}, "
         f"another client gets {other_client(gateway, 'a')}"
     )
