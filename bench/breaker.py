@@ -53,7 +53,8 @@ def trailing_space(fake: FakeNBIA, gateway: str) -> None:
         status, _, _ = send_raw(gateway, head.replace(b"Host:", b"X-Lab: value \r\nHost:"))
         statuses.append(status)
     print(
-        f"1. five requests with a trailing-space header value (trimmed, forwarded): statuses {statuses}, "
+        "1. five requests with a trailing-space header value (trimmed and forwarded): "
+        f"statuses {statuses}, "
         f"{len(fake.requests)} reached the upstream, circuit {circuit(gateway)}, "
         f"another client gets {other_client(gateway, 'a')}"
     )
