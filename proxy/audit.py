@@ -11,6 +11,8 @@ import json
 import logging
 import time
 
+from starlette.types import Message, Send
+
 audit_log = logging.getLogger("nbia_proxy.audit")
 
 
@@ -46,3 +48,32 @@ def record(
             separators=(",", ":"),
         )
     )
+
+
+class Progress:
+    """What has been sent of one answer so far: for its audit line, and so that an error
+    after the answer has started is not answered a second time."""
+
+    __slots__ = ("cache", "size", "started", "status")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.status = 0
+        self.cache = "-"
+        self.size = 0
+
+    def watch(self, send: Send) -> Send:
+        """``send``, noting in this progress what passes through it."""
+
+        async def tracked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.started = True
+                self.status = message["status"]
+                for name, value in message["headers"]:
+                    if name == b"x-cache":
+                        self.cache = value.decode("latin-1")
+            else:
+                self.size += len(message.get("body", b""))
+            await send(message)
+
+        return tracked

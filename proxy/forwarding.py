@@ -13,6 +13,8 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -20,7 +22,7 @@ import httpx
 
 from proxy import rawhttp
 from proxy.endpoints import TokenUse, lookup
-from proxy.errors import ClientError, UpstreamError, transport_error
+from proxy.errors import ClientError, UpstreamError, UpstreamTimeout, transport_error
 from proxy.headers import RawHeaders, for_upstream
 from proxy.shield import (
     OVERLOAD_STATUSES,
@@ -243,3 +245,52 @@ def _is_slow(raw_path: bytes) -> bool:
 def translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
     """Map an httpx error raised while reading a body to the gateway's error type."""
     return transport_error(exc, upstream, mid_body=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """The rules every client request that goes upstream follows, cacheable or not: the one
+    offline rule, the one deadline, and retries for reads only."""
+
+    offline: bool
+    deadline_seconds: float
+    token_on_v4: bool
+    retry: RetryPolicy
+
+    def deadline(self) -> float:
+        """When a request starting now must have its answer, on the event loop's clock."""
+        return asyncio.get_running_loop().time() + self.deadline_seconds
+
+    async def open(
+        self,
+        upstream: Upstream,
+        request: OutgoingRequest,
+        token_use: TokenUse,
+        *,
+        read: bool,
+        bulk: bool = False,
+    ) -> UpstreamResponse:
+        """The one way a client's request reaches the upstream: refused offline, then sent
+        behind the shield (:func:`open_shielded`), retried after 429/503 only when ``read``."""
+        if self.offline:
+            raise offline_miss(upstream.name)
+        retry = self.retry if read else None
+        return await open_shielded(
+            upstream, request, token_use, self.token_on_v4, bulk=bulk, retry=retry
+        )
+
+
+def offline_miss(upstream: str) -> UpstreamTimeout:
+    """The error for a request that would need the upstream while the gateway is offline."""
+    return UpstreamTimeout("offline and not cached", upstream=upstream)
+
+
+@asynccontextmanager
+async def within(deadline: float, upstream: str) -> AsyncIterator[None]:
+    """Bound the body of the ``async with`` by the request ``deadline`` (event loop clock):
+    past it, the client gets 504."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError as exc:
+        raise UpstreamTimeout("no answer within the request deadline", upstream=upstream) from exc

@@ -1,56 +1,56 @@
-"""The gateway's hot path: a raw ASGI app in front of the FastAPI control app.
+"""The gateway's request path: a raw ASGI app in front of the FastAPI control app.
 
-Every request whose path (below an upstream's mount) starts with ``/nbia-api/`` is handled here
-without framework routing: the token endpoints are answered locally, everything else is
-forwarded to the upstream under the same path. Other paths (``/healthz``, ``/_proxy/...``)
-fall through to the control app.
+One request, top to bottom (:meth:`Gateway.__call__`), each step a call into the module named
+after it:
+
+1. route to an upstream by mount (else the control app: ``/healthz``, ``/_proxy/...``);
+2. answer the gateway's own endpoints, token and logout (:mod:`proxy.token_endpoints`);
+3. admit the request (:mod:`proxy.access`);
+4. answer a repeat from memory (:mod:`proxy.hit_memo`, :mod:`proxy.cache.answer`);
+5. check the request and read its body (:mod:`proxy.request_body`), classify the endpoint
+   (:mod:`proxy.endpoints`, :mod:`proxy.cache.shape`);
+6. a cacheable request is decided (:mod:`proxy.cache.decision`) and served from the store or
+   fetched, coalesced and shielded (:mod:`proxy.cache.serving`); anything else is forwarded
+   (:mod:`proxy.forwarding`) and relayed (:mod:`proxy.streaming`);
+7. record it (:mod:`proxy.audit`); a failure becomes the gateway's short JSON error
+   (:mod:`proxy.errors`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-import re
 import time
-from urllib.parse import parse_qsl
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import audit
 from proxy.access import Access, Principal, Refusal
-from proxy.cache.policy import CacheKey
+from proxy.cache.answer import send_stored, stored_answer
 from proxy.cache.serving import (
+    CachedAnswers,
     CachePolicy,
     ShieldPolicy,
     cache_key,
     forwarded_head_size,
-    send_hit,
-    serve_cacheable,
 )
 from proxy.cache.shape import Fit, classify
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
-from proxy.client_tokens import TokenAnswer
 from proxy.config import Settings
-from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
-from proxy.errors import ClientError, GatewayError, UpstreamTimeout
-from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
-from proxy.headers import check_forwardable, find, for_client
-from proxy.responses import GATEWAY_MADE, send_bytes, send_error, send_json
+from proxy.endpoints import Endpoint, lookup, token_use_for
+from proxy.errors import ClientError, GatewayError
+from proxy.forwarding import Forwarding, OutgoingRequest, RetryPolicy, within
+from proxy.headers import check_forwardable, for_client
+from proxy.request_body import read_body
+from proxy.responses import send_bytes, send_error, send_refusal
 from proxy.shield import Coalescer, ShieldCounters
 from proxy.streaming import StreamBroken, read_bounded, relay_stream, uncached_marks
+from proxy.token_endpoints import answer_local, local_endpoint
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.gateway")
 
 _API_PREFIX = "/nbia-api/"
-_SLOW_PATH_HEADERS = frozenset(
-    {b"cache-control", b"pragma", b"content-length", b"transfer-encoding"}
-)
-_KNOWN_KEYS_LIMIT = 20_000
-_KNOWN_QUERY_MAX = 1024  # longer queries take the full path every time
-_SLASHES = re.compile("/+")
 _FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
@@ -70,26 +70,35 @@ class Gateway:
         self.settings = settings
         self.cache = cache
         self.counters = counters
-        self.shield = ShieldPolicy(
+        retry = RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds)
+        self.forwarding = Forwarding(
+            offline=settings.offline,
+            deadline_seconds=settings.request_deadline_seconds,
+            token_on_v4=settings.token_on_v4,
+            retry=retry,
+        )
+        shield = ShieldPolicy(
             coalescer=Coalescer(counters),
             counters=counters,
-            retry=RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds),
+            retry=retry,
             max_stale_seconds=settings.cache_max_stale_seconds,
             deadline_seconds=settings.request_deadline_seconds,
             offline=settings.offline,
             revalidate_seconds=settings.cache_stale_while_revalidate_seconds,
         )
-        self.cache_policy = CachePolicy(
+        policy = CachePolicy(
             ttl_overrides=tuple(settings.cache_ttl.items()),
             negative_ttl_seconds=settings.cache_negative_ttl_seconds,
             token_on_v4=settings.token_on_v4,
             max_body_bytes=settings.max_cached_body_bytes,
         )
+        self.cached = (
+            None if cache is None else CachedAnswers(cache, policy, shield, self.forwarding)
+        )
         # Longest mount first, so /nlst/... is not taken by the root mount.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
         self.access = access
         self.control_app = control_app
-        self._known_keys: dict[tuple[str, bytes], CacheKey] = {}
         self.shortcut_hits = 0  # hits answered by proxy.hit_protocol without ASGI
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -102,138 +111,64 @@ class Gateway:
             await self._control(scope, receive, send, started)
             return
         upstream, path = routed
-        # Tomcat treats /oauth/token/, //oauth/token and the like as the token endpoint: so
-        # must we, or a client's credentials would be forwarded upstream.
-        local = _SLASHES.sub("/", path).rstrip("/").lower()
-        if local in TOKEN_PATHS or local in LOGOUT_PATHS:
-            await self._local(local in TOKEN_PATHS, scope, receive, send, started)
+        local = local_endpoint(path)
+        if local is not None:
+            timeout = self.settings.read_timeout_seconds
+            status = await answer_local(
+                local, self.access, _client(scope), timeout, scope, receive, send
+            )
+            self._record("-", scope, status, "-", 0, started)
             return
         admitted = self.access.check(scope["headers"], _client(scope))
         if isinstance(admitted, Refusal):
-            await self._refuse(admitted, scope, send, started)
+            await send_refusal(send, admitted)
+            self._record("-", scope, admitted.status, "-", 0, started)
             return
-        if self.cache is not None and scope["method"] == "GET":
-            entry = self.fresh_entry(scope["path"], scope["query_string"], scope["headers"])
-            if entry is not None:
-                await send_hit(self.cache, entry, send)
-                if audit.enabled():
-                    user = self.access.audit_name(admitted, scope["headers"])
-                    self.audit_hit(user, _client(scope), scope["path"], entry, started)
-                return
-        state = _Progress()
+        entry = self._repeat(scope)
+        if entry is not None:
+            assert self.cache is not None
+            await send_stored(send, stored_answer(self.cache, entry))
+            if audit.enabled():
+                user = self.access.audit_name(admitted, scope["headers"])
+                self.record_hit(user, _client(scope), scope["path"], entry, started)
+            return
+        progress = audit.Progress()
         try:
-            await self._handle(upstream, path, admitted, scope, receive, _tracking(send, state))
-        except GatewayError as exc:
-            log.warning("%s %s -> %s: %s", scope["method"], path, exc.status, exc.message)
-            if not state.started:
-                await send_error(send, exc.status, exc.message, exc.upstream, exc.retry_after)
-            state.status = exc.status
+            await self._exchange(upstream, path, admitted, scope, receive, progress.watch(send))
         except StreamBroken:
             raise  # the server must abort the connection: the client sees a broken transfer
-        except Exception:
-            log.exception("unexpected error on %s %s", scope["method"], path)
-            if not state.started:
-                await send_error(send, 500, "internal gateway error")
-                state.status = 500
-            else:
-                raise
+        except Exception as exc:
+            await _answer_failure(exc, scope["method"], path, progress, send)
         finally:
             if audit.enabled():
                 user = self.access.audit_name(admitted, scope["headers"])
-                _audit(user, scope, state.status, state.cache, state.size, started)
-
-    def audit_hit(self, user: str, client: str, path: str, entry: Entry, started: float) -> None:
-        """The audit line of a hit answered without the full path."""
-        audit.record(
-            user=user,
-            client=client,
-            method="GET",
-            path=path,
-            status=entry.status,
-            cache="HIT",
-            size=len(entry.body),
-            started=started,
-        )
-
-    async def _control(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        """The gateway's own endpoints: all but ``/healthz`` need an admin in accounts mode."""
-        if self.access.accounts and scope["path"] != "/healthz":
-            admitted = self.access.check(scope["headers"], _client(scope), admin=True)
-            if isinstance(admitted, Refusal):
-                await self._refuse(admitted, scope, send, started)
-                return
-        await self.control_app(scope, receive, send)
-
-    async def _local(
-        self, is_token: bool, scope: Scope, receive: Receive, send: Send, started: float
-    ) -> None:
-        """The token and logout endpoints, answered by the gateway itself."""
-        address = _client(scope)
-        try:
-            if is_token:
-                answer = await self._answer_token(scope, receive)
-                # A locked-out address still logs in with valid credentials; wrong ones get 429.
-                refusal = self.access.login_failed(address) if answer.status == 401 else None
-                if refusal is not None:
-                    await self._refuse(refusal, scope, send, started)
-                    return
-            else:
-                auth = find(scope["headers"], b"authorization")
-                answer = self.access.tokens.answer_logout(auth.decode("latin-1") if auth else None)
-        except ClientError as exc:
-            await send_error(send, exc.status, exc.message)
-            answer = TokenAnswer(exc.status, None)
-        else:
-            await _send_answer(send, answer)
-        if audit.enabled():
-            _audit("-", scope, answer.status, "-", 0, started)
-
-    async def _refuse(self, refusal: Refusal, scope: Scope, send: Send, started: float) -> None:
-        challenge = (
-            [(b"www-authenticate", b'Bearer realm="nbia-proxy"')] if refusal.challenge else []
-        )
-        # Rounded up: a client told to come back must not come back before the lockout ends.
-        wait = None if refusal.retry_after is None else math.ceil(refusal.retry_after)
-        await send_error(send, refusal.status, refusal.message, None, wait, challenge)
-        if audit.enabled():
-            _audit("-", scope, refusal.status, "-", 0, started)
-
-    def fresh_entry(
-        self, path: str, query: bytes, headers: list[tuple[bytes, bytes]]
-    ) -> Entry | None:
-        """The hit path: a GET seen before, answered from memory without parsing anything.
-
-        ``_known_keys`` maps the raw request (path with mount, query bytes) to the cache key that
-        the full path computed for it; only plain GETs without a body are recorded there.
-        """
-        key = self._known_keys.get((path, query))
-        if key is None:
-            return None
-        for name, _ in headers:
-            # A body, or a client asking for a fresh answer, takes the full path.
-            if name in _SLOW_PATH_HEADERS:
-                return None
-        assert self.cache is not None
-        entry = self.cache.from_memory(key.digest)
-        if entry is None or entry.expires_at <= self.cache.clock():
-            return None
-        return entry
-
-    def _remember_key(self, scope: Scope, request: OutgoingRequest, key: CacheKey) -> None:
-        if request.method != "GET" or request.body or len(request.query) > _KNOWN_QUERY_MAX:
-            return
-        if len(self._known_keys) >= _KNOWN_KEYS_LIMIT:
-            self._known_keys.clear()  # crude but bounded; the full path refills it
-        self._known_keys[(scope["path"], scope["query_string"])] = key
+                self._record(user, scope, progress.status, progress.cache, progress.size, started)
 
     def _route(self, path: str) -> tuple[Upstream, str] | None:
+        """The upstream whose mount ``path`` is below, and the path below the mount."""
         for upstream in self.upstreams:
             mount = upstream.config.mount
             if path.startswith(mount + _API_PREFIX):
                 return upstream, path[len(mount) :]
         return None
 
-    async def _handle(
+    async def _control(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        """The gateway's own endpoints: all but ``/healthz`` need an admin in accounts mode."""
+        if self.access.accounts and scope["path"] != "/healthz":
+            admitted = self.access.check(scope["headers"], _client(scope), admin=True)
+            if isinstance(admitted, Refusal):
+                await send_refusal(send, admitted)
+                self._record("-", scope, admitted.status, "-", 0, started)
+                return
+        await self.control_app(scope, receive, send)
+
+    def _repeat(self, scope: Scope) -> Entry | None:
+        """The fresh stored answer to a plain GET this gateway has answered before, if any."""
+        if self.cached is None or scope["method"] != "GET":
+            return None
+        return self.cached.memo.fresh(scope["path"], scope["query_string"], scope["headers"])
+
+    async def _exchange(
         self,
         upstream: Upstream,
         path: str,
@@ -242,8 +177,33 @@ class Gateway:
         receive: Receive,
         send: Send,
     ) -> None:
+        """Classify the request, then serve it through the cache or forward it."""
+        request = await self._incoming(upstream, path, scope, receive)
+        endpoint = lookup(path)
+        fit = self._fit(upstream, endpoint, request)
+        if endpoint is not None and fit >= Fit.CACHED and self.cached is not None:
+            key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
+            self.cached.memo.remember(
+                scope["path"], scope["query_string"], request.method, request.body, key
+            )
+            await self.cached.serve(upstream, endpoint, request, key, fit, receive, send)
+            return
+        if endpoint is None or endpoint.payload.is_binary:
+            # A download holds one of its user's slots (accounts mode), so one user's many
+            # threads queue behind each other instead of in front of everyone else.
+            async with self.access.limits.download(principal.name):
+                await self._relay(upstream, path, endpoint, request, receive, send)
+        else:
+            await self._relay(upstream, path, endpoint, request, receive, send)
+
+    async def _incoming(
+        self, upstream: Upstream, path: str, scope: Scope, receive: Receive
+    ) -> OutgoingRequest:
+        """The client's request as it will go upstream, checked, with its body read."""
         method: str = scope["method"]
-        _reject_dot_segments(path)
+        # The upstream (and httpx's URL normaliser) would resolve these; refuse, not guess.
+        if any(segment in (".", "..") for segment in path.split("/")):
+            raise ClientError("dot segments are not allowed in paths")
         if method not in _FORWARDED_METHODS:
             raise ClientError(f"method {method} is not supported", status=405)
         check_forwardable(scope["headers"])  # the client's 400 before the cache or coalescing
@@ -251,78 +211,51 @@ class Gateway:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         if not raw_path.startswith(mount + b"/"):
             raise ClientError("malformed request path")
-        request = OutgoingRequest(
+        body = await read_body(
+            scope["headers"],
+            receive,
+            self.settings.max_request_body_bytes,
+            self.settings.read_timeout_seconds,
+        )
+        return OutgoingRequest(
             method=method,
             raw_path=raw_path[len(mount) :],
             query=scope["query_string"],
             headers=list(scope["headers"]),
-            body=await self._read_body(scope, receive),
+            body=body,
         )
-        endpoint = lookup(path)
-        if endpoint is not None:
-            verdict = classify(
-                endpoint,
-                method,
-                request.query,
-                request.body,
-                request.headers,
-                forwarded_head_size(upstream, request),
-            )
-            if verdict.fit is Fit.REFUSED:
-                raise ClientError(verdict.reason)
-            if self.cache is not None and verdict.fit >= Fit.CACHED:
-                key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
-                self._remember_key(scope, request, key)
-                await serve_cacheable(
-                    self.cache,
-                    self.cache_policy,
-                    self.shield,
-                    upstream,
-                    endpoint,
-                    request,
-                    key,
-                    verdict.fit,
-                    receive,
-                    send,
-                )
-                return
-        if self.settings.offline:
-            raise UpstreamTimeout("offline and not cached", upstream=upstream.name)
-        # Catalogued text payloads are read whole; binaries and unknown endpoints stream.
-        buffer = endpoint is not None and not endpoint.payload.is_binary
-        # Reads may be retried after 429/503; side effects and unknown POSTs never are.
-        read = method in ("GET", "HEAD") if endpoint is None else not endpoint.side_effect
-        if buffer:
-            await self._forward(upstream, path, request, read, buffer, receive, send)
-            return
-        # A download holds one of its user's slots (accounts mode), so one user's many
-        # threads queue behind each other instead of in front of everyone else.
-        async with self.access.limits.download(principal.name):
-            await self._forward(upstream, path, request, read, buffer, receive, send)
 
-    async def _forward(
+    def _fit(self, upstream: Upstream, endpoint: Endpoint | None, request: OutgoingRequest) -> Fit:
+        """How far the cache key describes the request (an unknown endpoint is never cached);
+        a request NBIA would misread is the client's 400."""
+        if endpoint is None:
+            return Fit.UNCACHED
+        head = forwarded_head_size(upstream, request)
+        verdict = classify(
+            endpoint, request.method, request.query, request.body, request.headers, head
+        )
+        if verdict.fit is Fit.REFUSED:
+            raise ClientError(verdict.reason)
+        return verdict.fit
+
+    async def _relay(
         self,
         upstream: Upstream,
         path: str,
+        endpoint: Endpoint | None,
         request: OutgoingRequest,
-        read: bool,
-        buffer: bool,
         receive: Receive,
         send: Send,
     ) -> None:
-        try:
-            async with asyncio.timeout(self.settings.request_deadline_seconds):
-                response = await open_shielded(
-                    upstream,
-                    request,
-                    token_use_for(path),
-                    self.settings.token_on_v4,
-                    bulk=not buffer,
-                    retry=self.shield.retry if read else None,
-                )
-        except TimeoutError as exc:
-            message = "no answer within the request deadline"
-            raise UpstreamTimeout(message, upstream=upstream.name) from exc
+        """Forward an uncached request and relay its answer: catalogued text read whole (up to
+        the bound), binaries and unknown endpoints streamed as they arrive."""
+        buffer = endpoint is not None and not endpoint.payload.is_binary
+        # Reads may be retried after 429/503; side effects and unknown POSTs never are.
+        read = request.method in ("GET", "HEAD") if endpoint is None else not endpoint.side_effect
+        async with within(self.forwarding.deadline(), upstream.name):
+            response = await self.forwarding.open(
+                upstream, request, token_use_for(path), read=read, bulk=not buffer
+            )
         extra = uncached_marks(response)
         if buffer and request.method in ("GET", "POST"):
             # Held whole only up to the bound; a larger text answer is relayed as it arrives.
@@ -335,110 +268,53 @@ class Gateway:
         else:
             await relay_stream(response, upstream.name, receive, send, extra)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The request body, refused early when too large and bounded in time."""
-        limit = self.settings.max_request_body_bytes
-        declared = find(scope["headers"], b"content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            raise ClientError(f"request body larger than {limit} bytes", status=413)
-        try:
-            async with asyncio.timeout(self.settings.read_timeout_seconds):
-                return await _read_body(receive, limit)
-        except TimeoutError:
-            raise ClientError("request body not received in time", status=408) from None
+    def record_hit(self, user: str, client: str, path: str, entry: Entry, started: float) -> None:
+        """The audit line of a hit answered from memory (also by the protocol shortcut)."""
+        audit.record(
+            user=user,
+            client=client,
+            method="GET",
+            path=path,
+            status=entry.status,
+            cache="HIT",
+            size=len(entry.body),
+            started=started,
+        )
 
-    async def _answer_token(self, scope: Scope, receive: Receive) -> TokenAnswer:
-        method = scope["method"]
-        body = await _read_body(receive, 64 * 1024)
-        if method == "POST":
-            form = _form(body)
-        elif method == "GET":  # tcia-utils 1.0 sent the grant as a query string
-            form = _form(scope["query_string"])
-        else:
-            raise ClientError(f"method {method} is not supported here", status=405)
-        return self.access.tokens.answer_token_request(form)
-
-
-class _Progress:
-    """What has been sent so far, for the audit log and for not answering twice."""
-
-    __slots__ = ("cache", "size", "started", "status")
-
-    def __init__(self) -> None:
-        self.started = False
-        self.status = 0
-        self.cache = "-"
-        self.size = 0
+    def _record(
+        self, user: str, scope: Scope, status: int, cache: str, size: int, started: float
+    ) -> None:
+        if audit.enabled():
+            audit.record(
+                user=user,
+                client=_client(scope),
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                cache=cache,
+                size=size,
+                started=started,
+            )
 
 
-def _tracking(send: Send, state: _Progress) -> Send:
-    async def tracked(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            state.started = True
-            state.status = message["status"]
-            for name, value in message["headers"]:
-                if name == b"x-cache":
-                    state.cache = value.decode("latin-1")
-        else:
-            state.size += len(message.get("body", b""))
-        await send(message)
-
-    return tracked
-
-
-def _audit(user: str, scope: Scope, status: int, cache: str, size: int, started: float) -> None:
-    audit.record(
-        user=user,
-        client=_client(scope),
-        method=scope["method"],
-        path=scope["path"],
-        status=status,
-        cache=cache,
-        size=size,
-        started=started,
-    )
+async def _answer_failure(
+    exc: Exception, method: str, path: str, progress: audit.Progress, send: Send
+) -> None:
+    """Answer a failed request with the gateway's JSON error, unless the answer had started
+    (then the exception goes on, and the server aborts the connection)."""
+    if isinstance(exc, GatewayError):
+        log.warning("%s %s -> %s: %s", method, path, exc.status, exc.message)
+        if not progress.started:
+            await send_error(send, exc.status, exc.message, exc.upstream, exc.retry_after)
+        progress.status = exc.status
+        return
+    log.exception("unexpected error on %s %s", method, path, exc_info=exc)
+    if progress.started:
+        raise exc
+    await send_error(send, 500, "internal gateway error")
+    progress.status = 500
 
 
 def _client(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "-"
-
-
-def _reject_dot_segments(path: str) -> None:
-    # The upstream (and httpx's URL normaliser) would resolve these; refuse rather than guess.
-    if any(segment in (".", "..") for segment in path.split("/")):
-        raise ClientError("dot segments are not allowed in paths")
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientError("client disconnected", status=499)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise ClientError(f"request body larger than {limit} bytes", status=413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _form(raw: bytes) -> dict[str, str]:
-    try:
-        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-    except UnicodeDecodeError as exc:
-        raise ClientError("form body is not valid UTF-8") from exc
-    return dict(pairs)
-
-
-async def _send_answer(send: Send, answer: TokenAnswer) -> None:
-    if answer.body is None:  # 204: no body, and no Content-Length either (RFC 9110 §8.6)
-        await send(
-            {"type": "http.response.start", "status": answer.status, "headers": GATEWAY_MADE}
-        )
-        await send({"type": "http.response.body", "body": b""})
-    else:
-        await send_json(send, answer.status, answer.body, GATEWAY_MADE)

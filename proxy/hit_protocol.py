@@ -21,7 +21,6 @@ upgrade, a percent-encoded path) goes down uvicorn's ordinary path unchanged.
 
 from __future__ import annotations
 
-import http
 import json
 import logging
 import time
@@ -36,7 +35,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy import audit
-from proxy.cache.store import Entry
+from proxy.cache.answer import status_line, stored_answer
 from proxy.gateway import Gateway
 
 log = logging.getLogger("nbia_proxy.protocol")
@@ -88,14 +87,6 @@ def find_gateway(app: Any) -> Gateway | None:
     return _unwrap(app, Gateway)
 
 
-def status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    return b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode("ascii"))
-
-
 def error_answer(status: int, message: str) -> bytes:
     """A complete response in the gateway's error shape that ends the connection."""
     body = json.dumps({"error": message}, separators=(",", ":")).encode()
@@ -104,15 +95,6 @@ def error_answer(status: int, message: str) -> bytes:
         b"content-length: %d\r\nconnection: close\r\n\r\n%s"
         % (status_line(status), len(body), body)
     )
-
-
-def response_head(entry: Entry) -> bytes:
-    """Status line and stored headers (with Content-Length), computed once per entry."""
-    if entry.wire_head is None:
-        lines = [status_line(entry.status)]
-        lines += [name + b": " + value + b"\r\n" for name, value in entry.wire_headers]
-        entry.wire_head = b"".join(lines)
-    return entry.wire_head
 
 
 class HitProtocol(HttpToolsProtocol):
@@ -373,24 +355,25 @@ class HitProtocol(HttpToolsProtocol):
             return None
         gateway = self._gateway
         assert gateway is not None
-        cache = gateway.cache
+        cached = gateway.cached
+        if cached is None:
+            return None
         client = self._forwarded_client() if self._peer_trusted else self._peer
         principal = gateway.access.quick_principal(self.headers, client)
         if principal is None:
             return None  # no valid credentials: the full path writes the refusal
-        entry = gateway.fresh_entry(path, url.query or b"", self.headers)
-        if entry is None or cache is None:
+        entry = cached.memo.fresh(path, url.query or b"", self.headers)
+        if entry is None:
             return None
         if gateway.access.limits.admit(principal.name, count=False):
             return None  # over the user's rate: the full path refuses (and counts) it
-        age = max(0, int(cache.clock() - entry.created_at))
-        cache.count(entry.endpoint, hit=True)
-        cache.served(entry.digest)
+        # It can answer now: with the same stored answer the ASGI path would send.
+        answer = stored_answer(cached.cache, entry)
         gateway.shortcut_hits += 1
         if audit.enabled():
             user = gateway.access.audit_name(principal, self.headers)
-            gateway.audit_hit(user, client, path, entry, time.perf_counter())
-        return b"%sx-cache: HIT\r\nage: %d\r\n\r\n%s" % (response_head(entry), age, entry.body)
+            gateway.record_hit(user, client, path, entry, time.perf_counter())
+        return answer.wire()
 
     def _forwarded_client(self) -> str:
         """The client behind a trusted proxy, read as uvicorn's middleware reads it for the

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from starlette.types import Send
 
+from proxy.access import Refusal
 from proxy.headers import RawHeaders
 
 BYPASS = (b"x-cache", b"BYPASS")
@@ -51,3 +53,11 @@ async def send_error(
     if retry_after is not None:
         headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
     await send_json(send, status, payload, headers)
+
+
+async def send_refusal(send: Send, refusal: Refusal) -> None:
+    """Send the access policy's refusal (a 401 with its ``WWW-Authenticate`` challenge)."""
+    challenge = [(b"www-authenticate", b'Bearer realm="nbia-proxy"')] if refusal.challenge else []
+    # Rounded up: a client told to come back must not come back before the lockout ends.
+    wait = None if refusal.retry_after is None else math.ceil(refusal.retry_after)
+    await send_error(send, refusal.status, refusal.message, None, wait, challenge)

@@ -8,28 +8,36 @@ requests may share one upstream request, follows the request's :class:`~proxy.ca
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, replace
 
 import httpx
 from starlette.types import Receive, Send
 
-from proxy.cache.policy import CacheKey, lifetime, make_key, origin, pairs, ttl_for, wants_fresh
+from proxy.cache.answer import STALE, send_stored, stored_answer
+from proxy.cache.decision import Action, Decision, decide, freshness
+from proxy.cache.policy import CacheKey, lifetime, make_key, origin, pairs, ttl_for
+from proxy.cache.policy import wants_fresh as wants_fresh_answer
 from proxy.cache.shape import Fit, head_size, storable
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.endpoints import Endpoint, TokenUse
-from proxy.errors import GatewayError, UpstreamTimeout
-from proxy.forwarding import OutgoingRequest, RetryPolicy, UpstreamResponse, open_shielded
+from proxy.errors import GatewayError
+from proxy.forwarding import (
+    Forwarding,
+    OutgoingRequest,
+    RetryPolicy,
+    UpstreamResponse,
+    offline_miss,
+    within,
+)
 from proxy.headers import RawHeaders, find, for_client, for_upstream
+from proxy.hit_memo import HitMemo
 from proxy.responses import AGE_ZERO, send_bytes
 from proxy.shield import UNHEALTHY_STATUSES, Coalescer, ShieldCounters
 from proxy.streaming import Overflow, read_bounded, relay_stream, uncached_marks
 from proxy.upstream import Upstream
 
-HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
-STALE = (b"x-cache", b"STALE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,144 +135,216 @@ class _Handoff:
     overflow: Overflow | None = None
 
 
-async def serve_cacheable(
-    cache: TieredCache,
-    policy: CachePolicy,
-    shield: ShieldPolicy,
-    upstream: Upstream,
-    endpoint: Endpoint,
-    request: OutgoingRequest,
-    key: CacheKey,
-    fit: Fit,
-    receive: Receive,
-    send: Send,
-) -> None:
-    """Answer from the cache if fresh; else fetch (once for all identical ``EXACT`` waiters),
-    and store what ``fit`` allows.
+class CachedAnswers:
+    """Answers cacheable requests: from the store, or fetched (coalesced, shielded) and stored.
 
-    When the upstream cannot answer (transport error, time-out, 5xx, 429, open circuit) an
-    expired entry within ``max_stale_seconds`` is served instead, marked ``X-Cache: STALE``.
+    ``memo`` remembers which raw request lines have which key, so that a repeat is answered
+    from memory before anything is parsed (:mod:`proxy.hit_memo`).
     """
-    headers = request.headers
-    entry = await cache.lookup(key.digest)
-    fresh_wanted = wants_fresh(find(headers, b"cache-control"), find(headers, b"pragma"))
-    if entry is not None and not fresh_wanted and entry.expires_at > cache.clock():
-        await send_hit(cache, entry, send)
-        return
-    if shield.offline:
-        if entry is None:
-            raise UpstreamTimeout("offline and not cached", upstream=upstream.name)
-        await send_stale(cache, entry, send, shield)
-        return
 
-    # Stored bodies must suit every client: ask the upstream for them unencoded.
-    plain = replace(
-        request,
-        headers=[h for h in request.headers if h[0] != b"accept-encoding"]
-        + [(b"accept-encoding", b"identity")],
-    )
-    handoff = _Handoff()
+    def __init__(
+        self,
+        cache: TieredCache,
+        policy: CachePolicy,
+        shield: ShieldPolicy,
+        forwarding: Forwarding,
+    ) -> None:
+        self.cache = cache
+        self.policy = policy
+        self.shield = shield
+        self.forwarding = forwarding
+        self.memo = HitMemo(cache)
 
-    async def fetch() -> Flight:
+    async def serve(
+        self,
+        upstream: Upstream,
+        endpoint: Endpoint,
+        request: OutgoingRequest,
+        key: CacheKey,
+        fit: Fit,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Answer a cacheable request as :func:`~proxy.cache.decision.decide` says: from the
+        store, or from the upstream (once for all identical ``EXACT`` waiters), storing what
+        ``fit`` allows. When the upstream then cannot answer (transport error, time-out, 5xx,
+        429, open circuit), a stored copy the decision allows is served instead, marked
+        ``X-Cache: STALE``.
+        """
+        cache = self.cache
+        entry = await cache.lookup(key.digest)
+        headers = request.headers
+        wants_fresh = wants_fresh_answer(find(headers, b"cache-control"), find(headers, b"pragma"))
+        decision = self._decide(entry, wants_fresh, fit, upstream)
+        action = decision.action
+        if action is Action.REFUSE:
+            raise offline_miss(upstream.name)
+        if action is Action.SERVE:
+            assert entry is not None  # decide() serves only what is stored
+            await send_stored(send, stored_answer(cache, entry))
+            return
+        fetch = _Fetch(
+            cache, self.policy, self.forwarding, upstream, endpoint, request, key, fit, wants_fresh
+        )
+        if action in _STALE_ANSWERS:
+            assert entry is not None
+            if action is Action.SERVE_STALE_AND_REVALIDATE:
+                fetch.handoff.wanted = False  # a background refresh relays nothing to anyone
+                self.shield.coalescer.start(key.digest, fetch.run)
+            await self._send_stale(entry, send)
+            return
+        cache.count(endpoint.path, hit=False)
+        try:
+            await self._fetch_and_answer(fetch, decision, entry, receive, send)
+        finally:
+            fetch.handoff.wanted = False
+            if fetch.handoff.overflow is not None:
+                # Obtained but never relayed: free the upstream connection.
+                await fetch.handoff.overflow.aclose()
+
+    def _decide(
+        self, entry: Entry | None, wants_fresh: bool, fit: Fit, upstream: Upstream
+    ) -> Decision:
+        """The request's, the stored entry's and the upstream's state, given to decide()."""
+        stored = freshness(
+            status=None if entry is None else entry.status,
+            expires_at=0.0 if entry is None else entry.expires_at,
+            now=self.cache.clock(),
+            revalidate_seconds=self.shield.revalidate_seconds,
+            max_stale_seconds=self.shield.max_stale_seconds,
+        )
+        return decide(
+            stored,
+            stored_ok=entry is not None and entry.status == 200,
+            wants_fresh=wants_fresh,
+            offline=self.forwarding.offline,
+            # Only a request the key describes exactly may speak for others: anything else (a
+            # head near the limit, fields in a POST's query) would hand its error to every waiter.
+            shared=fit is Fit.EXACT,
+            circuit_open=_refusing(upstream),
+        )
+
+    async def _fetch_and_answer(
+        self,
+        fetch: _Fetch,
+        decision: Decision,
+        entry: Entry | None,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Fetch within the request deadline (coalesced when the decision says so) and answer:
+        the fetched answer, or the stored copy when the upstream failed and one may stand in."""
+        upstream = fetch.upstream
+        stand_in = entry if decision.stale_on_failure else None
+        deadline = self.forwarding.deadline()
+        try:
+            async with within(deadline, upstream.name):
+                if decision.action is Action.FETCH_COALESCED:
+                    flight = await self.shield.coalescer.run(fetch.key.digest, fetch.run)
+                else:
+                    flight = await fetch.run()
+        except GatewayError:
+            if stand_in is None:
+                raise
+            await self._send_stale(stand_in, send)
+            return
+        if isinstance(flight, TooLarge):
+            overflow, fetch.handoff.overflow = fetch.handoff.overflow, None
+            await _relay_too_large(overflow, deadline, fetch, receive, send)
+        elif stand_in is not None and flight.status in UNHEALTHY_STATUSES:
+            await self._send_stale(stand_in, send)
+        else:
+            await send_bytes(send, flight.status, flight.body, [*flight.headers, MISS, AGE_ZERO])
+
+    async def _send_stale(self, entry: Entry, send: Send) -> None:
+        self.shield.counters.stale_served += 1
+        await send_stored(send, stored_answer(self.cache, entry, STALE))
+
+
+_STALE_ANSWERS = frozenset({Action.SERVE_STALE, Action.SERVE_STALE_AND_REVALIDATE})
+
+
+def _refusing(upstream: Upstream) -> bool:
+    """Whether the upstream's breaker would refuse a request now (open, or half-open with its
+    probe already out)."""
+    breaker = upstream.breaker
+    return breaker.is_open and (breaker.state == "open" or breaker.probing)
+
+
+class _Fetch:
+    """One upstream request for a cacheable key: read whole, stored if ``fit`` allows, shared
+    by the flight's waiters (an answer too large to share goes to its own request only)."""
+
+    def __init__(
+        self,
+        cache: TieredCache,
+        policy: CachePolicy,
+        forwarding: Forwarding,
+        upstream: Upstream,
+        endpoint: Endpoint,
+        request: OutgoingRequest,
+        key: CacheKey,
+        fit: Fit,
+        wants_fresh: bool,
+    ) -> None:
+        self.cache = cache
+        self.policy = policy
+        self.forwarding = forwarding
+        self.upstream = upstream
+        self.endpoint = endpoint
+        self.request = request
+        self.key = key
+        self.fit = fit
+        self.wants_fresh = wants_fresh
+        self.handoff = _Handoff()
+
+    async def run(self) -> Flight:
+        """Fetch, store, and return what every waiter receives."""
+        cache, key = self.cache, self.key
         # A flight that just finished may have stored the answer while this request was still
         # looking it up: use it rather than start a second upstream request.
         stored = cache.from_memory(key.digest)
-        if stored is not None and not fresh_wanted and stored.expires_at > cache.clock():
+        if stored is not None and not self.wants_fresh and stored.expires_at > cache.clock():
             return Answer(stored.status, stored.headers, stored.body)
-        response = await open_shielded(
-            upstream, plain, endpoint.token, policy.token_on_v4, retry=shield.retry
+        # Stored bodies must suit every client: ask the upstream for them unencoded.
+        plain = replace(
+            self.request,
+            headers=[h for h in self.request.headers if h[0] != b"accept-encoding"]
+            + [(b"accept-encoding", b"identity")],
         )
+        response = await self.forwarding.open(self.upstream, plain, self.endpoint.token, read=True)
         sent_head = _sent_head_size(response)
-        body = await read_bounded(response, upstream.name, policy.max_body_bytes)
+        body = await read_bounded(response, self.upstream.name, self.policy.max_body_bytes)
         if isinstance(body, Overflow):
             # Sharing it would mean holding it whole. The request whose fetch this is relays
             # the open answer as it arrives; the flight's other waiters each ask on their own
             # (streamed too): one extra upstream request per concurrent waiter, and only for
             # answers past the limit, against memory that grows with the answer for everyone.
-            if handoff.wanted:
-                handoff.overflow = body
+            if self.handoff.wanted:
+                self.handoff.overflow = body
             else:
                 await body.aclose()  # that request is gone (client left, deadline)
             return TOO_LARGE
         answer = Answer(response.status_code, for_client(response.headers.raw), body)
-        if storable(answer.status, fit, sent_head):
-            _store(cache, policy, endpoint, key, answer)
+        if storable(answer.status, self.fit, sent_head):
+            _store(cache, self.policy, self.endpoint, key, answer)
         return answer
-
-    # Only a request the key describes exactly may speak for others: anything else (a head near
-    # the limit, fields in a POST's query) would hand its own error to every waiter.
-    shared = fit is Fit.EXACT
-    deadline = asyncio.get_running_loop().time() + shield.deadline_seconds
-    try:
-        if (
-            shared
-            and entry is not None
-            and not fresh_wanted
-            and entry.status == 200
-            and cache.clock() - entry.expires_at < shield.revalidate_seconds
-        ):
-            # Just expired: answer with it now and refresh it in the background, once per key.
-            handoff.wanted = False
-            shield.coalescer.start(key.digest, fetch)
-            await send_stale(cache, entry, send, shield)
-            return
-        cache.count(endpoint.path, hit=False)
-        try:
-            async with asyncio.timeout_at(deadline):
-                flight = await (shield.coalescer.run(key.digest, fetch) if shared else fetch())
-        except (GatewayError, TimeoutError) as exc:
-            stale = _stale_copy(cache, entry, shield)
-            if stale is not None:
-                await send_stale(cache, stale, send, shield)
-                return
-            if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout(
-                    "no answer within the request deadline", upstream=upstream.name
-                ) from exc
-            raise
-        if isinstance(flight, TooLarge):
-            overflow, handoff.overflow = handoff.overflow, None
-            await _relay_too_large(
-                overflow, deadline, policy, shield, upstream, endpoint, request, receive, send
-            )
-            return
-        answer = flight
-        stale = _stale_copy(cache, entry, shield) if answer.status in UNHEALTHY_STATUSES else None
-        if stale is not None:
-            await send_stale(cache, stale, send, shield)
-            return
-        await send_bytes(send, answer.status, answer.body, [*answer.headers, MISS, AGE_ZERO])
-    finally:
-        handoff.wanted = False
-        if handoff.overflow is not None:
-            await handoff.overflow.aclose()  # obtained but never relayed: free the upstream
 
 
 async def _relay_too_large(
-    overflow: Overflow | None,
-    deadline: float,
-    policy: CachePolicy,
-    shield: ShieldPolicy,
-    upstream: Upstream,
-    endpoint: Endpoint,
-    request: OutgoingRequest,
-    receive: Receive,
-    send: Send,
+    overflow: Overflow | None, deadline: float, fetch: _Fetch, receive: Receive, send: Send
 ) -> None:
     """Relay an answer past ``max_body_bytes`` as it arrives: the flight's own (``overflow``,
     for the request whose fetch obtained it) or, for a waiter, one it asks for itself (within
-    the same request ``deadline``, on the event loop's clock)."""
+    the same request ``deadline``)."""
+    upstream = fetch.upstream
     if overflow is not None:
         response = overflow.response
     else:
-        try:
-            async with asyncio.timeout_at(deadline):
-                response = await open_shielded(
-                    upstream, request, endpoint.token, policy.token_on_v4, retry=shield.retry
-                )
-        except TimeoutError as exc:
-            message = "no answer within the request deadline"
-            raise UpstreamTimeout(message, upstream=upstream.name) from exc
+        async with within(deadline, upstream.name):
+            response = await fetch.forwarding.open(
+                upstream, fetch.request, fetch.endpoint.token, read=True
+            )
     await relay_stream(response, upstream.name, receive, send, uncached_marks(response), overflow)
 
 
@@ -287,33 +367,3 @@ def _store(
             now + seconds,
         )
         cache.store_entry(key, entry)
-
-
-def _stale_copy(cache: TieredCache, entry: Entry | None, shield: ShieldPolicy) -> Entry | None:
-    """``entry`` if it may stand in for a failed upstream answer, else None."""
-    if (
-        entry is not None
-        and entry.status == 200
-        and cache.clock() - entry.expires_at <= shield.max_stale_seconds
-    ):
-        return entry
-    return None
-
-
-async def send_stale(cache: TieredCache, entry: Entry, send: Send, shield: ShieldPolicy) -> None:
-    """Send an expired entry because the upstream could not answer."""
-    shield.counters.stale_served += 1
-    age = max(0, int(cache.clock() - entry.created_at))
-    headers = [*entry.wire_headers, STALE, (b"age", b"%d" % age)]
-    await send({"type": "http.response.start", "status": entry.status, "headers": headers})
-    await send({"type": "http.response.body", "body": entry.body})
-
-
-async def send_hit(cache: TieredCache, entry: Entry, send: Send) -> None:
-    """Send a stored answer with its age."""
-    age = max(0, int(cache.clock() - entry.created_at))
-    headers = [*entry.wire_headers, HIT, (b"age", b"%d" % age)]
-    await send({"type": "http.response.start", "status": entry.status, "headers": headers})
-    await send({"type": "http.response.body", "body": entry.body})
-    cache.count(entry.endpoint, hit=True)
-    cache.served(entry.digest)
