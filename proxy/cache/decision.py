@@ -97,7 +97,7 @@ def decide(
     stand_in = stored_ok and stored in (Freshness.FRESH, Freshness.REVALIDATE, Freshness.STALE)
     if circuit_open and stand_in:
         return Decision(Action.SERVE_STALE)  # asking would only be refused by the breaker
-    if shared and not wants_fresh and stored is Freshness.REVALIDATE:
+    if shared and not wants_fresh and stored_ok and stored is Freshness.REVALIDATE:
         return Decision(Action.SERVE_STALE_AND_REVALIDATE)
     fetch = Action.FETCH_COALESCED if shared else Action.FETCH
     return Decision(fetch, stale_on_failure=stand_in)
