@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
 
 import httpx
 
 from proxy import rawhttp
-from proxy.endpoints import TokenUse, lookup
+from proxy.endpoints import TokenUse
 from proxy.errors import ClientError, UpstreamError, transport_error
 from proxy.headers import RawHeaders, for_upstream
-from proxy.shield import (
+from proxy.shield.breaker import counts_against_upstream, is_failure_status, is_slow
+from proxy.shield.retry import (
     OVERLOAD_STATUSES,
+    RetryPolicy,
     backoff_seconds,
-    counts_against_upstream,
-    is_failure_status,
     retry_after_seconds,
 )
 from proxy.upstream import Upstream
@@ -124,14 +122,6 @@ async def _send(
         raise transport_error(exc, upstream.name) from exc
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How a read is retried after the upstream answers 429 or 503."""
-
-    max_attempts: int
-    budget_seconds: float
-
-
 async def open_shielded(
     upstream: Upstream,
     request: OutgoingRequest,
@@ -151,7 +141,7 @@ async def open_shielded(
     A 429/503 with ``Retry-After`` pauses every upstream request of the gateway for that long.
     """
     for_upstream(request.headers)
-    slow = _is_slow(request.raw_path)
+    slow = is_slow(request.raw_path)
     breaker = upstream.breaker
     breaker.before()
     try:
@@ -228,16 +218,6 @@ async def _with_retries(
         )
         if told is None:
             await asyncio.sleep(delay)  # with Retry-After, the limiter's pause does the waiting
-
-
-_SLASHES = re.compile(rb"/+")
-
-
-def _is_slow(raw_path: bytes) -> bool:
-    """Whether the catalog marks the endpoint slow (the path decoded as the upstream will)."""
-    path = _SLASHES.sub(b"/", unquote_to_bytes(raw_path)).decode("utf-8", "replace")
-    endpoint = lookup(path)
-    return endpoint is not None and endpoint.slow
 
 
 def translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:

@@ -22,7 +22,6 @@ from proxy.access import Access, Principal, Refusal
 from proxy.cache.policy import CacheKey
 from proxy.cache.serving import (
     CachePolicy,
-    ShieldPolicy,
     cache_key,
     forwarded_head_size,
     send_hit,
@@ -34,12 +33,15 @@ from proxy.cache.tiers import TieredCache
 from proxy.client_tokens import TokenAnswer
 from proxy.config import Settings
 from proxy.endpoints import LOGOUT_PATHS, TOKEN_PATHS, lookup, token_use_for
-from proxy.errors import ClientError, GatewayError, UpstreamTimeout
-from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
+from proxy.errors import ClientError, GatewayError, StreamBroken, UpstreamTimeout
+from proxy.forwarding import OutgoingRequest, open_shielded
 from proxy.headers import check_forwardable, find, for_client
 from proxy.responses import GATEWAY_MADE, send_bytes, send_error, send_json
-from proxy.shield import Coalescer, ShieldCounters
-from proxy.streaming import StreamBroken, read_bounded, relay_stream, uncached_marks
+from proxy.shield.coalescer import Coalescer
+from proxy.shield.counters import ShieldCounters
+from proxy.shield.policy import ShieldPolicy
+from proxy.shield.retry import RetryPolicy
+from proxy.streaming import read_bounded, relay_stream, uncached_marks
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.gateway")

@@ -3,9 +3,9 @@
 Binary payloads (series zips, DICOM, JPEG) are relayed chunk by chunk in constant memory:
 the client gets the first bytes while the upstream is still sending. Two failure rules:
 
-* the upstream breaks off mid-body: :class:`StreamBroken` propagates to the server, which then
-  aborts the connection, so the client sees a truncated transfer (no final chunk, or fewer bytes
-  than the declared Content-Length), never a clean end;
+* the upstream breaks off mid-body: :class:`~proxy.errors.StreamBroken` propagates to the
+  server, which then aborts the connection, so the client sees a truncated transfer (no final
+  chunk, or fewer bytes than the declared Content-Length), never a clean end;
 * the client goes away: the upstream response is closed at once.
 
 Text payloads are read whole only up to a limit (:func:`read_bounded`); a larger one, declared
@@ -23,15 +23,12 @@ from dataclasses import dataclass
 import httpx
 from starlette.types import Receive, Send
 
+from proxy.errors import StreamBroken
 from proxy.forwarding import UpstreamResponse, translate
 from proxy.headers import RawHeaders, for_client
 from proxy.responses import AGE_ZERO, BYPASS
 
 log = logging.getLogger("nbia_proxy.stream")
-
-
-class StreamBroken(Exception):
-    """The upstream failed after the response had started; the connection must be aborted."""
 
 
 @dataclass(slots=True)

@@ -20,29 +20,16 @@ from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.endpoints import Endpoint, TokenUse
 from proxy.errors import GatewayError, UpstreamTimeout
-from proxy.forwarding import OutgoingRequest, RetryPolicy, UpstreamResponse, open_shielded
+from proxy.forwarding import OutgoingRequest, UpstreamResponse, open_shielded
 from proxy.headers import RawHeaders, find, for_client, for_upstream
 from proxy.responses import AGE_ZERO, send_bytes
-from proxy.shield import UNHEALTHY_STATUSES, Coalescer, ShieldCounters
+from proxy.shield.policy import UNHEALTHY_STATUSES, ShieldPolicy
 from proxy.streaming import Overflow, read_bounded, relay_stream, uncached_marks
 from proxy.upstream import Upstream
 
 HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
 STALE = (b"x-cache", b"STALE")
-
-
-@dataclass(frozen=True, slots=True)
-class ShieldPolicy:
-    """How the gateway protects the upstream and copes with its failures."""
-
-    coalescer: Coalescer[Flight]
-    counters: ShieldCounters
-    retry: RetryPolicy
-    max_stale_seconds: float
-    deadline_seconds: float
-    offline: bool
-    revalidate_seconds: float = 0.0  # stale-while-revalidate window (0: off)
 
 
 @dataclass(frozen=True, slots=True)
