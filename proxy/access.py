@@ -16,6 +16,8 @@ import base64
 import math
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from proxy.accounts.directory import Directory
 from proxy.accounts.fairness import UserLimits
 from proxy.accounts.lockout import Lockout
@@ -71,7 +73,12 @@ class Access:
         self.limits = limits or UserLimits(0, 0)
         self._clock = tokens.clock
         # Raw Authorization header -> (principal, versions it was derived at, valid until).
-        self._known: dict[bytes, tuple[Principal, tuple[int, int], float]] = {}
+        # Each answer is checked against the versions and the time when read, so an entry past
+        # its token's expiry or a revocation is never used: it waits for eviction, and an LRU
+        # (not a TTL cache) keeps the lookup on every request cheap.
+        self._known: LRUCache[bytes, tuple[Principal, tuple[int, int], float]] = LRUCache(
+            _KNOWN_LIMIT
+        )
 
     def identify(self, headers: RawHeaders) -> Principal | None:
         """The account behind a request's credentials; None in accounts mode when there is
@@ -92,8 +99,6 @@ class Access:
             return known[0]
         principal, valid_until = self._verify(raw.decode("latin-1"), self.directory)
         if principal is not None:
-            if len(self._known) >= _KNOWN_LIMIT:
-                self._known.clear()  # bounded; verification refills it
             self._known[raw] = (principal, versions, valid_until)
         return principal
 

@@ -26,7 +26,7 @@ from proxy.control import control_app
 from proxy.datadir import keep_private, prepare, sqlite_file
 from proxy.db import database_url, describe_failure, is_current, make_engine, migrate
 from proxy.gateway import Gateway
-from proxy.shield import ShieldCounters
+from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream, upstream_configs
 
 log = logging.getLogger("nbia_proxy.app")

@@ -433,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from proxy.accounts.registry import AccountError
     from proxy.db import database_url
+    from proxy.errors import AccountError
     from proxy.preflight import database_failure
 
     try:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from cachetools import LRUCache
+
 _ACCESS, _REFRESH = "a", "r"
 _MEMO_LIMIT = 10_000
 #: Shortest secret accepted from a ``token_secret_file`` (32 characters: 128 bits as hex).
@@ -109,14 +111,16 @@ class ClientTokens:
         self._secret = secret or secrets.token_bytes(32)
         self._ended: dict[str, float] = {}  # session id -> when its tokens expire anyway
         self._newly_ended: list[tuple[str, float]] = []
-        self._memo: dict[str, _Claims] = {}  # verified tokens: skip the HMAC next time
+        # Verified tokens: skip the HMAC next time. Only the signature check is saved: expiry,
+        # ended sessions and the account are checked on every use.
+        self._memo: LRUCache[str, _Claims] = LRUCache(_MEMO_LIMIT)
         self.version = 0  # moves whenever a session ends: answers derived before may be stale
 
     def use_secret(self, secret: bytes) -> None:
         """Sign with ``secret`` (a :func:`signing_key` shared by replicas); tokens signed
         before stop working."""
         self._secret = secret
-        self._memo.clear()
+        self._memo = LRUCache(_MEMO_LIMIT)
         self.version += 1
 
     def learn_ended(self, ended: dict[str, float]) -> None:
@@ -188,8 +192,6 @@ class ClientTokens:
             claims = self._verify(token)
             if claims is None:
                 return None
-            if len(self._memo) >= _MEMO_LIMIT:
-                self._memo.clear()  # bounded; verification refills it
             self._memo[token] = claims
         if (
             claims.kind != kind

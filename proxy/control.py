@@ -22,7 +22,7 @@ from proxy.cache.store import EndpointStats
 from proxy.cache.tiers import TieredCache
 from proxy.db import describe_failure, is_disk_full
 from proxy.errors import ClientError
-from proxy.shield import ShieldCounters
+from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream
 
 

@@ -1,11 +1,19 @@
-"""Errors the gateway turns into short JSON answers, and how transport failures are described.
+"""The gateway's errors, in one tree, and how transport failures are described.
 
-* GatewayError                 -- anything the gateway answers with its own JSON error
-  + UpstreamError              -- the upstream could not give a usable answer
-    - UpstreamUnreachable      -- refused, DNS, TLS, or reset before a response (502)
-    - UpstreamTimeout          -- connect or read time limit reached (504)
-    - ServiceTokenError        -- the service account could not log in (502)
-  + ClientError                -- the client's request is unusable (4xx)
+* GatewayError            -- anything the gateway answers with its own JSON error (500)
+  + UpstreamError         -- the upstream could not give a usable answer (502)
+    - UpstreamUnreachable -- refused, DNS, TLS, or reset before a response (502)
+    - UpstreamTimeout     -- connect or read time limit reached, or the gateway's deadline (504)
+    - ServiceTokenError   -- the service account could not log in (502)
+    - Overloaded          -- the gateway's own upstream queue is full or paused (503, Retry-After)
+    - CircuitOpen         -- the breaker is open: the upstream is resting (503, Retry-After)
+  + ClientError           -- the client's request is unusable (4xx, 400 unless told)
+* StreamBroken            -- the upstream broke off after the answer started: no JSON error can
+                             follow, so it propagates to the server, which aborts the connection
+* AccountError            -- a ``users`` command that cannot be carried out (the CLI's message)
+
+StreamBroken and AccountError are plain ``Exception`` subclasses on purpose: an ``except
+GatewayError`` that answers with JSON must let them through.
 
 Messages name the upstream host and the cause ("refused the connection", "could not resolve
 the host name", "TLS handshake failed: ...", "did not answer within 120 s"); they never contain
@@ -80,12 +88,40 @@ class ServiceTokenError(UpstreamError):
         self.upstream_status = upstream_status  # what the token endpoint answered, if it did
 
 
+class Overloaded(UpstreamError):
+    """The gateway's own upstream queue is full (503 with Retry-After)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, upstream: str, retry_after: float) -> None:
+        super().__init__(message, upstream=upstream)
+        self.retry_after = retry_after
+
+
+class CircuitOpen(UpstreamError):
+    """The breaker is open: the upstream failed repeatedly and is resting (503)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, upstream: str, retry_after: float) -> None:
+        super().__init__(message, upstream=upstream)
+        self.retry_after = retry_after
+
+
 class ClientError(GatewayError):
     """The client sent something the gateway will not forward."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StreamBroken(Exception):
+    """The upstream failed after the response had started; the connection must be aborted."""
+
+
+class AccountError(Exception):
+    """A users command that cannot be carried out (unknown name, duplicate, bad name)."""
 
 
 _TIMEOUT_PHASES: dict[type[httpx.TimeoutException], TimeoutPhase] = {

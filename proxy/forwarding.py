@@ -1,34 +1,35 @@
 """Sending one client request upstream: same method, path, query and body, plus the service token.
 
-:func:`open_upstream` returns the upstream response with its body still unread, so the caller
-decides whether to buffer it (metadata) or stream it (binaries). Transport failures become
-:class:`~proxy.errors.UpstreamError` subclasses naming the host and the cause; a request httpx
-refuses to send is the client's 400. A 401 to a token-bearing request renews the token once
-and retries once.
+Every client request that needs the upstream, cacheable or not, text or binary, goes through
+:meth:`Forwarding.open`: the one offline rule, then the shield (breaker, limiter, retries for
+reads: :func:`open_shielded`), then :func:`open_upstream`. Callers bound the wait with the one
+request deadline (:func:`within`). The response comes back with its body still unread, so the
+caller decides whether to buffer it (metadata) or stream it (binaries). Transport failures
+become :class:`~proxy.errors.UpstreamError` subclasses naming the host and the cause; a request
+httpx refuses to send is the client's 400. A 401 to a token-bearing request renews the token
+once and retries once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
 
 import httpx
 
 from proxy import rawhttp
-from proxy.endpoints import TokenUse, lookup
+from proxy.endpoints import TokenUse
 from proxy.errors import ClientError, UpstreamError, UpstreamTimeout, transport_error
 from proxy.headers import RawHeaders, for_upstream
-from proxy.shield import (
+from proxy.shield.breaker import counts_against_upstream, is_failure_status, is_slow
+from proxy.shield.retry import (
     OVERLOAD_STATUSES,
+    RetryPolicy,
     backoff_seconds,
-    counts_against_upstream,
-    is_failure_status,
     retry_after_seconds,
 )
 from proxy.upstream import Upstream
@@ -126,14 +127,6 @@ async def _send(
         raise transport_error(exc, upstream.name) from exc
 
 
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How a read is retried after the upstream answers 429 or 503."""
-
-    max_attempts: int
-    budget_seconds: float
-
-
 async def open_shielded(
     upstream: Upstream,
     request: OutgoingRequest,
@@ -148,12 +141,12 @@ async def open_shielded(
     ``retry`` is None for requests that must not be repeated (side effects); the others are
     also sent once more when a kept-alive connection breaks before answering. The breaker hears
     one verdict per client request, however often it was retried, and only evidence that the
-    upstream is unwell counts (:func:`~proxy.shield.counts_against_upstream`); a header that
+    upstream is unwell counts (:func:`~proxy.shield.breaker.counts_against_upstream`); a header that
     cannot be forwarded is the client's 400 before the breaker or the limiter see the request.
     A 429/503 with ``Retry-After`` pauses every upstream request of the gateway for that long.
     """
     for_upstream(request.headers)
-    slow = _is_slow(request.raw_path)
+    slow = is_slow(request.raw_path)
     breaker = upstream.breaker
     breaker.before()
     try:
@@ -230,21 +223,6 @@ async def _with_retries(
         )
         if told is None:
             await asyncio.sleep(delay)  # with Retry-After, the limiter's pause does the waiting
-
-
-_SLASHES = re.compile(rb"/+")
-
-
-def _is_slow(raw_path: bytes) -> bool:
-    """Whether the catalog marks the endpoint slow (the path decoded as the upstream will)."""
-    path = _SLASHES.sub(b"/", unquote_to_bytes(raw_path)).decode("utf-8", "replace")
-    endpoint = lookup(path)
-    return endpoint is not None and endpoint.slow
-
-
-def translate(exc: httpx.HTTPError, upstream: str) -> UpstreamError:
-    """Map an httpx error raised while reading a body to the gateway's error type."""
-    return transport_error(exc, upstream, mid_body=True)
 
 
 @dataclass(frozen=True, slots=True)

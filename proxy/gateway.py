@@ -29,7 +29,6 @@ from proxy.cache.answer import send_stored, stored_answer
 from proxy.cache.serving import (
     CachedAnswers,
     CachePolicy,
-    ShieldPolicy,
     cache_key,
     forwarded_head_size,
 )
@@ -38,13 +37,16 @@ from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.config import Settings
 from proxy.endpoints import Endpoint, lookup, token_use_for
-from proxy.errors import ClientError, GatewayError
-from proxy.forwarding import Forwarding, OutgoingRequest, RetryPolicy, within
+from proxy.errors import ClientError, GatewayError, StreamBroken
+from proxy.forwarding import Forwarding, OutgoingRequest, within
 from proxy.headers import check_forwardable, for_client
 from proxy.request_body import read_body
 from proxy.responses import send_bytes, send_error, send_refusal
-from proxy.shield import Coalescer, ShieldCounters
-from proxy.streaming import StreamBroken, read_bounded, relay_stream, uncached_marks
+from proxy.shield.coalescer import Coalescer
+from proxy.shield.counters import ShieldCounters
+from proxy.shield.policy import ShieldPolicy
+from proxy.shield.retry import RetryPolicy
+from proxy.streaming import read_bounded, relay_stream, uncached_marks
 from proxy.token_endpoints import answer_local, local_endpoint
 from proxy.upstream import Upstream
 
@@ -70,20 +72,16 @@ class Gateway:
         self.settings = settings
         self.cache = cache
         self.counters = counters
-        retry = RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds)
         self.forwarding = Forwarding(
             offline=settings.offline,
             deadline_seconds=settings.request_deadline_seconds,
             token_on_v4=settings.token_on_v4,
-            retry=retry,
+            retry=RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds),
         )
         shield = ShieldPolicy(
             coalescer=Coalescer(counters),
             counters=counters,
-            retry=retry,
             max_stale_seconds=settings.cache_max_stale_seconds,
-            deadline_seconds=settings.request_deadline_seconds,
-            offline=settings.offline,
             revalidate_seconds=settings.cache_stale_while_revalidate_seconds,
         )
         policy = CachePolicy(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.streaming import StreamBroken
+from proxy.errors import StreamBroken
 
 
 class _DropAbortTracebacks(logging.Filter):

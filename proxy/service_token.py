@@ -57,7 +57,6 @@ class ServiceToken:
         self._grant: _Grant | None = None
         self._lock = asyncio.Lock()
         self.logins = 0
-        self.refreshes = 0
 
     @property
     def username(self) -> str:
@@ -84,10 +83,6 @@ class ServiceToken:
             self._grant = await self._obtain(current)
             return self._grant.access
 
-    def forget(self) -> None:
-        """Drop the current token, so the next call logs in again."""
-        self._grant = None
-
     def _is_fresh(self, grant: _Grant) -> bool:
         return self._clock() < grant.expires_at - self._margin
 
@@ -106,7 +101,6 @@ class ServiceToken:
                         "username": self._username,
                     }
                 )
-                self.refreshes += 1
                 log.info("service token refreshed for upstream %s", self._upstream)
                 return grant
             except ServiceTokenError:

@@ -3,9 +3,9 @@
 Binary payloads (series zips, DICOM, JPEG) are relayed chunk by chunk in constant memory:
 the client gets the first bytes while the upstream is still sending. Two failure rules:
 
-* the upstream breaks off mid-body: :class:`StreamBroken` propagates to the server, which then
-  aborts the connection, so the client sees a truncated transfer (no final chunk, or fewer bytes
-  than the declared Content-Length), never a clean end;
+* the upstream breaks off mid-body: :class:`~proxy.errors.StreamBroken` propagates to the
+  server, which then aborts the connection, so the client sees a truncated transfer (no final
+  chunk, or fewer bytes than the declared Content-Length), never a clean end;
 * the client goes away: the upstream response is closed at once.
 
 Text payloads are read whole only up to a limit (:func:`read_bounded`); a larger one, declared
@@ -23,15 +23,12 @@ from dataclasses import dataclass
 import httpx
 from starlette.types import Receive, Send
 
-from proxy.forwarding import UpstreamResponse, translate
+from proxy.errors import StreamBroken, transport_error
+from proxy.forwarding import UpstreamResponse
 from proxy.headers import RawHeaders, for_client
 from proxy.responses import AGE_ZERO, BYPASS
 
 log = logging.getLogger("nbia_proxy.stream")
-
-
-class StreamBroken(Exception):
-    """The upstream failed after the response had started; the connection must be aborted."""
 
 
 @dataclass(slots=True)
@@ -68,7 +65,7 @@ async def read_bounded(response: UpstreamResponse, upstream: str, limit: int) ->
     except BaseException as exc:
         await response.aclose()
         if isinstance(exc, httpx.HTTPError):
-            raise translate(exc, upstream) from exc
+            raise transport_error(exc, upstream, mid_body=True) from exc
         raise
     await response.aclose()
     return b"".join(chunks)
@@ -113,7 +110,7 @@ async def relay_stream(
         if pumping.done():
             error = pumping.exception()
             if isinstance(error, httpx.HTTPError):
-                gateway_error = translate(error, upstream)
+                gateway_error = transport_error(error, upstream, mid_body=True)
                 log.warning("%s after %d bytes; aborting the client transfer", gateway_error, sent)
                 raise StreamBroken(gateway_error.message) from error
             if error is not None:

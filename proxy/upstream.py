@@ -13,7 +13,10 @@ from pydantic import SecretStr
 from proxy.config import Settings
 from proxy.errors import transport_error
 from proxy.service_token import ServiceToken
-from proxy.shield import Breaker, Limiter, Prober, ShieldCounters, is_failure_status
+from proxy.shield.breaker import Breaker, is_failure_status
+from proxy.shield.counters import ShieldCounters
+from proxy.shield.limiter import Limiter
+from proxy.shield.prober import Prober
 
 log = logging.getLogger("nbia_proxy.upstream")
 

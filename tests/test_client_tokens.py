@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy import client_tokens
 from proxy.client_tokens import ClientTokens, TokenAnswer
 from tests.gateway_server import GatewayServer, make_settings
 
@@ -419,3 +420,20 @@ def test_open_mode_workers_on_one_database_share_tokens(tmp_path: Path) -> None:
             headers={"Authorization": "Bearer " + renewed.json()["access_token"]},
         )
         assert out.status_code == 204
+
+
+def test_unit_the_memo_of_verified_tokens_is_bounded_and_keeps_the_recent_ones(
+    tokens: ClientTokens, clock: FakeClock
+) -> None:
+    """Past its limit the memo drops the least recently used tokens, not all of them; and a
+    memoized token still expires on time."""
+    limit = client_tokens._MEMO_LIMIT
+    answers = [password_grant(tokens, f"user{n}") for n in range(limit + 10)]
+    for answer in answers:
+        assert tokens.subject_of(bearer(answer)) is not None
+    memo = tokens._memo
+    assert len(memo) == limit
+    assert bearer(answers[-1]).removeprefix("Bearer ") in memo
+    assert bearer(answers[0]).removeprefix("Bearer ") not in memo
+    clock.advance(300)
+    assert tokens.subject_of(bearer(answers[-1])) is None

@@ -28,9 +28,12 @@ from proxy import rawhttp
 from proxy.config import Settings
 from proxy.endpoints import ENDPOINTS, TokenUse
 from proxy.errors import ClientError
-from proxy.forwarding import OutgoingRequest, RetryPolicy, open_shielded
+from proxy.forwarding import OutgoingRequest, open_shielded
 from proxy.gateway import Gateway
-from proxy.shield import Breaker, Prober, ShieldCounters
+from proxy.shield.breaker import Breaker
+from proxy.shield.counters import ShieldCounters
+from proxy.shield.prober import Prober
+from proxy.shield.retry import RetryPolicy
 from proxy.upstream import Upstream, UpstreamConfig
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings, request_line, send_raw

@@ -18,7 +18,10 @@ import pytest
 from proxy.cache.policy import CacheKey
 from proxy.cache.store import Entry
 from proxy.cli import main as cli_main
-from proxy.shield import Breaker, CircuitOpen, ShieldCounters, retry_after_seconds
+from proxy.errors import CircuitOpen
+from proxy.shield.breaker import Breaker
+from proxy.shield.counters import ShieldCounters
+from proxy.shield.retry import retry_after_seconds
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import Clock, GatewayServer, make_settings
 

@@ -28,7 +28,6 @@ class Directory:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._snapshot = _Snapshot()
-        self.loaded = False
         self.version = 0  # moves with every load: answers derived before may be stale
 
     def load(self) -> None:
@@ -38,7 +37,6 @@ class Directory:
             by_name={user.name: user for user in active},
             by_key_id={user.key_id: user for user in active},
         )
-        self.loaded = True
         self.version += 1
 
     def user_for_key(self, key: str) -> UserRecord | None:

@@ -8,6 +8,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from cachetools import TTLCache
+
+from proxy.shield.bucket import TokenBucket
+
+#: Users whose buckets are held at once; past it the least recently seen one starts afresh.
+_MAX_USERS = 10_000
+
 
 class UserLimits:
     """A token bucket per user for requests, and a queue per user for binary downloads."""
@@ -19,10 +26,14 @@ class UserLimits:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rate = rate_per_second
-        self.burst = max(1.0, rate_per_second)  # one second's worth of requests at once
         self.max_downloads = max_downloads
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # user -> (tokens, when)
+        # A bucket left alone for burst/rate seconds is full again, the same as a new one: so
+        # it is forgotten then, and the buckets held are those of users active just now.
+        refill_seconds = max(1.0, rate_per_second) / rate_per_second if rate_per_second > 0 else 1
+        self._buckets: TTLCache[str, TokenBucket] = TTLCache(
+            _MAX_USERS, refill_seconds, timer=clock
+        )
         self._downloads: dict[str, asyncio.Semaphore] = {}
         self.refused = 0  # requests refused for going over the rate
         self.queued = 0  # downloads that waited for one of their user's slots
@@ -35,15 +46,14 @@ class UserLimits:
         if self.rate <= 0:
             return 0.0
         now = self._clock()
-        tokens, then = self._buckets.get(user, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - then) * self.rate)
-        if tokens < 1.0:
-            self._buckets[user] = (tokens, now)
-            if count:
-                self.refused += 1
-            return (1.0 - tokens) / self.rate
-        self._buckets[user] = (tokens - 1.0, now)
-        return 0.0
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, now)
+        wait = bucket.admit(now)
+        self._buckets[user] = bucket  # set again: its time to live starts over
+        if wait and count:
+            self.refused += 1
+        return wait
 
     @asynccontextmanager
     async def download(self, user: str) -> AsyncIterator[None]:

@@ -18,14 +18,11 @@ from sqlalchemy.exc import IntegrityError
 
 from proxy.accounts.keys import issue_key
 from proxy.accounts.tables import GatewaySecret, LabUser, RevokedSession
+from proxy.errors import AccountError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _TOKEN_SECRET = "token-signing"
 _DEPLOYMENT = "deployment"
-
-
-class AccountError(Exception):
-    """A users command that cannot be carried out (unknown name, duplicate, bad name)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,6 @@ from proxy.errors import GatewayError
 from proxy.forwarding import (
     Forwarding,
     OutgoingRequest,
-    RetryPolicy,
     UpstreamResponse,
     offline_miss,
     within,
@@ -33,24 +32,11 @@ from proxy.forwarding import (
 from proxy.headers import RawHeaders, find, for_client, for_upstream
 from proxy.hit_memo import HitMemo
 from proxy.responses import AGE_ZERO, send_bytes
-from proxy.shield import UNHEALTHY_STATUSES, Coalescer, ShieldCounters
+from proxy.shield.policy import UNHEALTHY_STATUSES, ShieldPolicy
 from proxy.streaming import Overflow, read_bounded, relay_stream, uncached_marks
 from proxy.upstream import Upstream
 
 MISS = (b"x-cache", b"MISS")
-
-
-@dataclass(frozen=True, slots=True)
-class ShieldPolicy:
-    """How the gateway protects the upstream and copes with its failures."""
-
-    coalescer: Coalescer[Flight]
-    counters: ShieldCounters
-    retry: RetryPolicy
-    max_stale_seconds: float
-    deadline_seconds: float
-    offline: bool
-    revalidate_seconds: float = 0.0  # stale-while-revalidate window (0: off)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,44 @@
+"""Single flight per key: concurrent identical requests share one upstream fetch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from proxy.shield.counters import ShieldCounters
+
+T = TypeVar("T")
+
+
+class Coalescer(Generic[T]):
+    """Single flight per key: the first caller fetches, concurrent callers share the outcome."""
+
+    def __init__(self, counters: ShieldCounters) -> None:
+        self._flights: dict[str, asyncio.Future[T]] = {}
+        self._counters = counters
+
+    async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        """Join the flight for ``key`` (starting it if there is none) and return its outcome."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self.start(key, fetch)
+        else:
+            self._counters.coalesced += 1
+        return await asyncio.shield(flight)
+
+    def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Start a flight for ``key`` unless one is running; nobody has to wait for it."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            return flight
+        # A task of its own: the first client hanging up must not cancel it for the others.
+        flight = asyncio.ensure_future(fetch())
+        self._flights[key] = flight
+        flight.add_done_callback(lambda done: self._land(key, done))
+        return flight
+
+    def _land(self, key: str, flight: asyncio.Future[T]) -> None:
+        self._flights.pop(key, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: a background flight's failure is not an error here

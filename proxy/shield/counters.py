@@ -1,0 +1,19 @@
+"""What the shield did, counted for the stats endpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ShieldCounters:
+    """What the shield did, for the stats endpoint."""
+
+    coalesced: int = 0
+    stale_served: int = 0
+    retries: int = 0
+    upstream_429: int = 0
+    upstream_503: int = 0
+    rejected_queue_full: int = 0
+    rejected_circuit_open: int = 0
+    circuit_probes: int = 0  # the gateway's own probes of an open circuit, not client traffic
