@@ -435,6 +435,23 @@ def test_a_probe_that_never_reached_the_upstream_does_not_wedge_the_breaker() ->
     assert breaker.state == "closed"
 
 
+def test_refusing_says_what_before_would_do() -> None:
+    """The cache decision asks ``refusing`` instead of trying: it must agree with ``before``."""
+    clock = Clock(0.0)
+    breaker = Breaker("nbia", threshold=1, cooldown=10, counters=ShieldCounters(), clock=clock)
+    assert not breaker.refusing
+    breaker.failure()
+    assert breaker.refusing  # open, cooling down
+    clock.advance(10)
+    assert not breaker.refusing  # half-open: one request may probe
+    breaker.before()
+    assert breaker.refusing  # its probe is out
+    with pytest.raises(CircuitOpen):
+        breaker.before()
+    breaker.success()
+    assert not breaker.refusing
+
+
 def test_malformed_requests_answered_500_do_not_open_the_circuit(
     make_gateway: GatewayFactory, nbia_upstream: FakeServer
 ) -> None:

@@ -207,7 +207,7 @@ class CachedAnswers:
             # Only a request the key describes exactly may speak for others: anything else (a
             # head near the limit, fields in a POST's query) would hand its error to every waiter.
             shared=fit is Fit.EXACT,
-            circuit_open=_refusing(upstream),
+            circuit_open=upstream.breaker.refusing,
         )
 
     async def _fetch_and_answer(
@@ -248,13 +248,6 @@ class CachedAnswers:
 
 
 _STALE_ANSWERS = frozenset({Action.SERVE_STALE, Action.SERVE_STALE_AND_REVALIDATE})
-
-
-def _refusing(upstream: Upstream) -> bool:
-    """Whether the upstream's breaker would refuse a request now (open, or half-open with its
-    probe already out)."""
-    breaker = upstream.breaker
-    return breaker.is_open and (breaker.state == "open" or breaker.probing)
 
 
 class _Fetch:

@@ -90,6 +90,14 @@ class Breaker:
         """Open or half-open: the upstream has not yet shown that it is back."""
         return self.opened_at is not None
 
+    @property
+    def refusing(self) -> bool:
+        """Whether :meth:`before` would refuse a request now: open and cooling down, or
+        half-open with its probe already out."""
+        if self.opened_at is None:
+            return False
+        return self.probing or self.clock() - self.opened_at < self.cooldown
+
     def before(self) -> None:
         """Raise :class:`~proxy.errors.CircuitOpen` unless a request may go upstream now."""
         if self.opened_at is None:
