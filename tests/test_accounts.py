@@ -556,8 +556,17 @@ def test_audit_lines_name_the_lab_user(lab: Lab, caplog: pytest.LogCaptureFixtur
     with httpx.Client(base_url=lab.gw.url) as client:
         client.get(SERIES, headers=bearer(token))  # hit (in-protocol)
     lab.get(SERIES)  # refused
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "nbia_proxy.audit"]
-    series = [line for line in lines if line["path"].endswith("/v4/getSeries")]
+
+    def series_lines() -> list[dict[str, Any]]:
+        records = [r for r in caplog.records if r.name == "nbia_proxy.audit"]
+        lines = [json.loads(r.getMessage()) for r in records]
+        return [line for line in lines if line["path"].endswith("/v4/getSeries")]
+
+    # A line is written once its answer has been sent: the client may read it first.
+    waited = time.monotonic() + 10
+    while len(series_lines()) < 3 and time.monotonic() < waited:
+        time.sleep(0.01)
+    series = series_lines()
     assert [(line["user"], line["status"], line["cache"]) for line in series] == [
         ("alice", 200, "MISS"),
         ("alice", 200, "HIT"),
