@@ -56,10 +56,15 @@ IDLE_SECONDS = 5.0
 _Origin = tuple[str, str, int]
 
 
+def new_ssl_context() -> ssl.SSLContext:
+    """A TLS context as httpx's pool builds it: certifi's roots, nothing from the environment."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
 @functools.cache
 def default_ssl_context() -> ssl.SSLContext:
-    """The TLS context of httpx's pool (certifi's roots, no environment), built once."""
-    return httpx.create_ssl_context(trust_env=False)
+    """The context of :func:`send` without one: built once per process."""
+    return new_ssl_context()
 
 
 class _ResponseProtocol(asyncio.Protocol):
@@ -257,7 +262,7 @@ class RawResponse:
 class Client:
     """Binary requests to one upstream's hosts: one TLS context, idle connections reused.
 
-    ``ssl_context`` is built on first use when not given (:func:`default_ssl_context`). At most
+    ``ssl_context`` is built on first use when not given (:func:`new_ssl_context`). At most
     ``max_idle`` idle connections are kept per host; only GET requests take one (a kept
     connection the server closed at that moment is replaced once, before any answer arrived;
     a POST is never sent twice), and any request's connection is kept after a clean response.
@@ -281,7 +286,7 @@ class Client:
     @property
     def ssl_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
-            self._ssl_context = default_ssl_context()
+            self._ssl_context = new_ssl_context()
         return self._ssl_context
 
     async def send(
