@@ -26,6 +26,7 @@ longer than ``idle_seconds`` closes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -72,6 +73,7 @@ class _ResponseProtocol(asyncio.Protocol):
     chunks and pauses the socket when they pile up; between requests it is idle."""
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self.lost = False
@@ -325,6 +327,12 @@ class Client:
             if protocol.idle_timer is not None:
                 protocol.idle_timer.cancel()
                 protocol.idle_timer = None
+            if protocol.loop is not asyncio.get_running_loop():
+                # Kept by an event loop that has ended (a client used from successive
+                # asyncio.run calls): its transport cannot work here, nor be closed cleanly.
+                with contextlib.suppress(RuntimeError):
+                    protocol.close()
+                continue
             if protocol.lost or protocol.trailing or protocol.transport is None:
                 protocol.close()
                 continue

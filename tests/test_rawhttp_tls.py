@@ -288,3 +288,12 @@ def test_an_untrusted_upstream_certificate_is_a_502_naming_the_cause(
     assert "TLS handshake failed: certificate verify failed" in error
     assert len(response.content) < 300
     assert https.requests == []
+
+
+def test_a_connection_kept_by_an_ended_event_loop_is_not_reused(
+    https: HttpsFake, ca: trustme.CA
+) -> None:
+    client = rawhttp.Client(trusting(ca))
+    for _ in range(2):  # each run its own loop: the second cannot use the first's connection
+        assert asyncio.run(fetch(client, image_url(https), read=True)) == BODY
+    assert client.connections_opened == 2
