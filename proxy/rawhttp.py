@@ -225,7 +225,7 @@ class RawResponse:
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """Yield body chunks as they arrive (chunked framing removed, encoding kept)."""
         protocol = self._protocol
-        while True:
+        while not self._finished:  # once finished, the connection may carry another response
             if protocol.chunks:
                 yield protocol.take()
                 continue
