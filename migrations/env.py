@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import text
 
 from proxy.db import make_engine
-from proxy.tables import all_tables
+from proxy.schema import all_tables
 
 target_metadata = all_tables().metadata
 

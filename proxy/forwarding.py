@@ -97,7 +97,7 @@ async def _send(
     url = upstream.url_for(request.raw_path, request.query)
     try:
         if bulk:
-            return await rawhttp.send(
+            return await upstream.raw.send(
                 url,
                 request.method,
                 headers,

@@ -23,6 +23,7 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 from proxy.config import Settings
+from proxy.protocol_choice import http_protocol
 
 log = logging.getLogger("nbia_proxy.server")
 
@@ -37,8 +38,9 @@ FORCED_CLEANUP_SECONDS = 2.0
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.Config`` (all but the app) that serve ``settings``."""
     return {
-        # uvicorn's httptools protocol, bounded, plus a shortcut for fresh cache hits.
-        "http": "proxy.hit_protocol:HitProtocol",
+        # uvicorn's httptools protocol, bounded, plus a shortcut for fresh cache hits (or, when
+        # the uvicorn installed lacks what that builds on, uvicorn's own, with a warning).
+        "http": http_protocol(),
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),

@@ -1,4 +1,4 @@
-"""The declarative base shared by every table of the gateway (``Base.metadata`` feeds Alembic)."""
+"""The declarative base shared by every table of the gateway (:mod:`proxy.schema` gathers them)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,3 @@ from sqlalchemy.orm import DeclarativeBase
 
 class Base(DeclarativeBase):
     """Declarative base for every table of the gateway."""
-
-
-def all_tables() -> type[Base]:
-    """``Base`` with every table module imported, so its metadata is complete."""
-    # Imported for their side effect: each module registers its tables on Base.metadata.
-    import proxy.accounts.tables
-    import proxy.cache.tables  # noqa: F401
-
-    return Base

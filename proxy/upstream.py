@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 from pydantic import SecretStr
 
+from proxy import rawhttp
 from proxy.config import Settings
 from proxy.errors import transport_error
 from proxy.service_token import ServiceToken
@@ -76,8 +77,12 @@ class Upstream:
             write=settings.read_timeout_seconds,
             pool=settings.connect_timeout_seconds,
         )
+        # Binary bodies go through rawhttp (see proxy.forwarding), on the same TLS context as
+        # the httpx pool: one trust store, loaded once, for both.
+        self.raw = rawhttp.Client(max_idle=settings.max_upstream_connections)
         self.client = httpx.AsyncClient(
             transport=transport,
+            verify=self.raw.ssl_context if transport is None else True,
             timeout=self.timeout,
             limits=httpx.Limits(
                 max_connections=settings.max_upstream_connections,
@@ -144,3 +149,4 @@ class Upstream:
     async def aclose(self) -> None:
         await self.prober.aclose()
         await self.client.aclose()
+        await self.raw.aclose()
