@@ -52,7 +52,7 @@ def create_app(
     access = build_access(settings, cache_clock)
 
     def relay_uncached() -> None:
-        gateway.cache = None  # every request then takes the BYPASS path
+        gateway.relay_uncached()
 
     lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached)
     control = control_app(upstreams, cache, counters, access, lifespan)

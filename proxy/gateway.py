@@ -99,6 +99,12 @@ class Gateway:
         self.control_app = control_app
         self.shortcut_hits = 0  # hits answered by proxy.hit_protocol without ASGI
 
+    def relay_uncached(self) -> None:
+        """Stop using the cache (its database is unusable): every request then takes the
+        BYPASS path, as with the cache off."""
+        self.cache = None
+        self.cached = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.control_app(scope, receive, send)
