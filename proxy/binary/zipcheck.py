@@ -546,7 +546,9 @@ class ZipCheck:
     def _zip64_end_variable(self) -> None:
         self._z64_at = self._at
         head = self._take(self._need)
-        _, _, _, _, disk, cd_disk, _, entries, cd_size, cd_offset = _Z64_EOCD.unpack_from(head)
+        _, _, _, _, disk, cd_disk, here, entries, cd_size, cd_offset = _Z64_EOCD.unpack_from(head)
+        if here != entries:
+            raise _Fail("bad_zip", "the ZIP64 end record counts its entries twice, apart")
         self._z64 = (entries, cd_size, cd_offset, disk | cd_disk)
         self._phase = "zip64"
         self._expect_record()
@@ -562,9 +564,11 @@ class ZipCheck:
         self._need, self._then = _EOCD.size + _EOCD.unpack_from(self._buf)[7], self._end_variable
 
     def _end_variable(self) -> None:
-        _, disk, cd_disk, _, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(
+        _, disk, cd_disk, here, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(
             self._take(self._need)
         )
+        if here != entries:
+            raise _Fail("bad_zip", "the end of central directory counts its entries twice, apart")
         if self._phase != "end" and self._z64 is not None:
             raise _Fail("bad_zip", "a ZIP64 end record without its locator")
         got = (entries, cd_size, cd_offset, disk | cd_disk)
