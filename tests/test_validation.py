@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.binary import zipcheck
 from proxy.binary.imagecheck import DicomCheck, JpegCheck
 from proxy.binary.verdict import Check, Verdict
 from proxy.binary.zipcheck import Md5Policy, ZipCheck
@@ -147,6 +148,21 @@ def test_one_byte_chunks() -> None:
             for i in range(len(data)):
                 check.feed(data[i : i + 1])
             assert check.finish().ok
+
+
+def test_inflating_in_small_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output bounded per step: entries end mid-step, output is held back, input left over."""
+    images = _images()
+    monkeypatch.setattr(zipcheck, "INFLATE_OUT", 777)
+    monkeypatch.setattr(zipcheck, "INFLATE_IN", 3000)
+    for stream in (False, True):
+        data = make_zip(images, method=zipfile.ZIP_DEFLATED, stream=stream)
+        for seed in range(4):
+            verdict = zip_verdict(data, images, md5s="required", seed=seed)
+            assert verdict.ok, verdict.message
+        check = ZipCheck(md5s="required")
+        check.feed(data)  # one piece: many steps per entry
+        assert check.finish().ok
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -370,7 +370,9 @@ class ZipCheck:
             data = inflate.unconsumed_tail
             if not data and len(out) < INFLATE_OUT:
                 break  # all input taken and no output held back
-        used = len(piece) - len(inflate.unused_data) - len(inflate.unconsumed_tail)
+        # at the end, the input left over is unused_data (unconsumed_tail may still hold it too)
+        left = inflate.unused_data if inflate.eof else inflate.unconsumed_tail
+        used = len(piece) - len(left)
         entry.csize += used
         self._at += used
         if self._remaining >= 0:
