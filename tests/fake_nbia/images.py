@@ -208,7 +208,7 @@ class ImageStore:
             return self._zips[key]
 
     def faulted_zip(self, series_uid: str, layout: ZipLayout, fault: ZipFault) -> bytes | Path:
-        """The download zip as NBIA sends it when ``fault`` strikes (built on each call)."""
+        """The download zip as NBIA sends it when ``fault`` strikes (the big one built once)."""
         series = self.dataset.find_series(series_uid)
         assert series is not None
         if not series.big:
@@ -219,8 +219,11 @@ class ImageStore:
             build = self._current_big()
             name = f"fault-{fault.kind}-{fault.images}-l{layout.license:d}n{layout.new_names:d}"
             path = build.directory / f"{name}m{layout.md5:d}.zip"
-            with open(path, "wb") as fh:
-                self._write_zip(series, layout, fh, fault)
+            if not path.exists():  # the same bytes every time: a download may be reading it
+                part = path.with_suffix(".part")
+                with open(part, "wb") as fh:
+                    self._write_zip(series, layout, fh, fault)
+                part.rename(path)
             return path
 
     def _write_zip(
