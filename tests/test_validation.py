@@ -100,7 +100,7 @@ def zip_verdict(
     **kwargs: int,
 ) -> Verdict:
     """The check of ``data``, with getSeriesSize's numbers taken from ``images`` if given."""
-    check = ZipCheck(md5s=md5s, **kwargs)  # type: ignore[arg-type]
+    check = ZipCheck(md5s=md5s, **kwargs)
     if images is not None:
         check.expect(len(images), sum(len(b) for b in images.values()))
     return run(check, data, seed)
