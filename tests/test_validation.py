@@ -187,7 +187,7 @@ def test_zip64(stream: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     assert zip_verdict(bytes(bad), images).reason == "bad_zip"
 
 
-def _jdk_zip(images: dict[str, bytes], signature: bool) -> bytes:
+def _jdk_zip(images: dict[str, bytes], signature: bool, wide: bool = False) -> bytes:
     """DEFLATED entries with data descriptors, the signature optional (as the spec allows)."""
     out, central = bytearray(), bytearray()
     for name, data in images.items():
@@ -198,7 +198,7 @@ def _jdk_zip(images: dict[str, bytes], signature: bool) -> bytes:
         out += struct.pack("<4sHHHHHLLLHH", b"PK\x03\x04", 20, 8, 8, 0, 0, 0, 0, 0, len(raw), 0)
         out += raw + body
         out += (b"PK\x07\x08" if signature else b"") + struct.pack(
-            "<LLL", crc, len(body), len(data)
+            "<LQQ" if wide else "<LLL", crc, len(body), len(data)
         )
         central += struct.pack(
             "<4sHHHHHHLLLHHHHHLL",
@@ -223,6 +223,15 @@ def test_descriptor_with_or_without_signature(signature: bool) -> None:
     descriptor = data.index(b"PK\x03\x04", first) - 12  # the first entry's CRC field
     bad[descriptor] ^= 1
     assert zip_verdict(bytes(bad), images).reason == "crc_mismatch"
+
+
+def test_descriptor_with_8_byte_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JDK widens a descriptor past 4 GiB without a ZIP64 extra in the local header."""
+    images = _images(3)
+    data = _jdk_zip(images, signature=True, wide=True)
+    assert zip_verdict(data, images).reason == "bad_zip"  # small entries: 4-byte sizes expected
+    monkeypatch.setattr(zipcheck, "WIDE_DESCRIPTOR_AT", 1000)  # as if these were over 4 GiB
+    assert zip_verdict(data, images).ok
 
 
 def test_empty_zip_passes_only_its_own_check() -> None:

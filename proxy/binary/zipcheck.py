@@ -60,6 +60,8 @@ SIG_Z64_LOCATOR = b"PK\x06\x07"
 SIG_DD = b"PK\x07\x08"
 _SIG_DD_INT = int.from_bytes(SIG_DD, "little")
 _U32 = 0xFFFFFFFF
+#: the JDK writes a descriptor's sizes in 8 bytes once either is this large, ZIP64 extra or not
+WIDE_DESCRIPTOR_AT = _U32
 _U16 = 0xFFFF
 FLAG_ENCRYPTED = 0x1
 FLAG_DESCRIPTOR = 0x8
@@ -469,8 +471,9 @@ class ZipCheck:
         self._inflate = None
         self._md5_done(entry)
         if entry.flags & FLAG_DESCRIPTOR:
-            # the JDK writes 8-byte sizes when they do not fit 4, with or without a ZIP64 extra
-            wide = entry.zip64 or entry.csize >= _U32 or entry.size >= _U32
+            wide = (
+                entry.zip64 or entry.csize >= WIDE_DESCRIPTOR_AT or entry.size >= WIDE_DESCRIPTOR_AT
+            )
             self._wide_descriptor = wide
             self._need = 4 + (_DD64.size if wide else _DD32.size)
             self._then = self._descriptor
