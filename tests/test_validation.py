@@ -299,6 +299,9 @@ def test_flipped_byte_in_an_entry(stream: bool) -> None:
     verdict = zip_verdict(bytes(bad), images)
     assert (verdict.ok, verdict.reason) == (False, "crc_mismatch")
     assert "00000003.dcm" in verdict.message
+    early = ZipCheck()
+    early.feed(bytes(bad[: data.index(b"00000004.dcm")]))  # known once the entry is over
+    assert early.failure is not None and early.failure.reason == "crc_mismatch"
 
 
 def test_flipped_byte_in_deflated_data() -> None:
@@ -450,6 +453,15 @@ def test_entry_and_name_limits() -> None:
 
 
 # --- single images --------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 50))
+def test_any_bytes_give_an_image_verdict(data: bytes, largest: int) -> None:
+    dicom = run(DicomCheck(), data, largest=largest)
+    assert dicom.ok == (len(data) >= 132 and data[128:132] == b"DICM")
+    jpeg = run(JpegCheck(), data, largest=largest)
+    assert jpeg.ok == (len(data) >= 4 and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9")
 
 
 def test_dicom() -> None:
