@@ -18,6 +18,8 @@ import httpx
 import pydicom
 import pytest
 
+from proxy.binary.verdict import Verdict
+from proxy.binary.zipcheck import Md5Policy, ZipCheck
 from tests.fake_nbia import FakeNBIA, FakeServer, LoggedRequest
 
 # nbia_upstream / nlst_upstream come from tests.fake_nbia.fixtures, which the root
@@ -691,6 +693,72 @@ def test_cut_stream_clean(client: httpx.Client, fake: FakeNBIA) -> None:
     assert r.status_code == 200 and len(r.content) == 3000
     with pytest.raises(zipfile.BadZipFile):
         _zip(r)
+
+
+def _checked(client: httpx.Client, uid: str, body: bytes, md5s: Md5Policy) -> Verdict:
+    """The series cache's check of ``body``, with the series' getSeriesSize numbers."""
+    size = client.get(V4 + "getSeriesSize", params={"SeriesInstanceUID": uid}).json()[0]
+    check = ZipCheck(md5s=md5s)
+    for i in range(0, len(body), 65_536):
+        check.feed(body[i : i + 65_536])
+    check.expect(size["ObjectCount"], size["TotalSizeInBytes"])
+    return check.finish()
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_zip_closed_after_n_images(client: httpx.Client, fake: FakeNBIA, big: bool) -> None:
+    uid = fake.big_series_uid if big else series_of(fake, "CT")
+    count = len(fake.images.instances(uid))
+    assert count >= 3
+    fake.close_zip_after(2, times=2, path_contains="getImageWithMD5Hash")
+    plain = client.get(V4 + "getImage", params={"SeriesInstanceUID": uid})  # not matched
+    assert _checked(client, uid, plain.content, "optional").ok
+    for _ in range(2):
+        r = client.get(V4 + "getImageWithMD5Hash", params={"SeriesInstanceUID": uid})
+        assert r.status_code == 200
+        zf = _zip(r)  # what NBIA sends: a zip that opens and reads clean
+        assert zf.testzip() is None
+        assert zf.namelist() == ["00000001.dcm", "00000002.dcm"]  # and no md5hashes.csv
+        verdict = _checked(client, uid, r.content, "required")
+        assert (verdict.ok, verdict.reason, verdict.level) == (False, "count_mismatch", "full")
+        # without NBIA's numbers, the missing list still gives it away
+        check = ZipCheck(md5s="required")
+        check.feed(r.content)
+        assert check.finish().reason == "md5_list_missing"
+    r = client.get(V4 + "getImageWithMD5Hash", params={"SeriesInstanceUID": uid})  # healed
+    assert len(_zip(r).namelist()) == count + 1
+    assert _checked(client, uid, r.content, "required").ok
+    fake.close_zip_after(0, times=1)
+    zf = _zip(client.get(V4 + "getImage", params={"SeriesInstanceUID": uid}))
+    assert zf.namelist() == ["LICENSE"]  # written before the loop
+    with pytest.raises(ValueError):
+        fake.close_zip_after(-1)
+
+
+def test_zip_with_altered_image(client: httpx.Client, fake: FakeNBIA) -> None:
+    uid = series_of(fake, "CT")
+    fake.alter_image(2, times=1)
+    r = client.get(V4 + "getImageWithMD5Hash", params={"SeriesInstanceUID": uid})
+    zf = _zip(r)
+    assert zf.testzip() is None  # the CRC-32s are those of the bytes sent
+    rows = dict(line.split(",") for line in zf.read("md5hashes.csv").decode().splitlines()[1:])
+    assert len(rows) == len(zf.namelist()) - 1
+    wrong = [n for n, md5 in rows.items() if hashlib.md5(zf.read(n)).hexdigest() != md5]
+    assert wrong == ["00000002.dcm"]
+    sop = fake.images.instances(uid)[1].sop_uid
+    nbia_md5 = client.get(V4 + "getMD5HashForImage", params={"SOPInstanceUID": sop}).text
+    assert rows["00000002.dcm"] == nbia_md5  # the database's value, not the bytes'
+    altered = zf.read("00000002.dcm")
+    assert len(altered) == fake.images.instances(uid)[1].size  # getSeriesSize still agrees
+    assert pydicom.dcmread(io.BytesIO(altered)).SOPInstanceUID == sop
+    verdict = _checked(client, uid, r.content, "required")
+    assert (verdict.ok, verdict.reason) == (False, "md5_mismatch") and "00000002.dcm" in (
+        verdict.message
+    )
+    again = client.get(V4 + "getImageWithMD5Hash", params={"SeriesInstanceUID": uid})
+    assert _checked(client, uid, again.content, "required").ok  # times=1: healed
+    with pytest.raises(ValueError):
+        fake.alter_image(0)
 
 
 def test_slow(client: httpx.Client, fake: FakeNBIA) -> None:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 
 from . import routes_images, routes_legacy, routes_v4  # noqa: F401  (register routes)
 from .dataset import build_dataset
-from .faults import CutMode, Faults, SlowRule
+from .faults import CutMode, Faults, SlowRule, ZipFaultKind
 from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore
 from .responses import (
     SERVER_ERROR,
@@ -207,6 +207,28 @@ class FakeNBIA:
         if mode not in ("abort", "clean"):
             raise ValueError(f"mode must be 'abort' or 'clean', not {mode!r}")
         self.faults.cut(after_bytes, mode, times, path_contains)
+
+    def close_zip_after(
+        self, images: int, times: int | None = None, path_contains: str | None = None
+    ) -> None:
+        """Series zips end after ``images`` images, well-formed, HTTP 200, no md5hashes.csv:
+        NBIA's writer caught an error mid-loop and closed the zip (``times`` downloads, or
+        until reset)."""
+        self._zip_fault("closed_after", images, times, path_contains)
+
+    def alter_image(
+        self, number: int = 1, times: int | None = None, path_contains: str | None = None
+    ) -> None:
+        """Image ``number`` (1-based) of series zips has other bytes than the MD5 that
+        md5hashes.csv and getMD5HashForImage list; the zip's CRC-32s match the bytes sent."""
+        self._zip_fault("altered_image", number, times, path_contains)
+
+    def _zip_fault(
+        self, kind: ZipFaultKind, images: int, times: int | None, path_contains: str | None
+    ) -> None:
+        if images < (0 if kind == "closed_after" else 1):
+            raise ValueError(f"{kind}: image number {images} out of range")
+        self.faults.zip_fault(kind, images, times, path_contains)
 
     def drop_connection_next(
         self, n: int, path_contains: str | None = None, include_token: bool = False

@@ -225,16 +225,23 @@ class SeriesZipWriter:
         if license_bytes is not None:
             self._zf.writestr(_entry("LICENSE"), license_bytes)
 
-    def add(self, name: str, data: bytes) -> None:
+    def add(self, name: str, data: bytes, listed_md5: str | None = None) -> None:
+        """One file; md5hashes.csv lists ``listed_md5`` for it if given (the database's value)."""
         self._zf.writestr(_entry(name), data)
         if self._md5:
-            self._hashes.append((name, hashlib.md5(data).hexdigest()))
+            self._hashes.append((name, listed_md5 or hashlib.md5(data).hexdigest()))
 
-    def close(self) -> None:
-        if self._md5:
+    def close(self, md5_list: bool = True) -> None:
+        """End the zip; ``md5_list=False`` leaves md5hashes.csv out, as a failed loop does."""
+        if self._md5 and md5_list:
             rows = "".join(f"{n},{h}\n" for n, h in sorted(self._hashes))
             self._zf.writestr(_entry("md5hashes.csv"), ("Filename,MD5Hash\n" + rows).encode())
         self._zf.close()
+
+
+def altered(data: bytes) -> bytes:
+    """The same file with its last byte (pixel data) changed: same size, other MD5."""
+    return data[:-1] + bytes([data[-1] ^ 0xFF])
 
 
 def zip_name(series: Series, number: int, layout: ZipLayout) -> str:

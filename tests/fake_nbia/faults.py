@@ -1,4 +1,4 @@
-"""Injected faults: error statuses, dropped connections, cut streams, slowness.
+"""Injected faults: error statuses, dropped connections, cut streams, slowness, bad zips.
 
 Every rule skips the token endpoint unless it was created with include_token=True,
 so a test can break the data path while logins keep working.
@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 CutMode = Literal["abort", "clean"]
+#: Series zips NBIA really sends with HTTP 200 (series-cache-anchors.md §B2):
+#: ``closed_after``: the writer's loop failed after N images and ``finally`` closed the zip,
+#: so it is well-formed, shorter, and has no md5hashes.csv (written after the loop);
+#: ``altered_image``: image N on disk no longer has the MD5 the database (md5hashes.csv) lists.
+ZipFaultKind = Literal["closed_after", "altered_image"]
 
 
 @dataclass
@@ -40,6 +45,12 @@ class CutRule(_Rule):
 
 
 @dataclass
+class ZipFault(_Rule):
+    kind: ZipFaultKind = "closed_after"
+    images: int = 0  # closed_after: images written; altered_image: which image (1-based)
+
+
+@dataclass
 class SlowRule(_Rule):
     before_headers: float = 0.0
     between_chunks: float = 0.0
@@ -59,6 +70,7 @@ class Faults:
             self._fails: list[FailRule] = []
             self._drops: list[_Rule] = []
             self._cuts: list[CutRule] = []
+            self._zip_faults: list[ZipFault] = []
             self._slow: SlowRule | None = None
 
     def fail_next(
@@ -81,6 +93,12 @@ class Faults:
     ) -> None:
         with self._lock:
             self._cuts.append(CutRule(times, path_contains, False, after_bytes, mode))
+
+    def zip_fault(
+        self, kind: ZipFaultKind, images: int, times: int | None, path_contains: str | None
+    ) -> None:
+        with self._lock:
+            self._zip_faults.append(ZipFault(times, path_contains, False, kind, images))
 
     def set_slow(
         self,
@@ -116,6 +134,10 @@ class Faults:
     def take_cut(self, path: str) -> CutRule | None:
         rule = self._take(self._cuts, path)  # type: ignore[arg-type]
         return rule if isinstance(rule, CutRule) else None
+
+    def take_zip_fault(self, path: str) -> ZipFault | None:
+        rule = self._take(self._zip_faults, path)  # type: ignore[arg-type]
+        return rule if isinstance(rule, ZipFault) else None
 
     def slowness(self, path: str) -> SlowRule | None:
         slow = self._slow

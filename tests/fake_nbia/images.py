@@ -15,6 +15,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from .dataset import Dataset, Series
 from .dicom import (
@@ -22,11 +23,13 @@ from .dicom import (
     ImageContext,
     SeriesZipWriter,
     ZipLayout,
+    altered,
     build_instance,
     license_text,
     sop_instance_uid,
     zip_name,
 )
+from .faults import ZipFault
 
 DEFAULT_BIG_ZIP_BYTES = 4 * 1024 * 1024
 # eagerly built layouts of the big zip: plain getImage and tcia-utils' NewFileNames=Yes
@@ -199,13 +202,50 @@ class ImageStore:
         key = (series_uid, layout)
         with self._lock:
             if key not in self._zips:
-                ctx = self.context(series)
                 buf = io.BytesIO()
-                writer = SeriesZipWriter(
-                    buf, license_text(ctx.collection) if layout.license else None, layout.md5
-                )
-                for n, data in enumerate(self._small[series_uid], start=1):
-                    writer.add(zip_name(series, n, layout), data)
-                writer.close()
+                self._write_zip(series, layout, buf, None)
                 self._zips[key] = buf.getvalue()
             return self._zips[key]
+
+    def faulted_zip(self, series_uid: str, layout: ZipLayout, fault: ZipFault) -> bytes | Path:
+        """The download zip as NBIA sends it when ``fault`` strikes (the big one built once)."""
+        series = self.dataset.find_series(series_uid)
+        assert series is not None
+        if not series.big:
+            buf = io.BytesIO()
+            self._write_zip(series, layout, buf, fault)
+            return buf.getvalue()
+        with self._big_lock:
+            build = self._current_big()
+            name = f"fault-{fault.kind}-{fault.images}-l{layout.license:d}n{layout.new_names:d}"
+            path = build.directory / f"{name}m{layout.md5:d}.zip"
+            if not path.exists():  # the same bytes every time: a download may be reading it
+                part = path.with_suffix(".part")
+                with open(part, "wb") as fh:
+                    self._write_zip(series, layout, fh, fault)
+                part.rename(path)
+            return path
+
+    def _write_zip(
+        self, series: Series, layout: ZipLayout, out: IO[bytes], fault: ZipFault | None
+    ) -> None:
+        ctx = self.context(series)
+        writer = SeriesZipWriter(
+            out, license_text(ctx.collection) if layout.license else None, layout.md5
+        )
+        for inst in self.instances(series.uid):
+            if fault is not None and fault.kind == "closed_after" and inst.number > fault.images:
+                # V4_getImage / getImageWithMD5Hash: the loop throws, finally closes the zip,
+                # and the CSV (written after the loop) never comes
+                writer.close(md5_list=False)
+                return
+            if series.big:
+                data = build_instance(ctx, inst.number)
+            else:
+                data = self._small[series.uid][inst.number - 1]
+            name = zip_name(series, inst.number, layout)
+            if fault is not None and fault.kind == "altered_image" and inst.number == fault.images:
+                writer.add(name, altered(data), listed_md5=inst.md5)
+            else:
+                writer.add(name, data)
+        writer.close()

@@ -26,7 +26,9 @@ def zip_reply(call: Call, layout: ZipLayout) -> Reply:
     """A streamed series zip: octet-stream, attachment, no Content-Length."""
     uid = call.require("SeriesInstanceUID")
     _series(call, uid)
-    body = call.fake.images.zip_for(uid, layout)
+    fault = call.fake.faults.take_zip_fault(call.log.path)
+    images = call.fake.images
+    body = images.zip_for(uid, layout) if fault is None else images.faulted_zip(uid, layout, fault)
     return Reply(
         200,
         body,
