@@ -1,0 +1,1 @@
+"""Binary downloads (series zips, DICOM, JPEG) kept on disk."""
