@@ -142,6 +142,7 @@ class Counters:
 
     write_failures: int = 0  # fills that could not be kept: disk full, not writable, database
     too_large: int = 0  # fills larger than the cap, relayed without being kept
+    no_room: int = 0  # fills that did not fit: what had to go was being read or filled
     evicted: int = 0
     dropped: int = 0  # rows found without their file (or with a file of the wrong size)
     last_failure: str | None = None
@@ -175,8 +176,8 @@ class Fill:
         self._done = temp is None
 
     def write(self, chunk: bytes) -> None:
-        """Append ``chunk`` (ignored once broken)."""
-        if self.broken is not None:
+        """Append ``chunk`` (ignored once broken or done)."""
+        if self._done or self.broken is not None:
             return
         if self.size + len(chunk) > self._store.max_bytes:
             self._store._count_too_large()
@@ -196,7 +197,7 @@ class Fill:
 
     def commit(self, meta: Meta) -> Kept | None:
         """Publish the file under its final name and record it; None when it is not kept."""
-        if self.broken is not None or self.temp is None:
+        if self._done or self.broken is not None or self.temp is None:
             self._release()
             return None
         sha256 = self._hash.hexdigest()
@@ -206,12 +207,12 @@ class Fill:
             os.close(self._fd)
             self._fd = -1
             if not self._store.make_room(self.size, keep=self.key.digest):
-                self._store._count_too_large()
+                self._store._count_no_room()
                 self._give_up("no room under binary_cache_max_bytes")
                 return None
             os.replace(self.temp, final)
             _fsync_dir(final.parent)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 -- disk or database: the relay goes on
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
             return None
@@ -684,6 +685,10 @@ class BinaryStore:
     def _count_too_large(self) -> None:
         with self._lock:
             self.counters.too_large += 1
+
+    def _count_no_room(self) -> None:
+        with self._lock:
+            self.counters.no_room += 1
 
 
 def capped_max_bytes(configured: int, directory: Path, kept_bytes: int) -> int:
