@@ -113,7 +113,8 @@ def test_commit_then_lookup_roundtrip(store: BinaryStore, engine: Engine) -> Non
     assert kept.path.read_bytes() == body
     assert kept.path.parent == store.directory / key.digest[:2] / key.digest[2:4]
     assert stat.S_IMODE(kept.path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(kept.path.parent.stat().st_mode) == 0o700
+    for folder in (store.directory, kept.path.parent.parent, kept.path.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     assert files_in(store.directory) == [kept.path]  # no temporary file left
 
     found = store.lookup(key.digest)
@@ -155,6 +156,7 @@ def test_a_second_fetch_replaces_the_file_and_the_old_reader_keeps_its_bytes(
         assert reading.file.read() == b"first fetch" * 1000  # POSIX: the open file lives on
     assert files_in(store.directory) == [new.path]
     assert store.total_bytes() == new.size
+    assert store.purge(series="1.2.3") == (1, new.size)  # the tags were written again
 
 
 def test_a_discarded_or_abandoned_fill_is_never_kept(store: BinaryStore) -> None:
@@ -354,6 +356,53 @@ def test_a_file_being_read_or_filled_is_never_evicted(
     keep(store, image_key("e"), body_of(1000, b"e"))  # now b, the least recently used, goes
     assert store.lookup(image_key("b").digest) is None
     assert {a.path, b.path, c.path, d.path} & set(files_in(store.directory)) == {a.path, d.path}
+
+
+def test_room_is_made_before_the_first_byte_when_the_size_is_known(
+    engine: Engine, tmp_path: Path, clock: Clock
+) -> None:
+    store = make_store(engine, tmp_path, clock, max_bytes=3000)
+    for name in "ab":
+        keep(store, image_key(name), body_of(1000, name.encode()))
+        clock.advance(10)
+    fill = store.open_fill(image_key("c"), expected_size=2000)
+    assert fill.broken is None
+    assert store.lookup(image_key("a").digest) is None  # gone before c's bytes arrived
+    assert store.lookup(image_key("b").digest) is not None
+    fill.write(body_of(2000, b"c"))
+    kept = fill.commit(ZIP)
+    assert kept is not None
+    too_big = store.open_fill(image_key("d"), expected_size=3001)
+    assert too_big.broken == "larger than binary_cache_max_bytes"
+    too_big.write(b"relayed anyway")
+    assert too_big.commit(ZIP) is None
+    reading = store.open_read(kept)
+    assert reading is not None
+    with reading:
+        blocked = store.open_fill(image_key("e"), expected_size=2500)
+        assert blocked.broken == "no room under binary_cache_max_bytes"
+    assert (store.counters.too_large, store.counters.no_room) == (1, 1)
+    assert [p.name for p in files_in(store.directory) if ".part-" in p.name] == []
+
+
+def test_served_times_are_batched_and_written_on_close(
+    store: BinaryStore, engine: Engine, clock: Clock
+) -> None:
+    kept = keep(store, image_key("a"), b"a")
+    store.flush()
+    clock.advance(1)
+    store.touch(kept)
+    with Session(engine) as session:
+        assert session.scalar(select(BinaryFile.last_used_at)) == NOW  # not yet written
+    clock.advance(10)
+    store.touch(kept)  # the batch is due: written now
+    with Session(engine) as session:
+        assert session.scalar(select(BinaryFile.last_used_at)) == NOW + 11
+    clock.advance(1)
+    store.touch(kept)
+    store.close()
+    with Session(engine) as session:
+        assert session.scalar(select(BinaryFile.last_used_at)) == NOW + 12
 
 
 def test_a_download_larger_than_the_cap_is_relayed_not_kept(
@@ -568,13 +617,25 @@ async def _receive_sent(path: Path, start: int, length: int) -> bytes:
 @pytest.mark.parametrize(
     "range_header", [None, b"bytes=0-0", b"bytes=1000-", b"bytes=-4097", b"bytes=12345-1048575"]
 )
-def test_send_range_sends_the_planned_bytes(store: BinaryStore, range_header: bytes | None) -> None:
+def test_send_range_sends_the_planned_bytes_zero_copy(
+    store: BinaryStore, range_header: bytes | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     body = os.urandom(3 * 1024 * 1024 + 17)  # more than one socket buffer, not a round size
     kept = keep(store, image_key("1.2.3"), body)
     step = plan(kept.size, kept.etag, range_header=range_header)
+    kernel_bytes = []
+    real_sendfile = os.sendfile
+
+    def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        sent = real_sendfile(out_fd, in_fd, offset, count)
+        kernel_bytes.append(sent)
+        return sent
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
     received = asyncio.run(_receive_sent(kept.path, step.start, step.length))
     assert received == body[step.start : step.end]
     assert len(received) == (kept.size if range_header is None else step.length)
+    assert sum(kernel_bytes) == step.length  # every byte went file -> socket in the kernel
 
 
 def test_send_range_of_nothing_sends_nothing(tmp_path: Path) -> None:

@@ -20,12 +20,18 @@ filled is known per process only: another replica may evict a file this one is r
 local file system (and on NFS from the same client) the open file stays readable until closed;
 NFS across clients may give ``ESTALE`` to the reader, which then aborts its transfer.
 
-Blocking I/O throughout (file system and database): callers on the event loop run these
-methods in a thread (``asyncio.to_thread``). The store is thread-safe. Writes are rare (one row
-per download) and small, so unlike the metadata cache there is no writer thread; the served
-times are batched (:meth:`BinaryStore.touch`). Failures to write (a full disk, a directory that
-is not writable, the database) never raise into the relay: the fill turns broken, the store
-counts it and logs it once (then once a minute with a count), and the download goes on uncached.
+Two replicas committing the same key at once both publish; the row ends up naming one file
+and the other is an orphan until a sweep (safe to run at any time, not only at start).
+
+Blocking I/O throughout (file system and database), and the store is thread-safe. Whatever
+touches the database or fsyncs (:meth:`BinaryStore.lookup`, :meth:`Fill.commit`, the sweep,
+eviction) belongs in a thread (``asyncio.to_thread``), never on the event loop;
+:meth:`Fill.write` is one ``os.write`` into the page cache, which a caller may batch per thread
+hop. Writes are rare (one row per download) and small, so unlike the metadata cache there is no
+writer thread; the served times are batched (:meth:`BinaryStore.touch`). Failures to write (a
+full disk, a directory that is not writable, the database) never raise into the relay: the fill
+turns broken, the store counts it and logs it once (then once a minute with a count), and the
+download goes on uncached.
 """
 
 from __future__ import annotations
@@ -313,7 +319,8 @@ class BinaryStore:
     def start(self) -> Swept:
         """Create the directory (0700), sweep leftovers, lower the cap to what the disk holds."""
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, exist_ok=True)
             swept = self.sweep_leftovers()
             kept = self.total_bytes()
         except ENVIRONMENT_ERRORS as exc:
@@ -370,7 +377,18 @@ class BinaryStore:
 
     def path_for(self, digest: str, sha256: str) -> Path:
         """The final name of the file with these bytes for this key."""
-        return self.directory / digest[:2] / digest[2:4] / f"{digest}-{sha256[:_HASH_CHARS]}"
+        return self._folder(digest) / f"{digest}-{sha256[:_HASH_CHARS]}"
+
+    def _folder(self, digest: str) -> Path:
+        return self.directory / digest[:2] / digest[2:4]
+
+    def _make_folder(self, folder: Path) -> None:
+        # Level by level: mkdir(parents=True) would give the levels above the default mode.
+        for level in (self.directory, folder.parent, folder):
+            try:
+                level.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
 
     def lookup(self, digest: str) -> Kept | None:
         """The kept file for a key, if its row and its file (of the right size) are there.
@@ -440,13 +458,28 @@ class BinaryStore:
 
     # writes ----------------------------------------------------------------------------------
 
-    def open_fill(self, key: CacheKey) -> Fill:
+    def open_fill(self, key: CacheKey, expected_size: int | None = None) -> Fill:
         """Start keeping a download for ``key``; the fill is broken at once if the directory
-        cannot take it (the relay goes on regardless)."""
-        folder = self.path_for(key.digest, "").parent
+        cannot take it (the relay goes on regardless).
+
+        With ``expected_size`` (a Content-Length, NBIA's getSeriesSize), room is made before
+        the first byte, so the download does not fill the disk on its way; a download that
+        cannot fit under the cap is not written at all. Fills in flight are not counted in the
+        total until they are committed (each is held under the cap by itself).
+        """
+        if expected_size is not None and not self.make_room(expected_size, keep=key.digest):
+            fill = Fill(self, key, None, -1)
+            if expected_size > self.max_bytes:
+                self._count_too_large()
+                fill.broken = "larger than binary_cache_max_bytes"
+            else:
+                self._count_no_room()
+                fill.broken = "no room under binary_cache_max_bytes"
+            return fill
+        folder = self._folder(key.digest)
         temp = folder / f"{key.digest}{_PART}{self._host}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._make_folder(folder)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             self._write_failed(exc)
@@ -458,6 +491,10 @@ class BinaryStore:
             self._busy.setdefault(key.digest, _Busy()).holders.add(id(fill))
             self._temps.add(temp)
         return fill
+
+    def close(self) -> None:
+        """Write what is pending (served times); call when the gateway stops."""
+        self.flush()
 
     def touch(self, kept: Kept) -> None:
         """Record that ``kept`` was served; written in batches every few seconds."""
@@ -582,8 +619,10 @@ class BinaryStore:
                     statement.on_conflict_do_update(index_elements=["digest"], set_=changed)
                 )
                 session.execute(delete(BinaryTag).where(BinaryTag.digest == key.digest))
-                for kind, value in tags:
-                    session.add(BinaryTag(digest=key.digest, kind=kind, value=value))
+                if tags:
+                    # Another replica committing the same key may have written them meanwhile.
+                    rows = [{"digest": key.digest, "kind": k, "value": v} for k, v in tags]
+                    session.execute(self._insert(BinaryTag).values(rows).on_conflict_do_nothing())
         except Exception as exc:  # noqa: BLE001 -- any refusal: the download was relayed anyway
             self._write_failed(exc)
             _unlink(path)
