@@ -159,6 +159,29 @@ def test_a_second_fetch_replaces_the_file_and_the_old_reader_keeps_its_bytes(
     assert store.purge(series="1.2.3") == (1, new.size)  # the tags were written again
 
 
+def test_the_same_bytes_fetched_again_keep_their_file(
+    store: BinaryStore, engine: Engine, clock: Clock
+) -> None:
+    key = image_key("1.2.3")
+    first = keep(store, key, b"an unchanged DICOM file")
+    inode = first.path.stat().st_ino
+    reading = store.open_read(first)
+    assert reading is not None
+    clock.advance(60)
+    again = keep(store, key, b"an unchanged DICOM file")
+    assert again.path == first.path and again.path.stat().st_ino == inode  # not replaced
+    assert again.fetched_at == NOW + 60 and files_in(store.directory) == [first.path]
+    with reading:
+        assert reading.file.read() == b"an unchanged DICOM file"
+    # A database failure on the next fetch must not take the file the row still names.
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE binary_tags"))
+    with store.open_fill(key) as fill:
+        fill.write(b"an unchanged DICOM file")
+        assert fill.commit(ZIP) is None
+    assert first.path.exists()
+
+
 def test_a_discarded_or_abandoned_fill_is_never_kept(store: BinaryStore) -> None:
     key = image_key("1.2.3")
     fill = store.open_fill(key)

@@ -37,6 +37,7 @@ download goes on uncached.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -76,6 +77,7 @@ _PART = ".part-"
 _HASH_CHARS = 16  # of the sha256 in a file name: enough to tell two fetches of one key apart
 _NAME = re.compile(r"([0-9a-f]{64})-([0-9a-f]{16})")
 _TOUCH_SECONDS = 5.0
+_tokens = itertools.count()  # tells open readers and fills apart in the busy registry
 
 
 def directory_for(settings: Settings) -> Path:
@@ -180,6 +182,7 @@ class Fill:
         self._fd = fd
         self._hash = hashlib.sha256()
         self._done = temp is None
+        self.token = next(_tokens)
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk`` (ignored once broken or done)."""
@@ -216,14 +219,20 @@ class Fill:
                 self._store._count_no_room()
                 self._give_up("no room under binary_cache_max_bytes")
                 return None
-            os.replace(self.temp, final)
-            _fsync_dir(final.parent)
+            # The name holds the content hash: a file already there has these very bytes
+            # (an unchanged DICOM fetched again), and readers may have it open.
+            published = _size(final) != self.size
+            if published:
+                os.replace(self.temp, final)
+                _fsync_dir(final.parent)
+            else:
+                self.temp.unlink()
         except Exception as exc:  # noqa: BLE001 -- disk or database: the relay goes on
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
             return None
         self._done = True
-        kept = self._store._record(self.key, final, self.size, sha256, meta)
+        kept = self._store._record(self.key, final, self.size, sha256, meta, published)
         self._release()
         return kept
 
@@ -255,7 +264,7 @@ class Fill:
         self._release()
 
     def _release(self) -> None:
-        self._store._unbusy(self.key.digest, id(self), self.temp)
+        self._store._unbusy(self.key.digest, self.token, self.temp)
 
 
 class Reading:
@@ -266,12 +275,13 @@ class Reading:
         self.file = file
         self._store = store
         self._closed = False
+        self.token = next(_tokens)
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self.file.close()
-            self._store._unbusy(self.kept.digest, id(self))
+            self._store._unbusy(self.kept.digest, self.token)
 
     def __enter__(self) -> Reading:
         return self
@@ -406,10 +416,7 @@ class BinaryStore:
         if row is None:
             return None
         path = self.path_for(digest, row.sha256)
-        try:
-            size = path.stat().st_size
-        except OSError:
-            size = None
+        size = _size(path)
         if size != row.size:
             if size is not None:
                 _unlink(path)  # a file never changes once published: this one is damaged
@@ -436,7 +443,7 @@ class BinaryStore:
             return None
         reading = Reading(self, kept, file)
         with self._lock:
-            self._busy.setdefault(kept.digest, _Busy()).holders.add(id(reading))
+            self._busy.setdefault(kept.digest, _Busy()).holders.add(reading.token)
         if os.fstat(file.fileno()).st_size != kept.size:
             reading.close()
             self._lost([(kept.digest, kept.sha256)])
@@ -488,7 +495,7 @@ class BinaryStore:
             return fill
         fill = Fill(self, key, temp, fd)
         with self._lock:
-            self._busy.setdefault(key.digest, _Busy()).holders.add(id(fill))
+            self._busy.setdefault(key.digest, _Busy()).holders.add(fill.token)
             self._temps.add(temp)
         return fill
 
@@ -588,7 +595,9 @@ class BinaryStore:
 
     # internals -------------------------------------------------------------------------------
 
-    def _record(self, key: CacheKey, path: Path, size: int, sha256: str, meta: Meta) -> Kept | None:
+    def _record(
+        self, key: CacheKey, path: Path, size: int, sha256: str, meta: Meta, published: bool
+    ) -> Kept | None:
         now = self._clock()
         content_type = storable(meta.content_type, _TYPE)
         disposition = storable(meta.content_disposition)
@@ -625,7 +634,8 @@ class BinaryStore:
                     session.execute(self._insert(BinaryTag).values(rows).on_conflict_do_nothing())
         except Exception as exc:  # noqa: BLE001 -- any refusal: the download was relayed anyway
             self._write_failed(exc)
-            _unlink(path)
+            if published:
+                _unlink(path)  # nothing names it (a file that was there may be a row's)
             return None
         if old is not None and old != sha256:
             _unlink(self.path_for(key.digest, old))  # its readers keep their open file
@@ -749,6 +759,13 @@ def _split_part(tail: str) -> tuple[str, str | None]:
 def _safe_host(name: str) -> str:
     # The host goes into file names and is split off at the last dashes: no dashes in it.
     return re.sub(r"[^A-Za-z0-9.]", "_", name)[:64] or "host"
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _subdirs(path: Path) -> list[Path]:
