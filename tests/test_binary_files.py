@@ -210,11 +210,14 @@ def test_an_uncommitted_fill_leaves_only_a_part_file_which_the_sweep_removes(
     assert store.lookup(key.digest) is None
     assert store.sweep_leftovers().parts == 0  # this process's own fill, still going
 
+    clock.advance(files_module.STALE_SECONDS + 1)
     restarted = make_store(engine, tmp_path, clock)
-    assert restarted.sweep_leftovers().parts == 0  # its process (ours) is alive and writing
-    clock.advance(files_module.STALE_SECONDS + 1)  # nothing written to it for over an hour
+    assert restarted.sweep_leftovers().parts == 0  # a live fill of this process, however slow
+
+    files_module._LIVE_TEMPS.discard(part)  # the process "dies": its memory of the fill goes
     assert restarted.sweep_leftovers().parts == 1
     assert files_in(store.directory) == []
+    fill.discard()  # (closes the descriptor the "dead" process held)
 
 
 def test_kill_9_in_the_middle_of_a_fill(db_url: str, engine: Engine, tmp_path: Path) -> None:
@@ -261,12 +264,15 @@ def test_part_files_of_other_hosts_are_swept_only_when_stale(
     folder.mkdir(parents=True)
     other = folder / f"{'ab' * 32}.part-elsewhere-1-0a0b0c0d"  # pid 1 is alive here; not ours
     dead_here = folder / f"{'ab' * 32}.part-here-999999999-0a0b0c0d"  # no such pid
+    # Our pid, but no fill of ours: an earlier gateway with the same pid (pid 1 in a container).
+    earlier_self = folder / f"{'ab' * 32}.part-here-{os.getpid()}-0a0b0c0d"
     other.write_bytes(b"another replica is filling")
     dead_here.write_bytes(b"a fill of ours that died")
-    os.utime(other, (NOW, NOW))
-    os.utime(dead_here, (NOW, NOW))
-    assert store.sweep_leftovers().parts == 1
-    assert other.exists() and not dead_here.exists()
+    earlier_self.write_bytes(b"the last run's")
+    for path in (other, dead_here, earlier_self):
+        os.utime(path, (NOW, NOW))
+    assert store.sweep_leftovers().parts == 2
+    assert other.exists() and not dead_here.exists() and not earlier_self.exists()
     clock.advance(files_module.STALE_SECONDS + 1)
     assert store.sweep_leftovers().parts == 1
     assert not other.exists()

@@ -78,6 +78,9 @@ _HASH_CHARS = 16  # of the sha256 in a file name: enough to tell two fetches of 
 _NAME = re.compile(r"([0-9a-f]{64})-([0-9a-f]{16})")
 _TOUCH_SECONDS = 5.0
 _tokens = itertools.count()  # tells open readers and fills apart in the busy registry
+# Temporary files of this process's fills, whichever store opened them.
+_LIVE_TEMPS: set[Path] = set()
+_LIVE_LOCK = threading.Lock()
 
 
 def directory_for(settings: Settings) -> Path:
@@ -318,7 +321,6 @@ class BinaryStore:
         )
         self._lock = threading.Lock()
         self._busy: dict[str, _Busy] = {}  # digest -> open readers and fills (this process)
-        self._temps: set[Path] = set()  # temporary files of this process's fills
         self._touched: dict[str, float] = {}
         self._touched_at = clock()
         self._write_log = FailureLog("binary cache cannot write, downloads are relayed", clock)
@@ -360,8 +362,8 @@ class BinaryStore:
         rows = self._rows()
         named = {self.path_for(digest, sha256) for digest, sha256 in rows}
         parts = orphans = 0
-        with self._lock:
-            own = set(self._temps)  # fills of this process are never swept, whatever their age
+        with _LIVE_LOCK:
+            own = set(_LIVE_TEMPS)  # fills of this process are never swept, whatever their age
         for path in self._files():
             try:
                 age = now - path.stat().st_mtime
@@ -496,7 +498,8 @@ class BinaryStore:
         fill = Fill(self, key, temp, fd)
         with self._lock:
             self._busy.setdefault(key.digest, _Busy()).holders.add(fill.token)
-            self._temps.add(temp)
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.add(temp)
         return fill
 
     def close(self) -> None:
@@ -705,7 +708,9 @@ class BinaryStore:
             return False
         pid = int(pid_text)
         if pid == os.getpid():
-            return False
+            # Not one of our live fills (the caller checked): an earlier process with our pid
+            # left it, as a container's gateway, always pid 1 on the same host name, does.
+            return True
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -715,8 +720,9 @@ class BinaryStore:
         return False
 
     def _unbusy(self, digest: str, holder: int, temp: Path | None = None) -> None:
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.discard(temp)
         with self._lock:
-            self._temps.discard(temp)
             entry = self._busy.get(digest)
             if entry is None:
                 return
