@@ -8,17 +8,21 @@ complete file without a row (never served either); :meth:`BinaryStore.sweep_left
 both at start.
 
 Layout: ``<binary_dir>/<d[0:2]>/<d[2:4]>/<digest>-<sha256[:16]>``, ``digest`` being the request's
-cache key (:class:`proxy.cache.policy.CacheKey`). The content hash in the name means a file
-never changes once published: a second download of the same key (NBIA zips differ byte for byte
-between fetches) gets a new name, the row moves to it, the old file goes. A reader that looked
-the row up opens either the bytes the row describes or nothing, never another fill's bytes.
+cache key (:class:`proxy.cache.policy.CacheKey`). The content hash in the name means a file never
+changes once published: a second download of the same key (NBIA zips differ byte for byte between
+fetches) gets a new name, the row moves to it, the old file goes (the same bytes again keep their
+file). A reader that looked the row up opens either the bytes the row describes or nothing, never
+another fill's bytes.
 
-Several replicas may share ``binary_dir`` and one PostgreSQL database: renames publish, rows
-are written after the file exists and deleted only while they still name the same file (a
-conditional delete), so one replica never drops another's newer row. What is being read or
-filled is known per process only: another replica may evict a file this one is reading. On a
-local file system (and on NFS from the same client) the open file stays readable until closed;
-NFS across clients may give ``ESTALE`` to the reader, which then aborts its transfer.
+Several replicas may share ``binary_dir`` and one PostgreSQL database (never SQLite: its WAL does
+not work over a network file system): renames publish, rows are written after the file exists and
+deleted only while they still name the same file (a conditional delete), so one replica never drops
+another's newer row. What is being read or filled is known per process only: another replica may
+evict a file this one is reading. On a local file system (and on NFS from the same client) the open
+file stays readable until closed; NFS across clients may give ``ESTALE`` to the reader, which then
+aborts its transfer. On NFS, mount with ``lookupcache=positive`` (or ``none``): a cached "no such
+file" would make a replica drop the row of a file another replica has just published (a lost entry,
+never wrong bytes).
 
 Two replicas committing the same key at once both publish; the row ends up naming one file
 and the other is an orphan until a sweep (safe to run at any time, not only at start).
