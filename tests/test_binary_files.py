@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -578,6 +579,46 @@ def test_two_stores_on_one_directory_and_database_see_each_others_files(
     finally:
         first_engine.dispose()
         second_engine.dispose()
+
+
+def test_threads_filling_reading_and_evicting_at_once_keep_the_store_consistent(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Served bytes always match their row, and the cap holds, whatever the interleaving."""
+    store = BinaryStore(engine, tmp_path / "binaries", 20_000, host="here")
+    served_wrong: list[str] = []
+
+    def work(worker: int) -> None:
+        for round_ in range(25):
+            key = image_key(f"{(worker * 7 + round_) % 9}")
+            body = body_of(1000 + 500 * (round_ % 5), f"{worker}-{round_}".encode())
+            with store.open_fill(key) as fill:
+                fill.write(body)
+                fill.commit(ZIP)
+            found = store.lookup(image_key(f"{round_ % 9}").digest)
+            reading = store.open_read(found) if found else None
+            if reading is not None:
+                with reading:
+                    data = reading.file.read()
+                if hashlib.sha256(data).hexdigest() != reading.kept.sha256:
+                    served_wrong.append(reading.kept.digest)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert served_wrong == []
+    assert store.total_bytes() <= 20_000
+    assert store.counters.write_failures == 0
+    store.sweep_leftovers(stale_seconds=-1)  # everything not named by a row goes
+    named = {store.path_for(k.digest, k.sha256) for k in map(store.lookup, _digests(engine)) if k}
+    assert set(files_in(store.directory)) == named
+
+
+def _digests(engine: Engine) -> list[str]:
+    with Session(engine) as session:
+        return list(session.scalars(select(BinaryFile.digest)))
 
 
 def test_purge_by_series_and_by_endpoint(store: BinaryStore) -> None:

@@ -222,24 +222,33 @@ class Fill:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            if not self._store.make_room(self.size, keep=self.key.digest):
-                self._store._count_no_room()
-                self._give_up("no room under binary_cache_max_bytes")
-                return None
-            # The name holds the content hash: a file already there has these very bytes
-            # (an unchanged DICOM fetched again), and readers may have it open.
-            published = _size(final) != self.size
-            if published:
-                os.replace(self.temp, final)
-                _fsync_dir(final.parent)
-            else:
-                self.temp.unlink()
-        except Exception as exc:  # noqa: BLE001 -- disk or database: the relay goes on
+        except OSError as exc:
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
             return None
-        self._done = True
-        kept = self._store._record(self.key, final, self.size, sha256, meta, published)
+        # Room, rename and row as one step per process, or two commits could both find the
+        # same room free (across replicas the cap may be overshot by what commits at the same
+        # moment, until the next commit evicts).
+        with self._store._commit_lock:
+            try:
+                if not self._store.make_room(self.size, keep=self.key.digest):
+                    self._store._count_no_room()
+                    self._give_up("no room under binary_cache_max_bytes")
+                    return None
+                # The name holds the content hash: a file already there has these very bytes
+                # (an unchanged DICOM fetched again), and readers may have it open.
+                published = _size(final) != self.size
+                if published:
+                    os.replace(self.temp, final)
+                    _fsync_dir(final.parent)
+                else:
+                    self.temp.unlink()
+            except Exception as exc:  # noqa: BLE001 -- disk or database: the relay goes on
+                self._store._write_failed(exc)
+                self._give_up(describe_failure(exc))
+                return None
+            self._done = True
+            kept = self._store._record(self.key, final, self.size, sha256, meta, published)
         self._release()
         return kept
 
@@ -324,6 +333,7 @@ class BinaryStore:
             postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         )
         self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
         self._busy: dict[str, _Busy] = {}  # digest -> open readers and fills (this process)
         self._touched: dict[str, float] = {}
         self._touched_at = clock()
