@@ -29,7 +29,14 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from proxy.binary import files as files_module
-from proxy.binary.files import BinaryStore, Kept, Meta, capped_max_bytes, directory_for
+from proxy.binary.files import (
+    MARKER,
+    BinaryStore,
+    Kept,
+    Meta,
+    capped_max_bytes,
+    directory_for,
+)
 from proxy.binary.ranges import plan
 from proxy.binary.sendfile import ShortFile, send_range
 from proxy.binary.tables import BinaryFile, BinaryTag
@@ -69,9 +76,17 @@ def store(engine: Engine, tmp_path: Path, clock: Clock) -> BinaryStore:
 
 
 def make_store(
-    engine: Engine, tmp_path: Path, clock: Clock, max_bytes: int = 1 << 30, host: str = "here"
+    engine: Engine,
+    tmp_path: Path,
+    clock: Clock,
+    max_bytes: int = 1 << 30,
+    host: str = "here",
+    start: bool = True,
 ) -> BinaryStore:
-    return BinaryStore(engine, tmp_path / "binaries", max_bytes, clock=clock, host=host)
+    store = BinaryStore(engine, tmp_path / "binaries", max_bytes, clock=clock, host=host)
+    if start:
+        store.start()
+    return store
 
 
 def image_key(series: str, new_file_names: str = "No") -> CacheKey:
@@ -94,7 +109,8 @@ def keep(store: BinaryStore, key: CacheKey, body: bytes, meta: Meta = ZIP) -> Ke
 
 
 def files_in(directory: Path) -> list[Path]:
-    return sorted(path for path in directory.rglob("*") if path.is_file())
+    """The files of downloads (not the directory's marker)."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def body_of(size: int, seed: bytes = b"x") -> bytes:
@@ -251,10 +267,10 @@ def test_kill_9_in_the_middle_of_a_fill(db_url: str, engine: Engine, tmp_path: P
     assert child.returncode == -signal.SIGKILL
     assert part.exists() and part.stat().st_size == 64 * 16384
     os.utime(part, (NOW, NOW))  # fresh by the test's clock: only the dead pid gives it away
-    store = make_store(engine, tmp_path, Clock(NOW))
+    store = make_store(engine, tmp_path, Clock(NOW), start=False)
     assert store.lookup(key.digest) is None
-    # Fresh, but its process is gone: swept although another replica's would be kept.
-    assert store.sweep_leftovers() == files_module.Swept(parts=1)
+    # Fresh, but its process is gone: swept at start although another replica's would be kept.
+    assert store.start() == files_module.Swept(parts=1)
     assert files_in(store.directory) == []
 
 
@@ -321,6 +337,33 @@ def test_a_file_that_goes_between_lookup_and_open_is_a_miss(store: BinaryStore) 
     kept.path.unlink()
     assert store.open_read(kept) is None
     assert store.lookup(key.digest) is None
+
+
+def test_a_volume_not_mounted_loses_nothing(
+    store: BinaryStore,
+    engine: Engine,
+    tmp_path: Path,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An empty mount point in place of the shared volume: misses, but no row dropped and no
+    file swept, so that everything is there again once the volume is back."""
+    kept = keep(store, image_key("1.2.3"), b"on the shared volume")
+    mounted = tmp_path / "volume"
+    store.directory.rename(mounted)
+    store.directory.mkdir()  # the bare mount point
+    clock.advance(files_module.STALE_SECONDS + 1)
+    restarted = make_store(engine, tmp_path, clock, start=False)
+    with caplog.at_level(logging.WARNING, logger="nbia_proxy.binary"):
+        assert restarted.start() == files_module.Swept()
+    assert "is the volume mounted?" in caplog.text
+    assert restarted.lookup(kept.digest) is None
+    assert restarted.sweep_leftovers() == files_module.Swept()
+    assert restarted.stats().files == 1 and restarted.counters.dropped == 0
+    store.directory.rmdir()
+    mounted.rename(store.directory)  # mounted again
+    assert restarted.lookup(kept.digest) == kept
+    assert restarted.sweep_leftovers() == files_module.Swept()
 
 
 def test_the_sweep_drops_rows_without_files(store: BinaryStore) -> None:
@@ -480,7 +523,6 @@ def test_the_cap_is_lowered_to_what_the_disk_holds(
 def test_a_directory_that_cannot_be_written_keeps_relaying(
     store: BinaryStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store.directory.mkdir(mode=0o700)
     if os.geteuid() != 0:
         store.directory.chmod(0o500)
     else:  # root writes anywhere: refuse the create as the kernel would
@@ -586,6 +628,7 @@ def test_threads_filling_reading_and_evicting_at_once_keep_the_store_consistent(
 ) -> None:
     """Served bytes always match their row, and the cap holds, whatever the interleaving."""
     store = BinaryStore(engine, tmp_path / "binaries", 20_000, host="here")
+    store.start()
     served_wrong: list[str] = []
 
     def work(worker: int) -> None:

@@ -78,6 +78,10 @@ MARGIN_BYTES = 1024**3
 MARGIN_SHARE = 0.05
 
 _PART = ".part-"
+#: Made in ``binary_dir`` when the store starts on an empty database. Without it, a directory is
+#: not the one the rows describe (a shared volume not mounted, an empty mount point): rows are
+#: then never dropped as "file gone" nor files swept as "no row".
+MARKER = ".nbia-proxy-binaries"
 _HASH_CHARS = 16  # of the sha256 in a file name: enough to tell two fetches of one key apart
 _NAME = re.compile(r"([0-9a-f]{64})-([0-9a-f]{16})")
 _TOUCH_SECONDS = 5.0
@@ -347,8 +351,20 @@ class BinaryStore:
         try:
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             self.directory.mkdir(mode=0o700, exist_ok=True)
-            swept = self.sweep_leftovers()
             kept = self.total_bytes()
+            if not self._marked() and not kept:
+                (self.directory / MARKER).touch(mode=0o600)
+            if self._marked():
+                swept = self.sweep_leftovers()
+            else:
+                swept = Swept()
+                log.warning(
+                    "binary cache: %s has no %s but the database names %s of kept files: "
+                    "is the volume mounted? Nothing is swept, files not found are misses",
+                    self.directory,
+                    MARKER,
+                    _human(kept),
+                )
         except ENVIRONMENT_ERRORS as exc:
             self._write_failed(exc)
             return Swept()
@@ -372,6 +388,8 @@ class BinaryStore:
         host) or that nothing wrote to for ``stale_seconds`` (any host: the directory may be
         shared), complete files no row names (after ``stale_seconds``: another replica may be
         between its rename and its row), and rows whose file is gone."""
+        if not self._marked():
+            return Swept()  # not the directory the rows describe: see MARKER
         now = self._clock()
         rows = self._rows()
         named = {self.path_for(digest, sha256) for digest, sha256 in rows}
@@ -432,10 +450,15 @@ class BinaryStore:
         if row is None:
             return None
         path = self.path_for(digest, row.sha256)
-        size = _size(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        except OSError as exc:  # not "gone": unreadable for now (permissions, a sick volume)
+            self._read_log.failed(describe_failure(exc))
+            return None
         if size != row.size:
-            if size is not None:
-                _unlink(path)  # a file never changes once published: this one is damaged
+            # Gone, or damaged (a published file never changes): the row and any file go.
             self._lost([(digest, row.sha256)])
             return None
         return Kept(
@@ -454,8 +477,11 @@ class BinaryStore:
         """Open a kept file for serving (and record it as used); None when it is gone."""
         try:
             file = kept.path.open("rb", buffering=0)
-        except OSError:
+        except FileNotFoundError:
             self._lost([(kept.digest, kept.sha256)])
+            return None
+        except OSError as exc:  # out of descriptors, permissions: a miss, the row stays
+            self._read_log.failed(describe_failure(exc))
             return None
         reading = Reading(self, kept, file)
         with self._lock:
@@ -693,7 +719,13 @@ class BinaryStore:
         return deleted
 
     def _lost(self, files: list[tuple[str, str]]) -> int:
-        """Drop rows found without their file (or with a damaged one), counted."""
+        """Drop rows found without their file (or with a damaged one), counted; none while the
+        directory lacks its marker (a volume not mounted: its files are not gone)."""
+        if not files:
+            return 0
+        if not self._marked():
+            self._read_log.failed(f"{self.directory} has no {MARKER} (not mounted?)")
+            return 0
         try:
             dropped = self._drop(files)
         except ENVIRONMENT_ERRORS as exc:
@@ -702,6 +734,9 @@ class BinaryStore:
         with self._lock:
             self.counters.dropped += dropped
         return dropped
+
+    def _marked(self) -> bool:
+        return (self.directory / MARKER).exists()
 
     def _rows(self) -> list[tuple[str, str]]:
         with Session(self.engine) as session:
@@ -784,7 +819,7 @@ def _safe_host(name: str) -> str:
 def _size(path: Path) -> int | None:
     try:
         return path.stat().st_size
-    except OSError:
+    except FileNotFoundError:
         return None
 
 
