@@ -360,7 +360,8 @@ class BinaryStore:
                 swept = Swept()
                 log.warning(
                     "binary cache: %s has no %s but the database names %s of kept files: "
-                    "is the volume mounted? Nothing is swept, files not found are misses",
+                    "is the volume mounted? Nothing is swept, files not found are misses "
+                    "(if they were deleted on purpose, create that file)",
                     self.directory,
                     MARKER,
                     _human(kept),
