@@ -195,6 +195,20 @@ class Settings(BaseSettings):
         description="New entries are not written while the SQLite cache's disk has less free "
         "(so that purging still works when it fills up); 0: write until it is full.",
     )
+    binary_cache_enabled: bool = Field(
+        True, description="Keep binary downloads (series zips, DICOM, JPEG) as files."
+    )
+    binary_dir: Path | None = Field(
+        None,
+        description="Where kept binary downloads live (default: binaries in data_dir); may be "
+        "a volume the replicas share.",
+    )
+    binary_cache_max_bytes: int = Field(
+        50 * 1000**3,
+        gt=0,
+        description="Cap on the kept binaries' total size, lowered at start to what the disk "
+        "can hold; least recently used files go first.",
+    )
     cache_ttl: dict[str, float] = Field(
         default_factory=dict,
         description='Lifetimes by endpoint pattern, e.g. {"v4/getSeries": 3600}; '

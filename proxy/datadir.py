@@ -31,6 +31,8 @@ log = logging.getLogger("nbia_proxy.datadir")
 _OTHERS = 0o077  # the group's and everybody else's permission bits
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 _OWN_PREFIX = SQLITE_FILE.partition(".")[0]  # "nbia-proxy": what the gateway keeps there
+#: The gateway's own entries in the data dir that do not start with the prefix.
+_OWN_NAMES = frozenset({"binaries"})  # the default binary_dir
 
 
 def prepare(settings: Settings) -> None:
@@ -43,7 +45,7 @@ def prepare(settings: Settings) -> None:
     if not uses_database:
         database = None
     inside = database is not None and database.parent == data_dir.resolve()
-    own = {database.name} if inside and database is not None else set()
+    own = set(_OWN_NAMES) | ({database.name} if inside and database is not None else set())
     if all(entry.startswith(_OWN_PREFIX) or entry in own for entry in os.listdir(data_dir)):
         keep_private(data_dir)
     else:

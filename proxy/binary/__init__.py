@@ -2,7 +2,11 @@
 
 * :mod:`proxy.binary.verdict`: what a check of a download concludes (ok or a reason code);
 * :mod:`proxy.binary.zipcheck`: a series zip checked as it streams, against NBIA's own numbers;
-* :mod:`proxy.binary.imagecheck`: single DICOM and JPEG answers checked as they stream.
+* :mod:`proxy.binary.imagecheck`: single DICOM and JPEG answers checked as they stream;
+* :mod:`proxy.binary.files`: the kept files (written beside their final name, renamed in place
+  once checked, one database row each in :mod:`proxy.binary.tables`), their space and eviction;
+* :mod:`proxy.binary.ranges`: what a ``Range``/``If-Range``/``HEAD`` request gets of a kept file;
+* :mod:`proxy.binary.sendfile`: a kept file (or a range of it) sent zero-copy.
 
 The checks are pure (no sockets, no files): bytes in, a :class:`~proxy.binary.verdict.Verdict` out.
 To keep a bad download from reaching a client as a good one, a relay feeds each chunk to the

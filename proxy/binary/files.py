@@ -1,0 +1,868 @@
+"""The kept binaries: one file per binary download, one row per file, published atomically.
+
+A download is written to a temporary file beside its final name (``<digest>.part-<host>-<pid>-
+<random>``, created exclusively, mode 0600) while it is relayed; only :meth:`Fill.commit`, after
+validation, fsyncs it, renames it into place (``os.replace``) and then writes the row. A crash
+or ``kill -9`` at any moment leaves a ``.part`` file (never served: nothing names it) or a
+complete file without a row (never served either); :meth:`BinaryStore.sweep_leftovers` removes
+both at start.
+
+Layout: ``<binary_dir>/<d[0:2]>/<d[2:4]>/<digest>-<sha256[:16]>``, ``digest`` being the request's
+cache key (:class:`proxy.cache.policy.CacheKey`). The content hash in the name means a file never
+changes once published: a second download of the same key (NBIA zips differ byte for byte between
+fetches) gets a new name, the row moves to it, the old file goes (the same bytes again keep their
+file). A reader that looked the row up opens either the bytes the row describes or nothing, never
+another fill's bytes.
+
+Several replicas may share ``binary_dir`` and one PostgreSQL database (never SQLite: its WAL does
+not work over a network file system): renames publish, rows are written after the file exists and
+deleted only while they still name the same file (a conditional delete), so one replica never drops
+another's newer row. What is being read or filled is known per process only: another replica may
+evict a file this one is reading. On a local file system (and on NFS from the same client) the open
+file stays readable until closed; NFS across clients may give ``ESTALE`` to the reader, which then
+aborts its transfer. On NFS, mount with ``lookupcache=positive`` (or ``none``): a cached "no such
+file" would make a replica drop the row of a file another replica has just published (a lost entry,
+never wrong bytes).
+
+Two replicas committing the same key at once both publish; the row ends up naming one file
+and the other is an orphan until a sweep (safe to run at any time, not only at start).
+
+Blocking I/O throughout (file system and database), and the store is thread-safe. Whatever
+touches the database or fsyncs (:meth:`BinaryStore.lookup`, :meth:`Fill.commit`, the sweep,
+eviction) belongs in a thread (``asyncio.to_thread``), never on the event loop;
+:meth:`Fill.write` is one ``os.write`` into the page cache, which a caller may batch per thread
+hop. Writes are rare (one row per download) and small, so unlike the metadata cache there is no
+writer thread; the served times are batched (:meth:`BinaryStore.touch`). Failures to write (a
+full disk, a directory that is not writable, the database) never raise into the relay: the fill
+turns broken, the store counts it and logs it once (then once a minute with a count), and the
+download goes on uncached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from proxy.binary.ranges import etag_for
+from proxy.binary.tables import BinaryFile, BinaryTag
+from proxy.cache.policy import CacheKey, glob_to_like
+from proxy.cache.store import ENVIRONMENT_ERRORS, storable
+from proxy.cache.writer import FailureLog
+from proxy.config import Settings
+from proxy.db import describe_failure
+
+log = logging.getLogger("nbia_proxy.binary")
+
+#: How a kept file was checked before it was published.
+VALIDATIONS = ("full", "self", "none")
+#: A ``.part`` file untouched this long is a leftover whatever wrote it (a live fill writes far
+#: more often: the upstream read timeout is two minutes); so is a file without a row.
+STALE_SECONDS = 3600.0
+#: Free space kept at start: 1 GiB, or 5 % of a disk smaller than 20 GiB.
+MARGIN_BYTES = 1024**3
+MARGIN_SHARE = 0.05
+
+_PART = ".part-"
+#: Made in ``binary_dir`` when the store starts on an empty database. Without it, a directory is
+#: not the one the rows describe (a shared volume not mounted, an empty mount point): rows are
+#: then never dropped as "file gone" nor files swept as "no row".
+MARKER = ".nbia-proxy-binaries"
+_HASH_CHARS = 16  # of the sha256 in a file name: enough to tell two fetches of one key apart
+_NAME = re.compile(r"([0-9a-f]{64})-([0-9a-f]{16})")
+_TOUCH_SECONDS = 5.0
+_tokens = itertools.count()  # tells open readers and fills apart in the busy registry
+# Temporary files of this process's fills, whichever store opened them.
+_LIVE_TEMPS: set[Path] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def directory_for(settings: Settings) -> Path:
+    """Where kept binaries live: ``binary_dir``, or ``binaries`` in the data dir."""
+    return settings.binary_dir or settings.data_dir / "binaries"
+
+
+def _limit(column: Any) -> int | None:
+    return getattr(column.type, "length", None)
+
+
+_UPSTREAM, _IDENTITY, _METHOD, _ENDPOINT, _TYPE = (
+    _limit(column)
+    for column in (
+        BinaryFile.upstream,
+        BinaryFile.identity,
+        BinaryFile.method,
+        BinaryFile.endpoint,
+        BinaryFile.content_type,
+    )
+)
+_TAG_KIND, _TAG_VALUE = _limit(BinaryTag.kind), _limit(BinaryTag.value)
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    """What the relay learnt about a download, stored with it."""
+
+    content_type: str
+    content_disposition: str = ""
+    validation: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.validation not in VALIDATIONS:
+            raise ValueError(f"validation must be one of {', '.join(VALIDATIONS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A published file and its row."""
+
+    digest: str
+    path: Path
+    size: int
+    sha256: str
+    content_type: str
+    content_disposition: str
+    validation: str
+    fetched_at: float
+    last_used_at: float
+
+    @property
+    def etag(self) -> bytes:
+        """The strong ETag: the file's sha256."""
+        return etag_for(self.sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What :meth:`BinaryStore.sweep_leftovers` removed."""
+
+    parts: int = 0  # temporary files of fills that died
+    orphans: int = 0  # complete files no row names
+    rows: int = 0  # rows whose file is gone
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the store did since start, for the stats (per process)."""
+
+    write_failures: int = 0  # fills that could not be kept: disk full, not writable, database
+    too_large: int = 0  # fills larger than the cap, relayed without being kept
+    no_room: int = 0  # fills that did not fit: what had to go was being read or filled
+    evicted: int = 0
+    dropped: int = 0  # rows found without their file (or with a file of the wrong size)
+    last_failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryStats:
+    """The kept binaries (all replicas) and this process's counters."""
+
+    files: int
+    bytes: int
+    max_bytes: int
+    counters: Counters
+
+
+class Fill:
+    """A download being kept: write its chunks, then commit or discard it.
+
+    Never raises from :meth:`write` or :meth:`commit`: when the file cannot be written it turns
+    :attr:`broken` (the temporary file is removed at once) and the relay carries on.
+    """
+
+    def __init__(self, store: BinaryStore, key: CacheKey, temp: Path | None, fd: int) -> None:
+        self.key = key
+        self.temp = temp
+        self.size = 0
+        self.broken: str | None = None if temp is not None else "not opened"
+        self._store = store
+        self._fd = fd
+        self._hash = hashlib.sha256()
+        self._done = temp is None
+        self.token = next(_tokens)
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk`` (ignored once broken or done)."""
+        if self._done or self.broken is not None:
+            return
+        if self.size + len(chunk) > self._store.max_bytes:
+            self._store._count_too_large()
+            self._give_up("larger than binary_cache_max_bytes")
+            return
+        view = memoryview(chunk)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self._store._write_failed(exc)
+            self._give_up(describe_failure(exc))
+            return
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    def commit(self, meta: Meta) -> Kept | None:
+        """Publish the file under its final name and record it; None when it is not kept."""
+        if self._done or self.broken is not None or self.temp is None:
+            self._release()
+            return None
+        sha256 = self._hash.hexdigest()
+        final = self._store.path_for(self.key.digest, sha256)
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        except OSError as exc:
+            self._store._write_failed(exc)
+            self._give_up(describe_failure(exc))
+            return None
+        # Room, rename and row as one step per process, or two commits could both find the
+        # same room free (across replicas the cap may be overshot by what commits at the same
+        # moment, until the next commit evicts).
+        with self._store._commit_lock:
+            try:
+                if not self._store.make_room(self.size, keep=self.key.digest):
+                    self._store._count_no_room()
+                    self._give_up("no room under binary_cache_max_bytes")
+                    return None
+                # The name holds the content hash: a file already there has these very bytes
+                # (an unchanged DICOM fetched again), and readers may have it open.
+                published = _size(final) != self.size
+                if published:
+                    os.replace(self.temp, final)
+                    _fsync_dir(final.parent)
+                else:
+                    self.temp.unlink()
+            except Exception as exc:  # noqa: BLE001 -- disk or database: the relay goes on
+                self._store._write_failed(exc)
+                self._give_up(describe_failure(exc))
+                return None
+            self._done = True
+            kept = self._store._record(self.key, final, self.size, sha256, meta, published)
+        self._release()
+        return kept
+
+    def discard(self) -> None:
+        """Throw the bytes away (the download failed or did not validate)."""
+        self._give_up("discarded")
+
+    def __enter__(self) -> Fill:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._done:
+            self.discard()
+
+    def _give_up(self, reason: str) -> None:
+        self.broken = self.broken or reason
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        if not self._done and self.temp is not None:
+            try:
+                self.temp.unlink()
+            except OSError:
+                pass  # swept at the next start
+        self._done = True
+        self._release()
+
+    def _release(self) -> None:
+        self._store._unbusy(self.key.digest, self.token, self.temp)
+
+
+class Reading:
+    """An open kept file, protected from eviction in this process until closed."""
+
+    def __init__(self, store: BinaryStore, kept: Kept, file: BinaryIO) -> None:
+        self.kept = kept
+        self.file = file
+        self._store = store
+        self._closed = False
+        self.token = next(_tokens)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.file.close()
+            self._store._unbusy(self.kept.digest, self.token)
+
+    def __enter__(self) -> Reading:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass(slots=True)
+class _Busy:
+    holders: set[int] = field(default_factory=set)
+
+
+class BinaryStore:
+    """Kept binaries in ``directory``, their rows in the database behind ``engine``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        directory: Path,
+        max_bytes: int,
+        *,
+        clock: Callable[[], float] = time.time,
+        host: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.counters = Counters()
+        self._clock = clock
+        self._host = _safe_host(host if host is not None else socket.gethostname())
+        self._insert: Callable[..., Any] = (
+            postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        )
+        self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._busy: dict[str, _Busy] = {}  # digest -> open readers and fills (this process)
+        self._touched: dict[str, float] = {}
+        self._touched_at = clock()
+        self._write_log = FailureLog("binary cache cannot write, downloads are relayed", clock)
+        self._read_log = FailureLog("binary cache cannot read its database", clock)
+
+    # start-up ---------------------------------------------------------------------------------
+
+    def start(self) -> Swept:
+        """Create the directory (0700), sweep leftovers, lower the cap to what the disk holds."""
+        try:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            kept = self.total_bytes()
+            if not self._marked() and not kept:
+                (self.directory / MARKER).touch(mode=0o600)
+            if self._marked():
+                swept = self.sweep_leftovers()
+            else:
+                swept = Swept()
+                log.warning(
+                    "binary cache: %s has no %s but the database names %s of kept files: "
+                    "is the volume mounted? Nothing is swept, files not found are misses "
+                    "(if they were deleted on purpose, create that file)",
+                    self.directory,
+                    MARKER,
+                    _human(kept),
+                )
+        except ENVIRONMENT_ERRORS as exc:
+            self._write_failed(exc)
+            return Swept()
+        configured = self.max_bytes
+        self.max_bytes = capped_max_bytes(configured, self.directory, kept)
+        if self.max_bytes < configured:
+            log.warning(
+                "binary cache in %s: %s cap (binary_cache_max_bytes %s is more than the disk "
+                "can hold beside %s kept)",
+                self.directory,
+                _human(self.max_bytes),
+                _human(configured),
+                _human(kept),
+            )
+        else:
+            log.info("binary cache in %s: %s cap", self.directory, _human(self.max_bytes))
+        return swept
+
+    def sweep_leftovers(self, stale_seconds: float = STALE_SECONDS) -> Swept:
+        """Remove what interrupted fills left: ``.part`` files whose process is gone (this
+        host) or that nothing wrote to for ``stale_seconds`` (any host: the directory may be
+        shared), complete files no row names (after ``stale_seconds``: another replica may be
+        between its rename and its row), and rows whose file is gone."""
+        if not self._marked():
+            return Swept()  # not the directory the rows describe: see MARKER
+        now = self._clock()
+        rows = self._rows()
+        named = {self.path_for(digest, sha256) for digest, sha256 in rows}
+        parts = orphans = 0
+        with _LIVE_LOCK:
+            own = set(_LIVE_TEMPS)  # fills of this process are never swept, whatever their age
+        for path in self._files():
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if _PART in path.name:
+                if path not in own and (age > stale_seconds or self._dead_fill(path)):
+                    parts += _unlink(path)
+            elif _NAME.fullmatch(path.name) and path not in named and age > stale_seconds:
+                orphans += _unlink(path)
+        dropped = self._lost([(d, s) for d, s in rows if not self.path_for(d, s).exists()])
+        if parts or orphans or dropped:
+            log.info(
+                "binary cache: swept %d unfinished downloads, %d files without a row and %d "
+                "rows without a file",
+                parts,
+                orphans,
+                dropped,
+            )
+        return Swept(parts, orphans, dropped)
+
+    # reads -----------------------------------------------------------------------------------
+
+    def path_for(self, digest: str, sha256: str) -> Path:
+        """The final name of the file with these bytes for this key."""
+        return self._folder(digest) / f"{digest}-{sha256[:_HASH_CHARS]}"
+
+    def _folder(self, digest: str) -> Path:
+        return self.directory / digest[:2] / digest[2:4]
+
+    def _make_folder(self, folder: Path) -> None:
+        # Level by level: mkdir(parents=True) would give the levels above the default mode.
+        for level in (self.directory, folder.parent, folder):
+            try:
+                level.mkdir(mode=0o700)
+            except FileExistsError:
+                pass
+
+    def lookup(self, digest: str) -> Kept | None:
+        """The kept file for a key, if its row and its file (of the right size) are there.
+
+        A row whose file is gone or has the wrong size is dropped (and such a file removed).
+        """
+        try:
+            with self.engine.connect() as connection:
+                row = connection.execute(
+                    select(BinaryFile).where(BinaryFile.digest == digest)
+                ).first()
+        except ENVIRONMENT_ERRORS as exc:
+            self._read_log.failed(describe_failure(exc))
+            return None
+        if row is None:
+            return None
+        path = self.path_for(digest, row.sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = None
+        except OSError as exc:  # not "gone": unreadable for now (permissions, a sick volume)
+            self._read_log.failed(describe_failure(exc))
+            return None
+        if size != row.size:
+            # Gone, or damaged (a published file never changes): the row and any file go.
+            self._lost([(digest, row.sha256)])
+            return None
+        return Kept(
+            digest=digest,
+            path=path,
+            size=row.size,
+            sha256=row.sha256,
+            content_type=row.content_type,
+            content_disposition=row.content_disposition,
+            validation=row.validation,
+            fetched_at=row.fetched_at,
+            last_used_at=row.last_used_at,
+        )
+
+    def open_read(self, kept: Kept) -> Reading | None:
+        """Open a kept file for serving (and record it as used); None when it is gone."""
+        try:
+            file = kept.path.open("rb", buffering=0)
+        except FileNotFoundError:
+            self._lost([(kept.digest, kept.sha256)])
+            return None
+        except OSError as exc:  # out of descriptors, permissions: a miss, the row stays
+            self._read_log.failed(describe_failure(exc))
+            return None
+        reading = Reading(self, kept, file)
+        with self._lock:
+            self._busy.setdefault(kept.digest, _Busy()).holders.add(reading.token)
+        if os.fstat(file.fileno()).st_size != kept.size:
+            reading.close()
+            self._lost([(kept.digest, kept.sha256)])
+            return None
+        self.touch(kept)
+        return reading
+
+    def total_bytes(self) -> int:
+        """Bytes kept, all replicas together (from the database)."""
+        with Session(self.engine) as session:
+            return int(session.scalar(select(func.coalesce(func.sum(BinaryFile.size), 0))) or 0)
+
+    def stats(self) -> BinaryStats:
+        with Session(self.engine) as session:
+            files, size = session.execute(
+                select(func.count(), func.coalesce(func.sum(BinaryFile.size), 0))
+            ).one()
+        return BinaryStats(int(files), int(size), self.max_bytes, self.counters)
+
+    # writes ----------------------------------------------------------------------------------
+
+    def open_fill(self, key: CacheKey, expected_size: int | None = None) -> Fill:
+        """Start keeping a download for ``key``; the fill is broken at once if the directory
+        cannot take it (the relay goes on regardless).
+
+        With ``expected_size`` (a Content-Length, NBIA's getSeriesSize), room is made before
+        the first byte, so the download does not fill the disk on its way; a download that
+        cannot fit under the cap is not written at all. Fills in flight are not counted in the
+        total until they are committed (each is held under the cap by itself).
+        """
+        if expected_size is not None and not self.make_room(expected_size, keep=key.digest):
+            fill = Fill(self, key, None, -1)
+            if expected_size > self.max_bytes:
+                self._count_too_large()
+                fill.broken = "larger than binary_cache_max_bytes"
+            else:
+                self._count_no_room()
+                fill.broken = "no room under binary_cache_max_bytes"
+            return fill
+        folder = self._folder(key.digest)
+        temp = folder / f"{key.digest}{_PART}{self._host}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self._make_folder(folder)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._write_failed(exc)
+            fill = Fill(self, key, None, -1)
+            fill.broken = describe_failure(exc)
+            return fill
+        fill = Fill(self, key, temp, fd)
+        with self._lock:
+            self._busy.setdefault(key.digest, _Busy()).holders.add(fill.token)
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.add(temp)
+        return fill
+
+    def close(self) -> None:
+        """Write what is pending (served times); call when the gateway stops."""
+        self.flush()
+
+    def touch(self, kept: Kept) -> None:
+        """Record that ``kept`` was served; written in batches every few seconds."""
+        now = self._clock()
+        with self._lock:
+            self._touched[kept.digest] = now
+            due = now - self._touched_at >= _TOUCH_SECONDS
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the served times gathered so far."""
+        with self._lock:
+            touched, self._touched = self._touched, {}
+            self._touched_at = self._clock()
+        if not touched:
+            return
+        try:
+            with Session(self.engine) as session, session.begin():
+                for digest, when in touched.items():
+                    session.execute(
+                        update(BinaryFile)
+                        .where(BinaryFile.digest == digest, BinaryFile.last_used_at < when)
+                        .values(last_used_at=when)
+                    )
+        except ENVIRONMENT_ERRORS as exc:
+            self._write_failed(exc)
+
+    def remove(self, digest: str) -> bool:
+        """Forget a key's file (a purge); True when there was one."""
+        with Session(self.engine) as session:
+            sha256 = session.scalar(select(BinaryFile.sha256).where(BinaryFile.digest == digest))
+        return sha256 is not None and self._drop([(digest, sha256)]) == 1
+
+    def purge(
+        self,
+        *,
+        pattern: str | None = None,
+        collection: str | None = None,
+        series: str | None = None,
+    ) -> tuple[int, int]:
+        """Remove matching files (all without filters); return (files, bytes)."""
+        query = select(BinaryFile.digest, BinaryFile.sha256, BinaryFile.size)
+        if pattern:
+            like = glob_to_like(storable(pattern))
+            query = query.where(BinaryFile.endpoint.like(like, escape="\\"))
+        for kind, value in (("collection", collection), ("series", series)):
+            if value:
+                tagged = select(BinaryTag.digest).where(
+                    BinaryTag.kind == kind, BinaryTag.value == storable(value)
+                )
+                query = query.where(BinaryFile.digest.in_(tagged))
+        with Session(self.engine) as session:
+            rows = session.execute(query).all()
+        dropped = self._drop([(row.digest, row.sha256) for row in rows])
+        return dropped, sum(row.size for row in rows)
+
+    def make_room(self, size: int, keep: str | None = None) -> bool:
+        """Evict least recently used files until ``size`` more bytes fit under the cap; never
+        a file being read or filled here, nor ``keep`` (the key being replaced). False when
+        they cannot fit."""
+        if size > self.max_bytes:
+            return False
+        self.flush()  # the order of eviction is the order of use
+        with Session(self.engine) as session:
+            query = select(func.coalesce(func.sum(BinaryFile.size), 0))
+            if keep is not None:
+                query = query.where(BinaryFile.digest != keep)
+            total = int(session.scalar(query) or 0)
+            if total + size <= self.max_bytes:
+                return True
+            oldest = session.execute(
+                select(BinaryFile.digest, BinaryFile.sha256, BinaryFile.size).order_by(
+                    BinaryFile.last_used_at
+                )
+            ).all()
+        with self._lock:
+            busy = {digest for digest, entry in self._busy.items() if entry.holders}
+        doomed = []
+        for row in oldest:
+            if total + size <= self.max_bytes:
+                break
+            if row.digest in busy or row.digest == keep:
+                continue
+            doomed.append((row.digest, row.sha256))
+            total -= row.size
+        evicted = self._drop(doomed)
+        with self._lock:
+            self.counters.evicted += evicted
+        return total + size <= self.max_bytes
+
+    # internals -------------------------------------------------------------------------------
+
+    def _record(
+        self, key: CacheKey, path: Path, size: int, sha256: str, meta: Meta, published: bool
+    ) -> Kept | None:
+        now = self._clock()
+        content_type = storable(meta.content_type, _TYPE)
+        disposition = storable(meta.content_disposition)
+        values: dict[str, Any] = {
+            "digest": key.digest,
+            "upstream": storable(key.upstream, _UPSTREAM),
+            "identity": storable(key.identity, _IDENTITY),
+            "method": storable(key.method, _METHOD),
+            "endpoint": storable(key.endpoint, _ENDPOINT),
+            "params": storable(key.params),
+            "size": size,
+            "sha256": sha256,
+            "content_type": content_type,
+            "content_disposition": disposition,
+            "validation": meta.validation,
+            "fetched_at": now,
+            "last_used_at": now,
+        }
+        tags = sorted({(storable(k, _TAG_KIND), storable(v, _TAG_VALUE)) for k, v in key.tags})
+        try:
+            with Session(self.engine) as session, session.begin():
+                old = session.scalar(
+                    select(BinaryFile.sha256).where(BinaryFile.digest == key.digest)
+                )
+                statement = self._insert(BinaryFile).values(**values)
+                changed = {k: v for k, v in values.items() if k != "digest"}
+                session.execute(
+                    statement.on_conflict_do_update(index_elements=["digest"], set_=changed)
+                )
+                session.execute(delete(BinaryTag).where(BinaryTag.digest == key.digest))
+                if tags:
+                    # Another replica committing the same key may have written them meanwhile.
+                    rows = [{"digest": key.digest, "kind": k, "value": v} for k, v in tags]
+                    session.execute(self._insert(BinaryTag).values(rows).on_conflict_do_nothing())
+        except Exception as exc:  # noqa: BLE001 -- any refusal: the download was relayed anyway
+            self._write_failed(exc)
+            if published:
+                _unlink(path)  # nothing names it (a file that was there may be a row's)
+            return None
+        if old is not None and old != sha256:
+            _unlink(self.path_for(key.digest, old))  # its readers keep their open file
+        self._write_log.succeeded()
+        return Kept(
+            digest=key.digest,
+            path=path,
+            size=size,
+            sha256=sha256,
+            content_type=content_type,
+            content_disposition=disposition,
+            validation=meta.validation,
+            fetched_at=now,
+            last_used_at=now,
+        )
+
+    def _drop(self, files: Iterable[tuple[str, str]]) -> int:
+        """Delete rows that still name these files, then the files; return rows deleted."""
+        files = list(files)
+        if not files:
+            return 0
+        deleted = 0
+        with Session(self.engine) as session, session.begin():
+            for start in range(0, len(files), 200):
+                chunk = files[start : start + 200]
+                # Only while the row still names this file: another replica may have moved it.
+                match = or_(
+                    *(and_(BinaryFile.digest == d, BinaryFile.sha256 == s) for d, s in chunk)
+                )
+                digests = list(session.scalars(select(BinaryFile.digest).where(match)))
+                if not digests:
+                    continue
+                session.execute(delete(BinaryTag).where(BinaryTag.digest.in_(digests)))
+                session.execute(delete(BinaryFile).where(match))
+                deleted += len(digests)
+        for digest, sha256 in files:
+            _unlink(self.path_for(digest, sha256))
+        return deleted
+
+    def _lost(self, files: list[tuple[str, str]]) -> int:
+        """Drop rows found without their file (or with a damaged one), counted; none while the
+        directory lacks its marker (a volume not mounted: its files are not gone)."""
+        if not files:
+            return 0
+        if not self._marked():
+            self._read_log.failed(f"{self.directory} has no {MARKER} (not mounted?)")
+            return 0
+        try:
+            dropped = self._drop(files)
+        except ENVIRONMENT_ERRORS as exc:
+            self._write_failed(exc)
+            return 0
+        with self._lock:
+            self.counters.dropped += dropped
+        return dropped
+
+    def _marked(self) -> bool:
+        return (self.directory / MARKER).exists()
+
+    def _rows(self) -> list[tuple[str, str]]:
+        with Session(self.engine) as session:
+            return [
+                (r.digest, r.sha256)
+                for r in session.execute(select(BinaryFile.digest, BinaryFile.sha256))
+            ]
+
+    def _files(self) -> Iterable[Path]:
+        for first in _subdirs(self.directory):
+            for second in _subdirs(first):
+                yield from (path for path in second.iterdir() if path.is_file())
+
+    def _dead_fill(self, path: Path) -> bool:
+        """Whether a ``.part`` file was written by a process of this host that is gone."""
+        host, pid_text = _split_part(path.name.partition(_PART)[2])
+        if host != self._host or pid_text is None:
+            return False
+        pid = int(pid_text)
+        if pid == os.getpid():
+            # Not one of our live fills (the caller checked): an earlier process with our pid
+            # left it, as a container's gateway, always pid 1 on the same host name, does.
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
+    def _unbusy(self, digest: str, holder: int, temp: Path | None = None) -> None:
+        with _LIVE_LOCK:
+            _LIVE_TEMPS.discard(temp)
+        with self._lock:
+            entry = self._busy.get(digest)
+            if entry is None:
+                return
+            entry.holders.discard(holder)
+            if not entry.holders:
+                del self._busy[digest]
+
+    def _write_failed(self, exc: BaseException) -> None:
+        reason = describe_failure(exc)
+        with self._lock:
+            self.counters.write_failures += 1
+            self.counters.last_failure = reason
+        self._write_log.failed(reason)
+
+    def _count_too_large(self) -> None:
+        with self._lock:
+            self.counters.too_large += 1
+
+    def _count_no_room(self) -> None:
+        with self._lock:
+            self.counters.no_room += 1
+
+
+def capped_max_bytes(configured: int, directory: Path, kept_bytes: int) -> int:
+    """``configured``, lowered to what the disk of ``directory`` can hold: the bytes already
+    kept plus its free space, less a margin (1 GiB, or 5 % of a disk smaller than 20 GiB)."""
+    status = os.statvfs(directory)
+    free = status.f_bavail * status.f_frsize
+    margin = min(MARGIN_BYTES, int(status.f_blocks * status.f_frsize * MARGIN_SHARE))
+    return max(0, min(configured, kept_bytes + free - margin))
+
+
+def _split_part(tail: str) -> tuple[str, str | None]:
+    """``(host, pid)`` of a temporary name's ``<host>-<pid>-<random>`` tail."""
+    head, _, _random = tail.rpartition("-")
+    host, _, pid = head.rpartition("-")
+    return host, pid if pid.isdigit() else None
+
+
+def _safe_host(name: str) -> str:
+    # The host goes into file names and is split off at the last dashes: no dashes in it.
+    return re.sub(r"[^A-Za-z0-9.]", "_", name)[:64] or "host"
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [entry for entry in path.iterdir() if entry.is_dir() and len(entry.name) == 2]
+    except FileNotFoundError:
+        return []
+
+
+def _unlink(path: Path) -> int:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    except OSError as exc:
+        log.warning("binary cache: cannot remove %s: %s", path, describe_failure(exc))
+        return 0
+    return 1
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every file system can)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # the file is in place either way; only its durability across a crash is at stake
+    finally:
+        os.close(fd)
+
+
+def _human(size: int) -> str:
+    """``size`` in decimal units, as disks are sold (``50.0 GB``)."""
+    if size < 1000:
+        return f"{size} B"
+    amount = float(size)
+    for unit in ("KB", "MB", "GB", "TB"):
+        amount /= 1000
+        if amount < 1000 or unit == "TB":
+            break
+    return f"{amount:.1f} {unit}"
