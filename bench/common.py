@@ -140,10 +140,14 @@ def start_gateway(
     source: Path | None = None,
 ) -> tuple[Process, str]:
     """The gateway at ``log_level`` (None: its default, which writes the audit log) with its
-    log in ``log_file`` (else on this stderr); ``source``: another checkout's code to run."""
+    log in ``log_file`` (else on this stderr); ``source``: another checkout to run, with the
+    packages of its own ``.venv`` when it has one (what it depends on may differ)."""
     port = free_port()
+    python = sys.executable
+    if source is not None and (source / ".venv/bin/python").exists():
+        python = str(source / ".venv/bin/python")
     command = [
-        sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream,
+        python, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream,
         "--data-dir", str(data_dir), *extra_args,
     ]  # fmt: skip
     if log_level is not None:
