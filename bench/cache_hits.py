@@ -2,13 +2,14 @@
 
 Run on purpose (not part of the test suite)::
 
-    .venv/bin/python -m bench.cache_hits --duration 10 --connections 50 --rounds 2
+    .venv/bin/python -m bench.cache_hits --duration 10 --connections 50 --rounds 2 [--misses]
 
 It starts the fake NBIA upstream, the gateway and nginx (``proxy_cache``) in front of it, and a
 bare uvicorn app that answers the same bytes (the ceiling for Python on this machine). Once both
 caches answer HIT it runs the same wrk load on each, interleaved so that machine noise hits them
 alike, then repeats gateway and nginx with two workers each. Exit code 1 when a check fails
-(e.g. the gateway has no cache yet), 2 when wrk or nginx is missing.
+(e.g. the gateway has no cache yet), 2 when wrk or nginx is missing. ``--misses`` then runs
+:mod:`bench.cache_misses`, whose table (every request a new key) stands beside this one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import cache_misses, common
 from bench.common import CheckFailed, Load, Process, fetch, print_table, run_wrk
 
 PATH = "/nbia-api/services/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
@@ -129,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (1 worker)")
     parser.add_argument("--skip-two-workers", action="store_true", help="skip the 2-worker part")
+    parser.add_argument(
+        "--misses",
+        action="store_true",
+        help="then run bench.cache_misses (every request a new key) for the figures beside these",
+    )
     args = parser.parse_args(argv)
     measured = common.run_measured(functools.partial(benchmark, args))
     if isinstance(measured, int):
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nnote: wrk (one thread) shares this machine and keeps one of its {cpus} CPUs busy.")
     if two and cpus <= 2:
         print("With 2 workers the servers and wrk contend for the CPUs: contention, not scaling.")
+    if args.misses:
+        print("\nmisses (python -m bench.cache_misses):", flush=True)
+        return cache_misses.main(["--duration", str(args.duration), "--rounds", str(args.rounds)])
     return 0
 
 
