@@ -8,6 +8,8 @@ between requests. Failures are raised as the ``httpx`` exceptions httpcore raise
 (with the OS error as their cause), so callers and error messages cannot tell the difference;
 the limits are httpcore's too: the pool size, a wait for a free connection bounded by the
 ``pool`` time-out, idle connections closed after 5 s, a response head of at most 16 KiB.
+A request is handed to the socket whole (the gateway's are small, held in memory anyway), so
+an upstream that will not take it shows as one that does not answer within the read time-out.
 """
 
 from __future__ import annotations
