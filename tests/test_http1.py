@@ -95,13 +95,21 @@ def run(
 
 
 def test_one_connection_serves_request_after_request() -> None:
+    sent: list[httpx.Request] = []
+
     async def scenario(client: httpx.AsyncClient, url: str, server: Server) -> None:
         for i in range(20):
             response = await client.post(f"{url}/x?i={i}", content=b"form=%d" % i)
             assert (response.status_code, response.content) == (200, b"ok")
+            sent.append(response.request)
 
     server = run(lambda head: OK, scenario)
     assert server.connections == 1 and len(server.heads) == 20
+    # On the wire: the request exactly as httpx prepared it, headers in order, nothing added.
+    for request, head in zip(sent, server.heads, strict=True):
+        lines = [b"%s %s HTTP/1.1" % (request.method.encode(), request.url.raw_path)]
+        lines += [name + b": " + value for name, value in request.headers.raw]
+        assert head == b"\r\n".join(lines) + b"\r\n\r\n"
     assert server.heads[3].startswith(b"POST /x?i=3 HTTP/1.1\r\n")
     assert b"\r\ncontent-length: 6\r\n" in server.heads[3].lower()
 
