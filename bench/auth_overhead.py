@@ -27,8 +27,8 @@ import urllib.request
 from pathlib import Path
 
 from bench import common
-from bench.cache_hits import FIGURES, PATH, CheckFailed, Load, run_wrk, warm
-from bench.common import Process
+from bench.cache_hits import PATH, warm
+from bench.common import FIGURES, CheckFailed, Load, Process, run_wrk
 
 
 def add_user(data_dir: Path) -> str:

@@ -2,79 +2,33 @@
 
 Run on purpose (not part of the test suite)::
 
-    .venv/bin/python -m bench.cache_hits --duration 10 --connections 50 --rounds 2
+    .venv/bin/python -m bench.cache_hits --duration 10 --connections 50 --rounds 2 [--misses]
 
 It starts the fake NBIA upstream, the gateway and nginx (``proxy_cache``) in front of it, and a
 bare uvicorn app that answers the same bytes (the ceiling for Python on this machine). Once both
 caches answer HIT it runs the same wrk load on each, interleaved so that machine noise hits them
 alike, then repeats gateway and nginx with two workers each. Exit code 1 when a check fails
-(e.g. the gateway has no cache yet), 2 when wrk or nginx is missing.
+(e.g. the gateway has no cache yet), 2 when wrk or nginx is missing. ``--misses`` then runs
+:mod:`bench.cache_misses`, whose table (every request a new key) stands beside this one.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import functools
 import os
-import pwd
-import re
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from bench import common
-from bench.common import Process
+from bench import cache_misses, common
+from bench.common import CheckFailed, Load, Process, fetch, print_table, run_wrk
 
 PATH = "/nbia-api/services/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
-NGINX_CONF = """
-worker_processes {workers};
-user {user};
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  proxy_cache_path {tmp}/cache keys_zone=bench:1m;
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass {upstream};
-      proxy_http_version 1.1;
-      proxy_cache bench;
-      proxy_cache_valid 200 1h;
-      add_header X-Cache-Status $upstream_cache_status;
-    }}
-  }}
-}}
-"""
+
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
-FIGURES = ("rps", "p50_ms", "p99_ms")
-_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-class CheckFailed(Exception):
-    """A precondition of a fair comparison does not hold; the message says which."""
-
-
-@dataclass(frozen=True)
-class Load:
-    rps: float
-    p50_ms: float
-    p99_ms: float
 
 
 def bare_app() -> ASGIApp:
@@ -101,18 +55,6 @@ def start_bare(body_file: Path) -> tuple[Process, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def fetch(url: str) -> tuple[int, http.client.HTTPMessage, bytes]:
-    """One GET on a fresh connection: (status, headers, body)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-    try:
-        conn.request("GET", f"{parts.path}?{parts.query}")
-        response = conn.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        conn.close()
-
-
 def warm(url: str, header: str, expected: bytes, attempts: int = 20) -> None:
     """Request ``url`` until ``header`` says HIT, and check the body is the upstream's bytes."""
     seen: list[str] = []
@@ -129,41 +71,18 @@ def warm(url: str, header: str, expected: bytes, attempts: int = 20) -> None:
     raise CheckFailed(f"{url} never answered {header}: HIT; saw {' / '.join(seen[:3])} ...")
 
 
-def run_wrk(url: str, connections: int, seconds: int, headers: Sequence[str] = ()) -> Load:
-    """One wrk run (with extra ``Name: value`` headers); refuse figures with error responses."""
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    command += [arg for header in headers for arg in ("-H", header)]
-    out = subprocess.run(
-        command, capture_output=True, text=True, check=True, timeout=seconds + 60
-    ).stdout
-    if match := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
-        raise CheckFailed(f"wrk got {match[1]} error responses from {url}:\n{out}")
-    if match := re.search(r"Socket errors: (.*)", out):
-        print(f"  warning: wrk socket errors on {url}: {match[1]}")
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    p50 = re.search(r"^\s*50%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
-    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
-    if not (rps and p50 and p99):
-        raise CheckFailed(f"cannot parse wrk output:\n{out}")
-    return Load(float(rps[1]), *(float(m[1]) * _UNIT_MS[m[2]] for m in (p50, p99)))
-
-
 def start_pair(
     nginx: str, upstream: str, tmp: Path, workers: int, body: bytes, processes: list[Process]
 ) -> dict[str, str]:
     """Start gateway and nginx with ``workers`` workers each (into ``processes``); warm both."""
     sub = tmp / f"{workers}w"
-    (sub / "nginx").mkdir(parents=True)
+    sub.mkdir()
     # The default flag (1 worker) is left out so the script also runs before --workers exists.
     gateway, gateway_url = common.start_gateway(
         upstream, sub / "data", ["--workers", str(workers)] if workers > 1 else []
     )
     processes.append(gateway)
-    # Started by root, nginx workers would run as `nobody`, who cannot enter the 0700 temp dir.
-    user = pwd.getpwuid(os.getuid()).pw_name
-    proxy, nginx_url = common.start_nginx(
-        nginx, NGINX_CONF, sub / "nginx", upstream=upstream, workers=workers, user=user
-    )
+    proxy, nginx_url = common.start_nginx_cache(nginx, upstream, sub / "nginx", workers)
     processes.append(proxy)
     urls = {"gateway": gateway_url + PATH, "nginx": nginx_url + PATH}
     warm(urls["gateway"], "X-Cache", body)
@@ -175,21 +94,9 @@ def measure(urls: dict[str, str], rounds: int, connections: int, seconds: int) -
     """Interleave the targets round by round; median of each figure over the rounds."""
     for url in urls.values():
         run_wrk(url, connections, 1)  # unmeasured: every worker gets its first hit and connects
-    runs: dict[str, list[Load]] = {name: [] for name in urls}
-    for round_ in range(1, rounds + 1):
-        for name, url in urls.items():
-            runs[name].append(run_wrk(url, connections, seconds))
-            print(f"  round {round_} {name:10s} {runs[name][-1].rps:9.0f} req/s", flush=True)
-    return {
-        name: Load(*(statistics.median(getattr(load, f) for load in loads) for f in FIGURES))
-        for name, loads in runs.items()
-    }
-
-
-def print_table(title: str, loads: dict[str, Load]) -> None:
-    print(f"\n{title}\n{'':10s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s}")
-    for name, load in loads.items():
-        print(f"{name:10s} {load.rps:9.0f} {load.p50_ms:8.2f} {load.p99_ms:8.2f}")
+    return common.interleave(
+        list(urls), rounds, lambda name: run_wrk(urls[name], connections, seconds)
+    )
 
 
 def benchmark(
@@ -223,26 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (1 worker)")
     parser.add_argument("--skip-two-workers", action="store_true", help="skip the 2-worker part")
+    parser.add_argument(
+        "--misses",
+        action="store_true",
+        help="then run bench.cache_misses (every request a new key) for the figures beside these",
+    )
     args = parser.parse_args(argv)
-    nginx = common.find_nginx()
-    if shutil.which("wrk") is None or nginx is None:
-        print("wrk and nginx are required (apt-get install wrk nginx-light)", file=sys.stderr)
-        return 2
-
-    processes: list[Process] = []
-    try:
-        with tempfile.TemporaryDirectory() as tmpdir:
-            try:
-                one, two = benchmark(args, nginx, Path(tmpdir), processes)
-            finally:
-                common.stop_processes(processes)
-    except CheckFailed as exc:
-        print(f"\nnot measured: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; processes stopped", file=sys.stderr)
-        return 130
-
+    measured = common.run_measured(functools.partial(benchmark, args))
+    if isinstance(measured, int):
+        return measured
+    one, two = measured
     print_table(f"1 worker each, median of {args.rounds} rounds", one)
     print(f"gateway / nginx (1 worker)  = {one['gateway'].rps / one['nginx'].rps:.2f}")
     print(f"gateway / bare ASGI         = {one['gateway'].rps / one['bare ASGI'].rps:.2f}")
@@ -253,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nnote: wrk (one thread) shares this machine and keeps one of its {cpus} CPUs busy.")
     if two and cpus <= 2:
         print("With 2 workers the servers and wrk contend for the CPUs: contention, not scaling.")
+    if args.misses:
+        print("\nmisses (python -m bench.cache_misses):", flush=True)
+        return cache_misses.main(["--duration", str(args.duration), "--rounds", str(args.rounds)])
     return 0
 
 

@@ -1,19 +1,83 @@
-"""Shared by the benchmarks: free ports, starting the fake upstream, gateway and nginx, cleanup."""
+"""Shared by the benchmarks: free ports, starting the fake upstream, gateway and nginx, wrk
+runs and their figures, cleanup."""
 
 from __future__ import annotations
 
+import http.client
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 Process = subprocess.Popen[bytes] | subprocess.Popen[str]
+T = TypeVar("T")
+
+#: nginx in front of ``{upstream}``; ``{http}`` and ``{location}`` add directives.
+NGINX_CONF = """
+worker_processes {workers};
+user {user};
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  {http}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass {upstream};
+      proxy_http_version 1.1;
+      {location}
+    }}
+  }}
+}}
+"""
+#: ``proxy_cache``: the reference for the gateway's cache.
+NGINX_CACHE_HTTP = "proxy_cache_path {tmp}/cache keys_zone=bench:{keys_zone};"
+NGINX_CACHE_LOCATION = """proxy_cache bench;
+      proxy_cache_valid 200 1h;
+      add_header X-Cache-Status $upstream_cache_status;"""
+FIGURES = ("rps", "p50_ms", "p99_ms")
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+class CheckFailed(Exception):
+    """A precondition of a fair comparison does not hold; the message says which."""
+
+
+@dataclass(frozen=True)
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True)
+class WrkRun:
+    """One wrk run: its figures, what it counted, and its whole output (for a Lua ``done``)."""
+
+    load: Load
+    requests: int
+    non_2xx: int
+    output: str
 
 
 def free_port() -> int:
@@ -67,14 +131,34 @@ def start_fake_upstream(extra_args: Sequence[str] = ()) -> tuple[Process, dict[s
 
 
 def start_gateway(
-    upstream: str, data_dir: Path, extra_args: Sequence[str] = ()
+    upstream: str,
+    data_dir: Path,
+    extra_args: Sequence[str] = (),
+    *,
+    log_level: str | None = "warning",
+    log_file: Path | None = None,
+    source: Path | None = None,
 ) -> tuple[Process, str]:
+    """The gateway at ``log_level`` (None: its default, which writes the audit log) with its
+    log in ``log_file`` (else on this stderr); ``source``: another checkout to run, with the
+    packages of its own ``.venv`` when it has one (what it depends on may differ)."""
     port = free_port()
+    python = sys.executable
+    if source is not None and (source / ".venv/bin/python").exists():
+        python = str(source / ".venv/bin/python")
     command = [
-        sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream,
-        "--data-dir", str(data_dir), "--log-level", "warning", *extra_args,
+        python, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream,
+        "--data-dir", str(data_dir), *extra_args,
     ]  # fmt: skip
-    process = launch(command)
+    if log_level is not None:
+        command += ["--log-level", log_level]
+    stderr = log_file.open("ab") if log_file is not None else None
+    try:
+        # `python -m` puts the working directory first on the path: its `proxy` is the one run.
+        process = launch(command, stderr=stderr, cwd=source)
+    finally:
+        if stderr is not None:
+            stderr.close()
     wait_for_port(port, timeout=30, process=process)
     return process, f"http://127.0.0.1:{port}"
 
@@ -83,14 +167,126 @@ def find_nginx() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
 
 
-def start_nginx(binary: str, template: str, tmp: Path, **fields: object) -> tuple[Process, str]:
-    """Run nginx in the foreground with ``template`` formatted with tmp, port and ``fields``."""
+def start_nginx(
+    binary: str, upstream: str, tmp: Path, workers: int = 1, http: str = "", location: str = ""
+) -> tuple[Process, str]:
+    """Run nginx (:data:`NGINX_CONF`) in the foreground, its files in ``tmp`` (created)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    # Started by root, nginx workers would run as `nobody`, who cannot enter the 0700 temp dir.
+    user = pwd.getpwuid(os.getuid()).pw_name
     conf = tmp / "nginx.conf"
-    conf.write_text(template.format(tmp=tmp, port=port, **fields))
+    conf.write_text(
+        NGINX_CONF.format(
+            tmp=tmp,
+            port=port,
+            upstream=upstream,
+            workers=workers,
+            user=user,
+            http=http,
+            location=location,
+        )  # fmt: skip
+    )
     process = launch([binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
     wait_for_port(port, timeout=30, process=process)
     return process, f"http://127.0.0.1:{port}"
+
+
+def start_nginx_cache(
+    binary: str, upstream: str, tmp: Path, workers: int = 1, keys_zone: str = "1m"
+) -> tuple[Process, str]:
+    """nginx with ``proxy_cache`` (valid 1 h, ``X-Cache-Status``) in front of ``upstream``."""
+    http = NGINX_CACHE_HTTP.format(tmp=tmp, keys_zone=keys_zone)
+    return start_nginx(binary, upstream, tmp, workers, http, NGINX_CACHE_LOCATION)
+
+
+def run_measured(measure: Callable[[str, Path, list[Process]], T]) -> T | int:
+    """``measure(nginx, tmp, processes)`` in a temporary directory, then stop the processes it
+    recorded; an exit code when it could not measure (2: no wrk or nginx, 1: a check failed)."""
+    nginx = find_nginx()
+    if shutil.which("wrk") is None or nginx is None:
+        print("wrk and nginx are required (apt-get install wrk nginx-light)", file=sys.stderr)
+        return 2
+    processes: list[Process] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmpdir:
+            try:
+                return measure(nginx, Path(tmpdir), processes)
+            finally:
+                stop_processes(processes)
+    except CheckFailed as exc:
+        print(f"\nnot measured: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; processes stopped", file=sys.stderr)
+        return 130
+
+
+def fetch(url: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One GET on a fresh connection: (status, headers, body)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.netloc, timeout=10)
+    try:
+        conn.request("GET", f"{parts.path}?{parts.query}")
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def wrk(
+    url: str,
+    connections: int,
+    seconds: int,
+    headers: Sequence[str] = (),
+    script: Path | None = None,
+    script_args: Sequence[str] = (),
+) -> WrkRun:
+    """One wrk run (one thread; extra ``Name: value`` headers; a Lua ``script`` with args)."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    command += [arg for header in headers for arg in ("-H", header)]
+    command += ["-s", str(script), url, "--", *script_args] if script else [url]
+    out = subprocess.run(
+        command, capture_output=True, text=True, check=True, timeout=seconds + 60
+    ).stdout
+    if match := re.search(r"Socket errors: (.*)", out):
+        print(f"  warning: wrk socket errors on {url}: {match[1]}")
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"^\s*(\d+) requests in", out, re.M)
+    p50 = re.search(r"^\s*50%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s|m|h)\s*$", out, re.M)
+    if not (rps and count and p50 and p99):
+        raise CheckFailed(f"cannot parse wrk output:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    load = Load(float(rps[1]), *(float(m[1]) * _UNIT_MS[m[2]] for m in (p50, p99)))
+    return WrkRun(load, int(count[1]), int(errors[1]) if errors else 0, out)
+
+
+def run_wrk(url: str, connections: int, seconds: int, headers: Sequence[str] = ()) -> Load:
+    """One wrk run (with extra ``Name: value`` headers); refuse figures with error responses."""
+    run = wrk(url, connections, seconds, headers)
+    if run.non_2xx:
+        raise CheckFailed(f"wrk got {run.non_2xx} error responses from {url}:\n{run.output}")
+    return run.load
+
+
+def interleave(targets: Sequence[str], rounds: int, run: Callable[[str], Load]) -> dict[str, Load]:
+    """``run`` each target once a round, rounds in turn; the median of each figure."""
+    runs: dict[str, list[Load]] = {name: [] for name in targets}
+    for round_ in range(1, rounds + 1):
+        for name in targets:
+            runs[name].append(run(name))
+            print(f"  round {round_} {name:10s} {runs[name][-1].rps:9.0f} req/s", flush=True)
+    return {
+        name: Load(*(statistics.median(getattr(load, f) for load in loads) for f in FIGURES))
+        for name, loads in runs.items()
+    }
+
+
+def print_table(title: str, loads: dict[str, Load]) -> None:
+    print(f"\n{title}\n{'':10s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    for name, load in loads.items():
+        print(f"{name:10s} {load.rps:9.0f} {load.p50_ms:8.2f} {load.p99_ms:8.2f}")
 
 
 def stop_processes(processes: Iterable[Process]) -> None:

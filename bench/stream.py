@@ -26,30 +26,6 @@ from pathlib import Path
 from bench import common
 from bench.common import Process
 
-NGINX_CONF = """
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass {upstream};
-      proxy_http_version 1.1;
-      proxy_buffering off;
-    }}
-  }}
-}}
-"""
-
 
 def start_fake_upstream(size_mb: int) -> tuple[Process, str, str]:
     process, values = common.start_fake_upstream(["--big-zip-mb", str(size_mb)])
@@ -61,7 +37,7 @@ def start_nginx(upstream: str, tmp: Path) -> tuple[Process | None, str | None]:
     if binary is None:
         print("nginx not found (apt-get install nginx-light); skipping the nginx row")
         return None, None
-    return common.start_nginx(binary, NGINX_CONF, tmp, upstream=upstream)
+    return common.start_nginx(binary, upstream, tmp, location="proxy_buffering off;")
 
 
 def download(url: str) -> tuple[float, int]:

@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.cookiejar import Cookie, CookieJar
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
@@ -13,6 +15,7 @@ from pydantic import SecretStr
 from proxy import rawhttp
 from proxy.config import Settings
 from proxy.errors import transport_error
+from proxy.http1 import Http1Transport
 from proxy.service_token import ServiceToken
 from proxy.shield.breaker import Breaker, is_failure_status
 from proxy.shield.counters import ShieldCounters
@@ -28,6 +31,16 @@ log = logging.getLogger("nbia_proxy.upstream")
 #: through the application, not just the web server in front of it (unlike a bare TCP
 #: connect). The answer is neither cached nor counted as client traffic.
 PROBE_PATH = b"/nbia-api/services/v4/getCollectionValues"
+
+
+class NoCookies(CookieJar):
+    """A cookie jar that keeps nothing: the upstream client is shared by every user."""
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +90,20 @@ class Upstream:
             write=settings.read_timeout_seconds,
             pool=settings.connect_timeout_seconds,
         )
+        limit = settings.max_upstream_connections
         # Binary bodies go through rawhttp (see proxy.forwarding), on the same TLS context as
-        # the httpx pool: one trust store, loaded once, for both.
-        self.raw = rawhttp.Client(max_idle=settings.max_upstream_connections)
+        # the metadata connections: one trust store, loaded once, for both.
+        self.raw = rawhttp.Client(max_idle=limit)
         self.client = httpx.AsyncClient(
-            transport=transport,
-            verify=self.raw.ssl_context if transport is None else True,
+            # Kept-alive connections parsed in C: half of what a cache miss costs otherwise.
+            transport=transport or Http1Transport(limit, ssl_context=self.raw.ssl_context),
+            # One client speaks for every user: a cookie the upstream sets for one request
+            # (Tomcat's JSESSIONID) must not ride along with the next user's.
+            cookies=NoCookies(),
             timeout=self.timeout,
             limits=httpx.Limits(
-                max_connections=settings.max_upstream_connections,
-                max_keepalive_connections=settings.max_upstream_connections,
+                max_connections=limit,
+                max_keepalive_connections=limit,
             ),
             follow_redirects=False,
             trust_env=False,

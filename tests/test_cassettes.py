@@ -19,6 +19,9 @@ vcrpy details that matter here (vcrpy 9.x, httpx 0.28):
   the raw request target the upstream received (:func:`upstream_log`).
 * Binary endpoints go through ``proxy.rawhttp`` (a raw socket client vcrpy cannot see), so
   only text payloads are covered here.
+* vcrpy answers from the cassette in place of httpx's own transports only, so here the
+  gateway's upstream clients get httpx's transport instead of :mod:`proxy.http1` (whose bytes
+  on the wire, the ``httpx.Request`` as it is, ``tests/test_http1.py`` checks).
 """
 
 from __future__ import annotations
@@ -36,10 +39,25 @@ import vcr
 import yaml
 from vcr.persisters.filesystem import FilesystemPersister
 
+import proxy.upstream
 from tests import reference
 from tests.gateway_server import GatewayServer, make_settings
 
 CASSETTES = Path(__file__).parent / "cassettes"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _httpx_transport() -> Iterator[None]:
+    """The upstream clients on httpx's own transport, the one vcrpy replays cassettes into."""
+
+    def transport(max_connections: int) -> httpx.AsyncHTTPTransport:
+        return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(proxy.upstream, "Http1Transport", transport)
+        yield
+
+
 UPSTREAM = "https://services.cancerimagingarchive.net"
 TOKEN_CASSETTE = CASSETTES / "token_password_grant.yaml"
 CATALOG = reference.CATALOG

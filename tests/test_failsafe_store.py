@@ -21,13 +21,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event, insert, select
+from sqlalchemy import Connection, event, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import proxy.db
 from proxy.cache.policy import CacheKey
-from proxy.cache.store import CacheStore, Entry
+from proxy.cache.store import CacheStore, Entry, Stored
 from proxy.cache.tables import CacheEntry, CacheTag
 from proxy.cache.tiers import CacheSettings, TieredCache
 from proxy.db import SQLITE_FILE, make_engine, migrate
@@ -227,17 +227,17 @@ def test_an_entry_the_database_refuses_is_skipped_and_counted_never_its_neighbou
     cache.start()
     store = cache.store
     poisoned = series_key("Poisoned")
-    real_put = store._put
+    real_put = store._put_rows
 
-    def put(session: Session, row: Any) -> int:
-        added = real_put(session, row)
-        if row.digest == poisoned.digest:  # the database refuses it: a duplicate primary key
+    def put(connection: Connection, rows: list[Any]) -> int:
+        added = real_put(connection, rows)
+        if poisoned.digest in {row.digest for row in rows}:  # refused: a duplicate primary key
             for _ in range(2):
-                tag = {"key": row.digest, "kind": "series", "value": "twice"}
-                session.execute(insert(CacheTag).values(**tag))
+                tag = {"key": poisoned.digest, "kind": "series", "value": "twice"}
+                connection.execute(insert(CacheTag).values(**tag))
         return added
 
-    store._put = put  # type: ignore[method-assign]
+    store._put_rows = put  # type: ignore[method-assign]
     keys = [series_key(f"C{i}") for i in range(499)]
     keys.insert(250, poisoned)
 
@@ -528,3 +528,33 @@ def test_a_restart_on_a_real_full_disk_relays_uncached_and_loses_nothing_cached(
         assert database.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         database.close()
+
+
+# --- the write path: one statement a batch, the same accounting as one by one ------------------
+
+
+def test_a_batch_counts_only_the_bytes_it_adds_and_the_later_of_two_puts_wins(db_url: str) -> None:
+    store = CacheStore(make_engine(db_url))
+    keys = [series_key(f"C{i}") for i in range(5)]
+    try:
+        first = store.put_many((key, answer(key, body=b"x" * 100)) for key in keys)
+        assert first.refused == {}
+        assert first.added_bytes == store.total_bytes() == 5 * answer(keys[0], b"x" * 100).size
+        # Two keys replaced (one of them twice in the batch), one new: only the difference.
+        again = [
+            (keys[0], answer(keys[0], body=b"y" * 10)),
+            (keys[1], answer(keys[1], body=b"z" * 300)),
+            (keys[1], answer(keys[1], body=b"w" * 200)),
+            (series_key("New"), answer(series_key("New"), body=b"n")),
+        ]
+        before = store.total_bytes()
+        second = store.put_many(again)
+        assert second.added_bytes == store.total_bytes() - before
+        assert second.added_bytes == (10 - 100) + (200 - 100) + answer(keys[0], b"n").size
+        stored = store.get(keys[1].digest)
+        assert stored is not None and stored.body == b"w" * 200
+        # Tags are replaced with their entry, never doubled: a purge by collection finds one.
+        assert store.purge(collection="C1") == (1, answer(keys[1], b"w" * 200).size)
+        assert store.put_many([]) == Stored(0, {})
+    finally:
+        store.engine.dispose()

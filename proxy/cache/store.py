@@ -16,9 +16,20 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, delete, false, func, select, update
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    delete,
+    false,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -157,21 +168,33 @@ class CacheStore:
         self._insert: Callable[..., Any] = (
             postgresql.insert if dialect == "postgresql" else sqlite.insert
         )
+        # The write path's statements, built once: SQLAlchemy then reuses their compiled form,
+        # and each is sent once per batch with every row's parameters (executemany).
+        keys: BindParameter[str] = bindparam("keys", expanding=True)
+        entries, tags = cast(Table, CacheEntry.__table__), cast(Table, CacheTag.__table__)
+        self._sizes = select(entries.c.size).where(entries.c.key.in_(keys))
+        insert = self._insert(entries)
+        self._upsert = insert.on_conflict_do_update(
+            index_elements=[entries.c.key],
+            set_={c.name: insert.excluded[c.name] for c in entries.c if c.name != "key"},
+        )
+        self._untag = delete(tags).where(tags.c.key.in_(keys))
+        self._tag = tags.insert()
+        self._get = select(
+            entries.c.endpoint,
+            entries.c.status,
+            entries.c.headers,
+            entries.c.body,
+            entries.c.created_at,
+            entries.c.expires_at,
+        ).where(entries.c.key == bindparam("digest"))
 
     # reads --------------------------------------------------------------------------------
 
     def get(self, digest: str) -> Entry | None:
-        # Core, not the ORM: this is the read behind every memory-tier miss.
-        query = select(
-            CacheEntry.endpoint,
-            CacheEntry.status,
-            CacheEntry.headers,
-            CacheEntry.body,
-            CacheEntry.created_at,
-            CacheEntry.expires_at,
-        ).where(CacheEntry.key == digest)
+        # Core, built once, not the ORM: this is the read behind every memory-tier miss.
         with self.engine.connect() as connection:
-            row = connection.execute(query).first()
+            row = connection.execute(self._get, {"digest": digest}).first()
         if row is None:
             return None
         return Entry(
@@ -214,12 +237,15 @@ class CacheStore:
 
         One transaction for the batch. When the database refuses an entry (rather than failing
         as a whole: full, read-only, gone, which raises), the batch is written again one entry
-        per transaction, so that only the refused entry is lost, never its neighbours.
+        per transaction, so that only the refused entry is lost, never its neighbours. Of two
+        entries with the same key the later wins.
         """
-        rows = [_Row.of(key, entry) for key, entry in items]
+        rows = list({row.digest: row for row in (_Row.of(k, e) for k, e in items)}.values())
+        if not rows:
+            return Stored(0, {})
         try:
-            with Session(self.engine) as session, session.begin():
-                return Stored(sum(self._put(session, row) for row in rows), {})
+            with self.engine.begin() as connection:
+                return Stored(self._put_rows(connection, rows), {})
         except ENVIRONMENT_ERRORS:
             raise
         except Exception:  # one of them is refused: find it below rather than lose them all
@@ -227,24 +253,29 @@ class CacheStore:
         added, refused = 0, {}
         for row in rows:
             try:
-                with Session(self.engine) as session, session.begin():
-                    added += self._put(session, row)
+                with self.engine.begin() as connection:
+                    added += self._put_rows(connection, [row])
             except ENVIRONMENT_ERRORS:
                 raise
             except Exception as exc:
                 refused[row.digest] = f"{row.values['endpoint']}: {describe_failure(exc)}"
         return Stored(added, refused)
 
-    def _put(self, session: Session, row: _Row) -> int:
-        old = session.scalar(select(CacheEntry.size).where(CacheEntry.key == row.digest))
-        statement = self._insert(CacheEntry).values(**row.values)
-        changed = {k: v for k, v in row.values.items() if k != "key"}
-        session.execute(statement.on_conflict_do_update(index_elements=["key"], set_=changed))
-        session.execute(delete(CacheTag).where(CacheTag.key == row.digest))
-        for kind, value in row.tags:
-            session.add(CacheTag(key=row.digest, kind=kind, value=value))
-        session.flush()  # a refused entry fails here, inside its own try
-        return row.size - (old or 0)
+    def _put_rows(self, connection: Connection, rows: list[_Row]) -> int:
+        """Upsert ``rows`` (distinct keys) with their tags, four statements whatever their
+        number; return the bytes added."""
+        keys = {"keys": [row.digest for row in rows]}
+        old = sum(int(size) for (size,) in connection.execute(self._sizes, keys))
+        connection.execute(self._upsert, [row.values for row in rows])
+        connection.execute(self._untag, keys)
+        tags = [
+            {"key": row.digest, "kind": kind, "value": value}
+            for row in rows
+            for kind, value in row.tags
+        ]
+        if tags:
+            connection.execute(self._tag, tags)
+        return sum(row.size for row in rows) - old
 
     def touch(self, digests: Iterable[str], when: float) -> None:
         """Record that entries were served (for least-recently-used eviction)."""

@@ -214,6 +214,9 @@ class Writer:
             [entry for digest, (_, entry) in latest.items() if digest not in stored.refused]
         )
         if self.total_bytes > self._housekeeping.max_bytes:
+            # The entries served since the last tidy-up are not the least recently used ones:
+            # their use is written first, or a busy cache would evict what it serves most.
+            self._guard(self.record_bookkeeping)
             self._guard(self._evict)
 
     def _checkpoint(self) -> None:
