@@ -72,11 +72,27 @@ def _nginx_escape(value: str) -> str:
     )
 
 
+_PUBLIC_QUERIES: dict[bytes | str, str] = {}  # the last answers of public_query (hits repeat)
+_PUBLIC_QUERIES_KEPT = 1024
+
+
 def public_query(query: bytes | str) -> str:
     """The query string for the audit line: values of parameters that may be secrets masked."""
-    text = query.decode("latin-1") if isinstance(query, bytes) else query
-    if not text:
+    if not query:
         return ""
+    known = _PUBLIC_QUERIES.get(query)
+    if known is not None:
+        return known
+    text = query.decode("latin-1") if isinstance(query, bytes) else query
+    public = _masked(text)
+    if public is text:  # kept only when nothing was masked: no secret stays here
+        if len(_PUBLIC_QUERIES) >= _PUBLIC_QUERIES_KEPT:
+            _PUBLIC_QUERIES.clear()
+        _PUBLIC_QUERIES[query] = public
+    return public
+
+
+def _masked(text: str) -> str:
     lowered = text.lower()
     if not any(name in lowered for name in _SECRET_NAMES):
         return text
@@ -86,7 +102,7 @@ def public_query(query: bytes | str) -> str:
         if equals and any(secret in name.lower() for secret in _SECRET_NAMES):
             part = f"{name}={_HIDDEN}"
         elif not equals and any(secret in name.lower() for secret in _SECRET_NAMES):
-            part = _HIDDEN  # a bare value (``?s3cr3t``) may itself be the secret
+            part = _HIDDEN  # a bare word that looks like a secret (``?token=`` mistyped)
         parts.append(part)
     return "&".join(parts)
 
@@ -163,11 +179,18 @@ class AuditLog:
             )
             return
         millis = int((now - second) * 1000)
+        if _NEEDS_ESCAPE.search(f"{user}{client}{method}{path}{query}{cache}") is None:  # the usual
+            self.write(
+                f'{{"time":"{self._stamp}.{millis:03d}Z","user":"{user}","client":"{client}",'
+                f'"method":"{method}","path":"{path}","query":"{query}","status":{status},'
+                f'"cache":"{cache}","bytes":{size},"ms":{ms:.3f},"outcome":"{outcome}"}}\n'
+            )
+            return
         self.write(
             f'{{"time":"{self._stamp}.{millis:03d}Z","user":{_json_string(user)},'
             f'"client":{_json_string(client)},"method":{_json_string(method)},'
             f'"path":{_json_string(path)},"query":{_json_string(query)},"status":{status},'
-            f'"cache":"{cache}","bytes":{size},"ms":{ms:.3f},"outcome":"{outcome}"}}\n'
+            f'"cache":{_json_string(cache)},"bytes":{size},"ms":{ms:.3f},"outcome":"{outcome}"}}\n'
         )
 
     @staticmethod

@@ -176,12 +176,14 @@ class Gateway:
     async def _control(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         """The gateway's own endpoints: all but the probes (``/healthz``, ``/readyz``) need an
         admin in accounts mode."""
+        user = "-"
         if self.access.accounts and scope["path"] not in _PROBES:
             admitted = self.access.check(scope["headers"], _client(scope), admin=True)
             if isinstance(admitted, Refusal):
                 await send_refusal(send, admitted)
                 self._record("-", scope, admitted.status, "-", 0, started)
                 return
+            user = admitted.name
         if not self.audit.on:
             await self.control_app(scope, receive, send)
             return
@@ -193,7 +195,7 @@ class Gateway:
             raise
         finally:
             outcome = progress.outcome(ABORTED in scope)
-            self._record("-", scope, progress.status, "-", progress.size, started, outcome)
+            self._record(user, scope, progress.status, "-", progress.size, started, outcome)
 
     def _repeat(self, scope: Scope) -> Entry | None:
         """The fresh stored answer to a plain GET this gateway has answered before, if any."""
