@@ -149,6 +149,30 @@ def test_aborted_and_abandoned_transfers_say_so(
     assert abandoned["ms"] >= 300  # it lasted until the client went away
 
 
+def test_a_transfer_cut_at_shutdown_is_aborted_and_its_line_kept(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    fake = nbia_upstream.app
+    fake.set_big_zip_bytes(4 * MIB)
+    fake.slow(seconds_between_chunks=0.3, path_contains="getImage")
+    settings = make_settings(tmp_path, nbia_upstream.url, shutdown_grace_seconds=0.5)
+    gateway = GatewayServer(settings)
+    with gateway:
+        url = gateway.url + zip_path(fake.big_series_uid)
+        with httpx.stream("GET", url, timeout=30) as response:
+            chunks = response.iter_raw()
+            next(chunks)
+            threading.Thread(target=gateway.__exit__, args=(None, None, None)).start()
+            with pytest.raises(httpx.HTTPError):
+                for _ in chunks:
+                    pass
+        gateway._thread.join(timeout=10)  # type: ignore[union-attr]
+        assert gateway.app.audit.target is not None
+        (line,) = audit_lines(gateway.app.audit.target, 1, timeout=0)
+    assert (line["status"], line["outcome"]) == (200, "aborted")
+    assert 0 < line["bytes"] < 4 * MIB and line["ms"] >= 500
+
+
 def test_errors_and_refusals_have_their_lines(gateway: GatewayServer) -> None:
     assert httpx.request("PROPFIND", gateway.url + SERIES).status_code == 405
     huge = {"X-Pad": "x" * (gateway.settings.max_header_bytes + 10)}
