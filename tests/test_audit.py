@@ -28,6 +28,7 @@ from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayProcess, GatewayServer, audit_lines, make_settings
+from tests.test_failsafe_cli import SERVE, assert_one_line, run_cli
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
@@ -124,7 +125,9 @@ def test_durations_start_at_the_first_byte_of_the_request(gateway: GatewayServer
     assert gateway.app.shortcut_hits == 1
     miss, hit = gateway.audit_lines(2)
     assert (miss["cache"], hit["cache"]) == ("MISS", "HIT")
-    assert miss["ms"] >= 400 and hit["ms"] >= 400
+    # The head's first part reached the server no sooner than the client sent it (a loaded
+    # loop may read it a little late): without the protocol's start time, a few ms at most.
+    assert miss["ms"] >= 300 and hit["ms"] >= 300
 
 
 def test_aborted_and_abandoned_transfers_say_so(
@@ -146,7 +149,7 @@ def test_aborted_and_abandoned_transfers_say_so(
     assert MIB <= aborted["bytes"] < 4 * MIB
     assert (abandoned["status"], abandoned["outcome"]) == (200, "abandoned")
     assert 0 < abandoned["bytes"] < 4 * MIB
-    assert abandoned["ms"] >= 300  # it lasted until the client went away
+    assert abandoned["ms"] >= 250  # it lasted until the client went away
 
 
 def test_a_transfer_cut_at_shutdown_is_aborted_and_its_line_kept(
@@ -170,7 +173,7 @@ def test_a_transfer_cut_at_shutdown_is_aborted_and_its_line_kept(
         assert gateway.app.audit.target is not None
         (line,) = audit_lines(gateway.app.audit.target, 1, timeout=0)
     assert (line["status"], line["outcome"]) == (200, "aborted")
-    assert 0 < line["bytes"] < 4 * MIB and line["ms"] >= 500
+    assert 0 < line["bytes"] < 4 * MIB and line["ms"] >= 400
 
 
 def test_errors_and_refusals_have_their_lines(gateway: GatewayServer) -> None:
@@ -371,6 +374,14 @@ def test_lines_survive_a_clean_stop_and_sighup_reopens_the_file(
         ("MISS", "lity=CT"),
     ]
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+
+
+def test_an_audit_log_that_cannot_be_opened_stops_the_start_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing" / "audit.log"
+    data = ("--data-dir", str(tmp_path / "data"))
+    run = run_cli(*SERVE, *data, "--audit-log", str(missing), cwd=tmp_path)
+    assert_one_line(run, 2, f"audit_log {missing} cannot be created", "does not exist")
+    assert not missing.parent.exists()
 
 
 # --- start-up and health ---------------------------------------------------------------------
