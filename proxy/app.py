@@ -55,7 +55,10 @@ def create_app(
     access = build_access(settings, cache_clock)
 
     def relay_uncached() -> None:
-        gateway.cache = None  # every request then takes the BYPASS path
+        # Every request then takes the BYPASS path (the shortcut and the cached path both
+        # go through ``cached``).
+        gateway.cache = None
+        gateway.cached = None
 
     audit_log = build_audit_log(settings)
     lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached, audit_log)
