@@ -272,6 +272,14 @@ def test_values_that_need_escaping_make_valid_json(tmp_path: Path) -> None:
     assert line.isascii()
 
 
+def test_dash_writes_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    log = AuditLog("-")
+    log.write('{"a":1}\n')  # no event loop here: written at once
+    log.close()
+    assert capfd.readouterr().err == '{"a":1}\n'
+    assert log.describe() == "stderr (json)" and AuditLog(None).describe() == "off"
+
+
 def test_the_combined_format_is_nginx_s(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.log", "combined")
     for user, path in (("alice", "/nbia-api/x"), ("anonymous", '/a "b"\n')):
