@@ -4,6 +4,12 @@ Run on purpose (not part of the test suite)::
 
     .venv/bin/python -m bench.cache_hits --duration 10 --connections 50 --rounds 2 [--misses]
 
+``--logs``: nginx writes its default access log to a file (one write per request, as nginx does
+unless told to buffer) and the gateway its default audit log; without it both are off.
+``--baseline-tree DIR`` adds a gateway run from another checkout (old code), measured in the
+same interleaved rounds, with ``--baseline-arg`` flags of its own (e.g. ``--log-level=info``,
+which switched the audit log on before it had a setting).
+
 It starts the fake NBIA upstream, the gateway and nginx (``proxy_cache``) in front of it, and a
 bare uvicorn app that answers the same bytes (the ceiling for Python on this machine). Once both
 caches answer HIT it runs the same wrk load on each, interleaved so that machine noise hits them
@@ -19,7 +25,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +77,44 @@ def warm(url: str, header: str, expected: bytes, attempts: int = 20) -> None:
     raise CheckFailed(f"{url} never answered {header}: HIT; saw {' / '.join(seen[:3])} ...")
 
 
+def start_baseline(
+    tree: Path, upstream: str, data_dir: Path, args: Sequence[str]
+) -> tuple[Process, str]:
+    """The gateway of another checkout, with its own venv when it has one."""
+    return common.start_gateway(upstream, data_dir, list(args), source=tree)
+
+
 def start_pair(
-    nginx: str, upstream: str, tmp: Path, workers: int, body: bytes, processes: list[Process]
+    nginx: str,
+    upstream: str,
+    tmp: Path,
+    workers: int,
+    body: bytes,
+    processes: list[Process],
+    args: argparse.Namespace,
 ) -> dict[str, str]:
     """Start gateway and nginx with ``workers`` workers each (into ``processes``); warm both."""
     sub = tmp / f"{workers}w"
     sub.mkdir()
     # The default flag (1 worker) is left out so the script also runs before --workers exists.
-    gateway, gateway_url = common.start_gateway(
-        upstream, sub / "data", ["--workers", str(workers)] if workers > 1 else []
-    )
+    extra = ["--workers", str(workers)] if workers > 1 else []
+    if not args.logs:
+        extra.append("--audit-log=")
+    gateway, gateway_url = common.start_gateway(upstream, sub / "data", extra)
     processes.append(gateway)
-    proxy, nginx_url = common.start_nginx_cache(nginx, upstream, sub / "nginx", workers)
+    access_log = f"{sub / 'nginx' / 'access.log'}" if args.logs else "off"
+    proxy, nginx_url = common.start_nginx_cache(
+        nginx, upstream, sub / "nginx", workers, access_log=access_log
+    )
     processes.append(proxy)
     urls = {"gateway": gateway_url + PATH, "nginx": nginx_url + PATH}
+    if args.baseline_tree is not None and workers == 1:
+        old, old_url = start_baseline(
+            args.baseline_tree, upstream, sub / "baseline-data", args.baseline_arg
+        )
+        processes.append(old)
+        urls["baseline"] = old_url + PATH
+        warm(urls["baseline"], "X-Cache", body)
     warm(urls["gateway"], "X-Cache", body)
     warm(urls["nginx"], "X-Cache-Status", body)
     return urls
@@ -111,15 +141,16 @@ def benchmark(
     (tmp / "body.json").write_bytes(body)
     bare, bare_url = start_bare(tmp / "body.json")
     processes.append(bare)
-    urls = start_pair(nginx, values["url"], tmp, 1, body, processes)
+    urls = start_pair(nginx, values["url"], tmp, 1, body, processes, args)
     print(f"GET {PATH}: {len(body)} B body, same bytes from upstream, gateway and nginx")
     print(f"load: wrk -t1 -c{args.connections} -d{args.duration}s --latency", flush=True)
     wrk_args = (args.connections, args.duration)
     one = measure(urls | {"bare ASGI": bare_url + PATH}, args.rounds, *wrk_args)
     if args.skip_two_workers:
         return one, {}
-    common.stop_processes(processes[-2:])  # the 1-worker pair: free the CPUs for the next
-    urls = start_pair(nginx, values["url"], tmp, 2, body, processes)
+    pair = 3 if args.baseline_tree is not None else 2
+    common.stop_processes(processes[-pair:])  # the 1-worker pair: free the CPUs for the next
+    urls = start_pair(nginx, values["url"], tmp, 2, body, processes, args)
     print("2 workers each:", flush=True)
     return one, measure(urls, 1, *wrk_args)
 
@@ -135,6 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="then run bench.cache_misses (every request a new key) for the figures beside these",
     )
+    parser.add_argument(
+        "--logs",
+        action="store_true",
+        help="nginx writes its access log to a file, the gateway its default audit log "
+        "(default: both off)",
+    )
+    parser.add_argument(
+        "--baseline-tree", type=Path, help="also measure the gateway of this checkout"
+    )
+    parser.add_argument(
+        "--baseline-arg", action="append", default=[], help="a flag for the baseline gateway"
+    )
     args = parser.parse_args(argv)
     measured = common.run_measured(functools.partial(benchmark, args))
     if isinstance(measured, int):
@@ -143,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"1 worker each, median of {args.rounds} rounds", one)
     print(f"gateway / nginx (1 worker)  = {one['gateway'].rps / one['nginx'].rps:.2f}")
     print(f"gateway / bare ASGI         = {one['gateway'].rps / one['bare ASGI'].rps:.2f}")
+    if "baseline" in one:
+        print(f"baseline / nginx (1 worker) = {one['baseline'].rps / one['nginx'].rps:.2f}")
+        print(f"gateway / baseline          = {one['gateway'].rps / one['baseline'].rps:.2f}")
+    print(f"logs: {'nginx access log and gateway audit log on' if args.logs else 'both off'}")
     if two:
         print_table("2 workers each, 1 round", two)
         print(f"gateway / nginx (2 workers) = {two['gateway'].rps / two['nginx'].rps:.2f}")

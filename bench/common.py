@@ -33,7 +33,7 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log;
 events {{ worker_connections 1024; }}
 http {{
-  access_log off;
+  access_log {access_log};
   client_body_temp_path {tmp}/body;
   proxy_temp_path {tmp}/proxy;
   fastcgi_temp_path {tmp}/fastcgi;
@@ -168,9 +168,16 @@ def find_nginx() -> str | None:
 
 
 def start_nginx(
-    binary: str, upstream: str, tmp: Path, workers: int = 1, http: str = "", location: str = ""
+    binary: str,
+    upstream: str,
+    tmp: Path,
+    workers: int = 1,
+    http: str = "",
+    location: str = "",
+    access_log: str = "off",
 ) -> tuple[Process, str]:
-    """Run nginx (:data:`NGINX_CONF`) in the foreground, its files in ``tmp`` (created)."""
+    """Run nginx (:data:`NGINX_CONF`) in the foreground, its files in ``tmp`` (created);
+    ``access_log``: a file for its default access log, or ``off``."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     # Started by root, nginx workers would run as `nobody`, who cannot enter the 0700 temp dir.
@@ -185,6 +192,7 @@ def start_nginx(
             user=user,
             http=http,
             location=location,
+            access_log=access_log,
         )  # fmt: skip
     )
     process = launch([binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
@@ -193,11 +201,16 @@ def start_nginx(
 
 
 def start_nginx_cache(
-    binary: str, upstream: str, tmp: Path, workers: int = 1, keys_zone: str = "1m"
+    binary: str,
+    upstream: str,
+    tmp: Path,
+    workers: int = 1,
+    keys_zone: str = "1m",
+    access_log: str = "off",
 ) -> tuple[Process, str]:
     """nginx with ``proxy_cache`` (valid 1 h, ``X-Cache-Status``) in front of ``upstream``."""
     http = NGINX_CACHE_HTTP.format(tmp=tmp, keys_zone=keys_zone)
-    return start_nginx(binary, upstream, tmp, workers, http, NGINX_CACHE_LOCATION)
+    return start_nginx(binary, upstream, tmp, workers, http, NGINX_CACHE_LOCATION, access_log)
 
 
 def run_measured(measure: Callable[[str, Path, list[Process]], T]) -> T | int:

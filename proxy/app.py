@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -18,6 +20,7 @@ from proxy.accounts.directory import Directory
 from proxy.accounts.fairness import UserLimits
 from proxy.accounts.lockout import Lockout
 from proxy.accounts.registry import Registry
+from proxy.audit import AUDIT_FILE, AuditLog
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import CacheSettings, TieredCache
 from proxy.client_tokens import ClientTokens, read_secret_file, signing_key
@@ -54,10 +57,35 @@ def create_app(
     def relay_uncached() -> None:
         gateway.relay_uncached()
 
-    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached)
-    control = control_app(upstreams, cache, counters, access, lifespan)
-    gateway = Gateway(settings, upstreams, access, control, cache, counters)
+    audit_log = build_audit_log(settings)
+    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached, audit_log)
+    control = control_app(upstreams, cache, counters, access, lifespan, settings)
+    gateway = Gateway(settings, upstreams, access, control, cache, counters, audit_log)
     return gateway
+
+
+def build_audit_log(settings: Settings) -> AuditLog:
+    """The audit log the settings ask for: a file (by default in the data dir), stderr, off."""
+    target: Path | str | None = settings.audit_log
+    if target is None:
+        target = settings.data_dir / AUDIT_FILE
+    elif target == "":
+        target = None
+    return AuditLog(target, settings.audit_format)
+
+
+def describe(settings: Settings, upstreams: list[Upstream], audit_log: AuditLog) -> str:
+    """What is in effect, in one line for the start-up log (no secrets)."""
+    mounted = ", ".join(f"{u.name} {u.config.url} at {u.config.mount or '/'}" for u in upstreams)
+    url = make_url(database_url(settings.database_url, settings.data_dir))
+    uses_database = settings.cache_enabled or settings.access == "accounts"
+    database = url.render_as_string(hide_password=True) if uses_database else "none"
+    return (
+        f"upstreams: {mounted}; data dir {settings.data_dir.resolve()}; database {database}; "
+        f"access {settings.access}; offline {'on' if settings.offline else 'off'}; "
+        f"workers {settings.workers}; cache {'on' if settings.cache_enabled else 'off'}; "
+        f"audit log {audit_log.describe()}"
+    )
 
 
 def build_access(settings: Settings, clock: Callable[[], float] = time.time) -> Access:
@@ -161,9 +189,13 @@ def _lifespan(
     cache: TieredCache | None,
     access: Access,
     relay_uncached: Callable[[], None],
+    audit_log: AuditLog,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        _open_audit_log(settings, audit_log)
+        log.info("nbia-proxy starting: %s", describe(settings, upstreams, audit_log))
+        reopening = _reopen_on_sighup(audit_log)
         if cache is not None or access.registry is not None:
             try:
                 await asyncio.to_thread(_open_database, settings, cache)
@@ -192,8 +224,33 @@ def _lifespan(
                 await asyncio.to_thread(cache.close)
             if access.registry is not None:
                 await asyncio.to_thread(access.registry.engine.dispose)
+            if reopening:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            audit_log.close()  # the lines of every request answered, on a clean stop
 
     return lifespan
+
+
+def _open_audit_log(settings: Settings, audit_log: AuditLog) -> None:
+    """Open the audit log at start, so that a path it cannot write fails the start."""
+    if settings.audit_log is None:  # the default place: the data dir, made private
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        audit_log.open()
+    except OSError as exc:
+        raise RuntimeError(f"cannot open the audit log {audit_log.target}: {exc}") from exc
+
+
+def _reopen_on_sighup(audit_log: AuditLog) -> bool:
+    """Reopen the audit log on SIGHUP (logrotate's signal); False where signals cannot be
+    handled (off the main thread, as in the tests' in-process servers)."""
+    if not audit_log.on:
+        return False
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, audit_log.reopen)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 async def _refresh_accounts(access: Access, registry: Registry, every: float) -> None:

@@ -38,6 +38,7 @@ from proxy.preflight import (
     FAILURE,
     USAGE,
     CommandError,
+    check_audit_log,
     check_data_dir,
     check_database,
     check_listen,
@@ -440,6 +441,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.command == "serve":
             check_data_dir(settings.data_dir)
+            check_audit_log(settings)
             check_listen(settings.host, settings.port)
             if settings.cache_enabled or settings.access == "accounts":
                 check_database(settings)

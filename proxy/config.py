@@ -173,6 +173,14 @@ class Settings(BaseSettings):
         8 * 1024 * 1024, gt=0, description="Largest request body accepted from a client."
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    audit_log: str | None = Field(
+        None,
+        description="Audit log file, one line per request (`-`: stderr; empty: off; default: "
+        "audit.log in the data dir); reopened on SIGHUP.",
+    )
+    audit_format: Literal["json", "combined"] = Field(
+        "json", description="Audit line format: json, or combined (nginx's, for log tools)."
+    )
     workers: int = Field(1, ge=1, le=64, description="Gateway worker processes.")
     database_url: str | None = Field(
         None,

@@ -1,11 +1,12 @@
 """The control app: the gateway's own endpoints, under paths that cannot collide with NBIA's.
 
-``/healthz`` and ``/_proxy/...``; every ``/nbia-api/`` path is handled by the gateway before
-it gets here.
+``/healthz``, ``/readyz`` and ``/_proxy/...``; every ``/nbia-api/`` path is handled by the
+gateway before it gets here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -20,7 +21,8 @@ from proxy import __version__
 from proxy.access import Access
 from proxy.cache.store import EndpointStats
 from proxy.cache.tiers import TieredCache
-from proxy.db import describe_failure, is_disk_full
+from proxy.config import Settings
+from proxy.db import SCHEMA_HEAD, database_url, describe_failure, is_disk_full, make_engine
 from proxy.errors import ClientError
 from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream
@@ -101,12 +103,39 @@ def shield_document(upstreams: list[Upstream], counters: ShieldCounters) -> dict
 
 
 def upstream_health(upstream: Upstream) -> dict[str, str]:
-    """An upstream as /healthz shows it: where it is mounted, and whether its circuit is open."""
-    return {
-        "mount": upstream.config.mount or "/",
-        "state": "degraded" if upstream.breaker.is_open else "ok",
-        "circuit": upstream.breaker.state,
-    }
+    """An upstream as /healthz shows it: where it is mounted, its state and its circuit's.
+
+    ``ok``; ``unreachable`` while its circuit is open after failures to connect; ``degraded``
+    while it is open for other failures (5xx answers, time-outs). With the last failure's
+    reason while it is not ok (the gateway's own error message: no secrets).
+    """
+    breaker = upstream.breaker
+    state = "ok"
+    if breaker.is_open:
+        state = "unreachable" if breaker.unreachable else "degraded"
+    health = {"mount": upstream.config.mount or "/", "state": state, "circuit": breaker.state}
+    if state != "ok" and breaker.last_error:
+        health["last_error"] = breaker.last_error
+    return health
+
+
+def schema_problem(url: str) -> str | None:
+    """Why the database is not ready to serve (unreachable, or migrations pending); None
+    when it is. Blocking: run it in a thread."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+            found = version.scalar()
+    except Exception as exc:
+        if "alembic_version" in str(exc):
+            return "migrations pending (no schema yet)"
+        return f"database unreachable: {describe_failure(exc)}"
+    finally:
+        engine.dispose()
+    if found != SCHEMA_HEAD:
+        return f"migrations pending (schema {found}, this version needs {SCHEMA_HEAD})"
+    return None
 
 
 def access_document(access: Access) -> dict[str, Any]:
@@ -125,6 +154,7 @@ def control_app(
     counters: ShieldCounters,
     access: Access,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    settings: Settings | None = None,
 ) -> FastAPI:
     app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
 
@@ -145,6 +175,21 @@ def control_app(
             "cache_available": cache is not None and cache.unavailable is None,
             "upstreams": {u.name: upstream_health(u) for u in upstreams},
         }
+
+    @app.get("/readyz", response_model=None)
+    async def readyz() -> dict[str, object] | JSONResponse:
+        """Readiness: 503 while the database the gateway needs is unreachable or its schema
+        is not up to date; 200 otherwise (with no database at all too)."""
+        problem = None
+        uses_database = cache is not None or access.accounts or access.registry is not None
+        if settings is not None and uses_database:
+            url = database_url(settings.database_url, settings.data_dir)
+            problem = await asyncio.to_thread(schema_problem, url)
+        if problem is None and cache is not None and cache.unavailable is not None:
+            problem = f"relaying uncached until a restart: {cache.unavailable}"
+        if problem is not None:
+            return JSONResponse({"status": "not ready", "reason": problem}, status_code=503)
+        return {"status": "ready"}
 
     @app.get("/_proxy/cache/stats")
     async def cache_stats() -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from proxy.audit import AUDIT_FILE
 from proxy.config import Settings
 from proxy.db import SQLITE_FILE, database_url
 
@@ -46,7 +47,7 @@ def prepare(settings: Settings) -> None:
         database = None
     inside = database is not None and database.parent == data_dir.resolve()
     own = set(_OWN_NAMES) | ({database.name} if inside and database is not None else set())
-    if all(entry.startswith(_OWN_PREFIX) or entry in own for entry in os.listdir(data_dir)):
+    if all(_is_own(entry) or entry in own for entry in os.listdir(data_dir)):
         keep_private(data_dir)
     else:
         keep_private(data_dir, owner="the data dir holds other files too")
@@ -57,6 +58,11 @@ def prepare(settings: Settings) -> None:
     for path in [database, *(Path(f"{database}{suffix}") for suffix in _SIDE_FILES)]:
         if path.exists():
             keep_private(path, owner=None if inside else "it is outside the data dir")
+
+
+def _is_own(entry: str) -> bool:
+    """The gateway's own files: its database's and the audit log (rotated copies too)."""
+    return entry.startswith((_OWN_PREFIX, AUDIT_FILE))
 
 
 def sqlite_file(url: str) -> Path | None:

@@ -25,7 +25,12 @@ from proxy import rawhttp
 from proxy.endpoints import TokenUse
 from proxy.errors import ClientError, UpstreamError, UpstreamTimeout, transport_error
 from proxy.headers import RawHeaders, for_upstream
-from proxy.shield.breaker import counts_against_upstream, is_failure_status, is_slow
+from proxy.shield.breaker import (
+    counts_against_upstream,
+    is_connection_failure,
+    is_failure_status,
+    is_slow,
+)
 from proxy.shield.retry import (
     OVERLOAD_STATUSES,
     RetryPolicy,
@@ -153,7 +158,7 @@ async def open_shielded(
         response = await _with_retries(upstream, request, token_use, token_on_v4, bulk, retry)
     except UpstreamError as exc:
         if counts_against_upstream(exc, slow=slow):
-            breaker.failure()
+            breaker.failure(exc.message, unreachable=is_connection_failure(exc))
         else:
             breaker.abandon()
         raise
@@ -163,7 +168,7 @@ async def open_shielded(
         breaker.abandon()
         raise
     if is_failure_status(response.status_code, slow=slow):
-        breaker.failure()
+        breaker.failure(f"answered {response.status_code}")
     else:
         breaker.success()
     return response

@@ -3,7 +3,8 @@
 One request, top to bottom (:meth:`Gateway.__call__`), each step a call into the module named
 after it:
 
-1. route to an upstream by mount (else the control app: ``/healthz``, ``/_proxy/...``);
+1. route to an upstream by mount (else the control app: ``/healthz``, ``/readyz``,
+   ``/_proxy/...``);
 2. answer the gateway's own endpoints, token and logout (:mod:`proxy.token_endpoints`);
 3. admit the request (:mod:`proxy.access`);
 4. answer a repeat from memory (:mod:`proxy.hit_memo`, :mod:`proxy.cache.answer`);
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy import audit
 from proxy.access import Access, Principal, Refusal
+from proxy.audit import ABORTED
 from proxy.cache.answer import send_stored, stored_answer
 from proxy.cache.serving import (
     CachedAnswers,
@@ -53,6 +55,7 @@ from proxy.upstream import Upstream
 log = logging.getLogger("nbia_proxy.gateway")
 
 _API_PREFIX = "/nbia-api/"
+_PROBES = frozenset({"/healthz", "/readyz"})
 _FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
@@ -67,9 +70,11 @@ class Gateway:
         control_app: ASGIApp,
         cache: TieredCache | None = None,
         counters: ShieldCounters | None = None,
+        audit_log: audit.AuditLog = audit.OFF,
     ) -> None:
         counters = counters or ShieldCounters()
         self.settings = settings
+        self.audit = audit_log
         self.cache = cache
         self.counters = counters
         self.forwarding = Forwarding(
@@ -109,7 +114,8 @@ class Gateway:
         if scope["type"] != "http":
             await self.control_app(scope, receive, send)
             return
-        started = time.perf_counter()
+        # From the request's first byte, as the protocol saw it (else from now).
+        started: float = scope.get(audit.STARTED) or time.perf_counter()
         routed = self._route(scope["path"])
         if routed is None:
             await self._control(scope, receive, send, started)
@@ -121,7 +127,8 @@ class Gateway:
             status = await answer_local(
                 local, self.access, _client(scope), timeout, scope, receive, send
             )
-            self._record("-", scope, status, "-", 0, started)
+            if self.audit.on:  # never the query: a legacy token request may carry a password
+                self._record("-", scope, status, "-", 0, started, query="")
             return
         admitted = self.access.check(scope["headers"], _client(scope))
         if isinstance(admitted, Refusal):
@@ -132,21 +139,37 @@ class Gateway:
         if entry is not None:
             assert self.cache is not None
             await send_stored(send, stored_answer(self.cache, entry))
-            if audit.enabled():
+            if self.audit.on:
                 user = self.access.audit_name(admitted, scope["headers"])
-                self.record_hit(user, _client(scope), scope["path"], entry, started)
+                self.record_hit(
+                    user, _client(scope), scope["path"], scope["query_string"], entry, started
+                )
             return
         progress = audit.Progress()
         try:
             await self._exchange(upstream, path, admitted, scope, receive, progress.watch(send))
         except StreamBroken:
+            progress.broken = True
             raise  # the server must abort the connection: the client sees a broken transfer
         except Exception as exc:
-            await _answer_failure(exc, scope["method"], path, progress, send)
+            progress.broken = True
+            await _answer_failure(exc, scope["method"], path, progress, progress.watch(send))
+            progress.broken = progress.started  # answered with an error: no broken transfer
+        except BaseException:
+            progress.broken = True  # cancelled (at shutdown)
+            raise
         finally:
-            if audit.enabled():
+            if self.audit.on:
                 user = self.access.audit_name(admitted, scope["headers"])
-                self._record(user, scope, progress.status, progress.cache, progress.size, started)
+                self._record(
+                    user,
+                    scope,
+                    progress.status,
+                    progress.cache,
+                    progress.size,
+                    started,
+                    progress.outcome(ABORTED in scope),
+                )
 
     def _route(self, path: str) -> tuple[Upstream, str] | None:
         """The upstream whose mount ``path`` is below, and the path below the mount."""
@@ -157,14 +180,28 @@ class Gateway:
         return None
 
     async def _control(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        """The gateway's own endpoints: all but ``/healthz`` need an admin in accounts mode."""
-        if self.access.accounts and scope["path"] != "/healthz":
+        """The gateway's own endpoints: all but the probes (``/healthz``, ``/readyz``) need an
+        admin in accounts mode."""
+        user = "-"
+        if self.access.accounts and scope["path"] not in _PROBES:
             admitted = self.access.check(scope["headers"], _client(scope), admin=True)
             if isinstance(admitted, Refusal):
                 await send_refusal(send, admitted)
                 self._record("-", scope, admitted.status, "-", 0, started)
                 return
-        await self.control_app(scope, receive, send)
+            user = admitted.name
+        if not self.audit.on:
+            await self.control_app(scope, receive, send)
+            return
+        progress = audit.Progress()
+        try:
+            await self.control_app(scope, receive, progress.watch(send))
+        except BaseException:
+            progress.broken = True
+            raise
+        finally:
+            outcome = progress.outcome(ABORTED in scope)
+            self._record(user, scope, progress.status, "-", progress.size, started, outcome)
 
     def _repeat(self, scope: Scope) -> Entry | None:
         """The fresh stored answer to a plain GET this gateway has answered before, if any."""
@@ -272,13 +309,16 @@ class Gateway:
         else:
             await relay_stream(response, upstream.name, receive, send, extra)
 
-    def record_hit(self, user: str, client: str, path: str, entry: Entry, started: float) -> None:
+    def record_hit(
+        self, user: str, client: str, path: str, query: bytes, entry: Entry, started: float
+    ) -> None:
         """The audit line of a hit answered from memory (also by the protocol shortcut)."""
-        audit.record(
+        self.audit.record(
             user=user,
             client=client,
             method="GET",
             path=path,
+            query=audit.public_query(query),
             status=entry.status,
             cache="HIT",
             size=len(entry.body),
@@ -286,18 +326,29 @@ class Gateway:
         )
 
     def _record(
-        self, user: str, scope: Scope, status: int, cache: str, size: int, started: float
+        self,
+        user: str,
+        scope: Scope,
+        status: int,
+        cache: str,
+        size: int,
+        started: float,
+        outcome: str = "ok",
+        *,
+        query: str | None = None,
     ) -> None:
-        if audit.enabled():
-            audit.record(
+        if self.audit.on:
+            self.audit.record(
                 user=user,
                 client=_client(scope),
                 method=scope["method"],
                 path=scope["path"],
+                query=audit.public_query(scope["query_string"]) if query is None else query,
                 status=status,
                 cache=cache,
                 size=size,
                 started=started,
+                outcome=outcome,
             )
 
 
@@ -310,13 +361,11 @@ async def _answer_failure(
         log.warning("%s %s -> %s: %s", method, path, exc.status, exc.message)
         if not progress.started:
             await send_error(send, exc.status, exc.message, exc.upstream, exc.retry_after)
-        progress.status = exc.status
         return
     log.exception("unexpected error on %s %s", method, path, exc_info=exc)
     if progress.started:
         raise exc
     await send_error(send, 500, "internal gateway error")
-    progress.status = 500
 
 
 def _client(scope: Scope) -> str:

@@ -27,7 +27,7 @@ import time
 import weakref
 from asyncio import TimerHandle
 from collections import Counter
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -127,6 +127,8 @@ class HitProtocol(HttpToolsProtocol):
         self._refused = False  # answered with an error by this protocol, connection closing
         # When an idle keep-alive connection is to be closed; None while a request is under way.
         self._idle_deadline: float | None = None
+        self._began = 0.0  # perf_counter() at the current request's first byte, for its audit
+        self._audited: tuple[str, str, str, bytes, Any] | None = None  # the hit to audit
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -182,6 +184,7 @@ class HitProtocol(HttpToolsProtocol):
         self.expect_100_continue = False
         self._head_size = 0
         self._in_head = True
+        self._began = time.perf_counter()
         # A request has begun: the connection is no longer idle. (uvicorn cancels keep-alive
         # on any read instead, so a client sending only blank lines was never timed out.)
         self._idle_deadline = None
@@ -190,6 +193,7 @@ class HitProtocol(HttpToolsProtocol):
         """Run uvicorn's ``on_message_begin`` now, keeping what the parser already delivered."""
         url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()
+        cast(dict[str, Any], self.scope)[audit.STARTED] = self._began
         self.url, self.expect_100_continue = url, expect_100_continue
         self.headers.extend(headers)  # the list the new scope holds
 
@@ -224,6 +228,19 @@ class HitProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(error_answer(status, message))
             self.transport.close()
+        gateway = self._gateway
+        if gateway is not None and gateway.audit.on:  # a refusal before any ASGI call
+            gateway.audit.record(
+                user="-",
+                client=self._peer,
+                method="-",
+                path="-",
+                query="",
+                status=status,
+                cache="-",
+                size=0,
+                started=self._began or time.perf_counter(),
+            )
 
     # The header timeout: like the keep-alive timer below, one timer per connection that checks
     # a deadline when it fires, so a request whose head arrives in time costs no timer churn.
@@ -265,6 +282,8 @@ class HitProtocol(HttpToolsProtocol):
         log.warning(
             "shutdown grace of %g s over: aborting the transfer to %s", self._grace, self._peer
         )
+        if self.cycle is not None and not self.cycle.response_complete:
+            cast(dict[str, Any], self.scope)[audit.ABORTED] = True  # for its audit line
         # Abort, not close: nothing buffered is flushed, no final chunk is written, so the body
         # ends short of its chunked end or its Content-Length: a broken transfer to the client.
         self.transport.abort()
@@ -281,6 +300,10 @@ class HitProtocol(HttpToolsProtocol):
             return
         self._answered = True
         self.transport.write(answer)
+        if self._audited is not None:  # after the write: its duration ends at the last byte
+            assert self._gateway is not None
+            self._gateway.record_hit(*self._audited, self._began)
+            self._audited = None
         # What uvicorn does after a response: count it, re-arm keep-alive, resume reading.
         self.on_response_complete()
 
@@ -370,9 +393,9 @@ class HitProtocol(HttpToolsProtocol):
         # It can answer now: with the same stored answer the ASGI path would send.
         answer = stored_answer(cached.cache, entry)
         gateway.shortcut_hits += 1
-        if audit.enabled():
+        if gateway.audit.on:
             user = gateway.access.audit_name(principal, self.headers)
-            gateway.record_hit(user, client, path, entry, time.perf_counter())
+            self._audited = (user, client, path, url.query or b"", entry)
         return answer.wire()
 
     def _forwarded_client(self) -> str:

@@ -48,6 +48,27 @@ def check_data_dir(path: Path) -> None:
     _check_directory("data_dir", path)
 
 
+def check_audit_log(settings: Settings) -> None:
+    """A configured audit log file can be opened for appending (it is created 0600)."""
+    target = settings.audit_log
+    if target in (None, "", "-"):
+        return  # the default (in the data dir, checked with it), off, or stderr
+    assert target is not None
+    path = Path(target)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise CommandError(
+                f"audit_log {path} cannot be created: {path.parent} does not exist "
+                "(create it first)"
+            ) from None
+        raise CommandError(
+            f"audit_log {path} cannot be opened for appending by {_user()} ({exc.strerror}): "
+            f"{_remedy(path if path.exists() else path.parent, exc)}"
+        ) from None
+
+
 def check_listen(host: str, port: int) -> None:
     """The gateway can listen on ``host``:``port``: the name resolves, the address is this
     machine's and nothing else holds the port (checked by binding, then letting go)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -81,6 +82,11 @@ class GatewayServer:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
+    def audit_lines(self, count: int = 0, timeout: float = 10) -> list[dict[str, Any]]:
+        """This gateway's audit lines, once there are ``count`` (see :func:`audit_lines`)."""
+        assert self.app.audit.target is not None
+        return audit_lines(self.app.audit.target, count, timeout)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -90,6 +96,21 @@ class GatewayServer:
         assert self._server is not None and self._thread is not None
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+def audit_lines(path: Path | str, count: int = 0, timeout: float = 10) -> list[dict[str, Any]]:
+    """The JSON lines of the audit log at ``path``, once it holds ``count`` (lines are written
+    in batches, up to a second late); what it holds when ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            text = ""
+        lines = [json.loads(line) for line in text.splitlines()]
+        if len(lines) >= count and (count or text) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
 
 
 def free_port() -> int:

@@ -272,7 +272,9 @@ def test_the_circuit_closes_by_itself_soon_after_the_upstream_returns(
         while_open = get(gw, "/healthz")
         # Liveness stays 200 "ok": a load balancer must not kill a gateway serving the cache.
         assert while_open.status_code == 200 and while_open.json()["status"] == "ok"
-        assert while_open.json()["upstreams"]["nbia"]["state"] == "degraded"
+        # Stopped: it refuses connections, so unreachable (a 5xx would be "degraded").
+        assert while_open.json()["upstreams"]["nbia"]["state"] == "unreachable"
+        assert "refused" in while_open.json()["upstreams"]["nbia"]["last_error"]
         assert while_open.json()["upstreams"]["nbia"]["circuit"] == "open"
         assert while_open.json()["upstreams"]["nlst"]["state"] == "ok"
         time.sleep(1.0)  # a few probes fail against the stopped upstream

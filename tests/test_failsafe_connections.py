@@ -8,7 +8,6 @@ another client's to 127.0.0.3, so the per-address cap and "other clients" can be
 from __future__ import annotations
 
 import json
-import logging
 import re
 import resource
 import signal
@@ -425,20 +424,6 @@ def test_the_systemd_unit_raises_the_file_limit() -> None:
 # --- item 7: forwarding headers only from trusted proxies --------------------------------------
 
 
-def audit_clients(caplog: pytest.LogCaptureFixture, count: int) -> list[tuple[str, str]]:
-    """(client, cache) of the audit lines, once ``count`` have been written."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [
-            json.loads(record.getMessage())
-            for record in caplog.records
-            if record.name == "nbia_proxy.audit"
-        ]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return [(line["client"], line["cache"]) for line in lines]
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize(
     ("trusted", "audited"),
     [([], "127.0.0.1"), (["127.0.0.2", "10.0.0.0/8"], "127.0.0.1"), (["127.0.0.1"], "203.0.113.9")],
@@ -446,21 +431,23 @@ def audit_clients(caplog: pytest.LogCaptureFixture, count: int) -> list[tuple[st
 def test_x_forwarded_for_is_believed_only_from_a_trusted_proxy(
     tmp_path: Path,
     nbia_upstream: FakeServer,
-    caplog: pytest.LogCaptureFixture,
     trusted: list[str],
     audited: str,
 ) -> None:
     """The audit line names the peer unless the peer is a trusted proxy; on the full path and
     on the protocol's shortcut for hits alike."""
-    caplog.set_level(logging.INFO, logger="nbia_proxy.audit")
     settings = make_settings(tmp_path, nbia_upstream.url, trusted_proxies=trusted)
     forged = {"X-Forwarded-For": "203.0.113.9"}
     with GatewayServer(settings) as gateway:
         miss = httpx.get(gateway.url + SERIES, headers=forged)
         hit = httpx.get(gateway.url + SERIES, headers=forged)
         assert gateway.app.shortcut_hits == 1
+        lines = gateway.audit_lines(2)
     assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
-    assert audit_clients(caplog, 2) == [(audited, "MISS"), (audited, "HIT")]
+    assert [(line["client"], line["cache"]) for line in lines] == [
+        (audited, "MISS"),
+        (audited, "HIT"),
+    ]
 
 
 def test_trusted_proxies_come_as_a_list_or_comma_separated_and_are_checked() -> None:

@@ -55,6 +55,13 @@ def counts_against_upstream(error: UpstreamError, *, slow: bool) -> bool:
     return isinstance(error, UpstreamUnreachable)
 
 
+def is_connection_failure(error: UpstreamError) -> bool:
+    """Whether ``error`` says the upstream could not be reached at all (for /healthz)."""
+    if isinstance(error, UpstreamTimeout):
+        return error.phase == "connect"
+    return isinstance(error, UpstreamUnreachable)
+
+
 def is_failure_status(status: int, *, slow: bool) -> bool:
     """Whether an upstream answer counts against the breaker (a 504 of a slow query does not)."""
     return status in FAILURE_STATUSES and not (slow and status == 504)
@@ -77,6 +84,9 @@ class Breaker:
     opened_at: float | None = None
     probing: bool = False
     listener: Callable[[], None] | None = None
+    #: The last failure in a row (for /healthz), and whether it was a failure to connect.
+    last_error: str | None = None
+    unreachable: bool = False
 
     @property
     def state(self) -> str:
@@ -123,10 +133,14 @@ class Breaker:
         self.failures = 0
         self.opened_at = None
         self.probing = False
+        self.last_error = None
+        self.unreachable = False
 
-    def failure(self) -> None:
+    def failure(self, reason: str | None = None, *, unreachable: bool = False) -> None:
         """The upstream failed: one more in a row, opening the circuit at the threshold."""
         self.failures += 1
+        self.last_error = reason
+        self.unreachable = unreachable
         if self.probing or self.failures >= self.threshold:
             if self.opened_at is None:
                 log.warning(

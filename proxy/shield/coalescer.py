@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from proxy.audit import JOINED
 from proxy.shield.counters import ShieldCounters
 
 T = TypeVar("T")
@@ -25,6 +26,7 @@ class Coalescer(Generic[T]):
             flight = self.start(key, fetch)
         else:
             self._counters.coalesced += 1
+            JOINED.set(True)  # this request's audit line says JOINED, not MISS
         return await asyncio.shield(flight)
 
     def start(self, key: str, fetch: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
