@@ -27,6 +27,7 @@ vcrpy details that matter here (vcrpy 9.x, httpx 0.28):
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,8 +51,12 @@ CASSETTES = Path(__file__).parent / "cassettes"
 def _httpx_transport() -> Iterator[None]:
     """The upstream clients on httpx's own transport, the one vcrpy replays cassettes into."""
 
-    def transport(max_connections: int) -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections))
+    def transport(
+        max_connections: int, ssl_context: ssl.SSLContext | None = None
+    ) -> httpx.AsyncHTTPTransport:
+        return httpx.AsyncHTTPTransport(
+            verify=ssl_context or True, limits=httpx.Limits(max_connections=max_connections)
+        )
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(proxy.upstream, "Http1Transport", transport)
