@@ -164,16 +164,22 @@ def test_reading_pauses_when_the_consumer_lags() -> None:
     asyncio.run(run())
 
 
-def test_an_interim_answer_is_skipped_for_the_real_one() -> None:
-    """One response protocol for both clients: a 100 Continue is not the answer."""
+def replying(reply: bytes) -> Script:
+    """A script that sends ``reply`` and closes."""
 
     async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nzip")
+        writer.write(reply)
         await writer.drain()
 
+    return script
+
+
+def test_an_interim_answer_is_skipped_for_the_real_one() -> None:
+    """One response protocol for both clients: a 100 Continue is not the answer."""
+    reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nzip"
+
     async def run() -> None:
-        async with serve(script) as (url, _):
+        async with serve(replying(reply)) as (url, _):
             response = await _get(url)
             assert response.status_code == 200
             assert await _body(response) == b"zip"
@@ -190,12 +196,8 @@ def test_an_interim_answer_is_skipped_for_the_real_one() -> None:
     ids=["head-over-16-KiB", "upgrade"],
 )
 def test_a_head_too_large_or_an_upgrade_is_refused(reply: bytes) -> None:
-    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(reply)
-        await writer.drain()
-
     async def run() -> None:
-        async with serve(script) as (url, _):
+        async with serve(replying(reply)) as (url, _):
             with pytest.raises(httpx.RemoteProtocolError):
                 await _get(url)
 
