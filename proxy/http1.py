@@ -334,7 +334,7 @@ class Pool:
         idle_seconds: float = KEEPALIVE_SECONDS,
     ) -> None:
         self._ssl_context = ssl_context
-        self._slots = asyncio.Semaphore(max_connections) if max_connections else None
+        self._slots = None if max_connections is None else asyncio.Semaphore(max_connections)
         self.max_idle = max_idle
         self.idle_seconds = idle_seconds
         self._idle: dict[Origin, deque[Connection]] = {}

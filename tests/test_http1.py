@@ -324,3 +324,20 @@ def test_a_held_binary_response_leaves_the_metadata_pool_alone(tmp_path: Path) -
 
     asyncio.run(main())
     assert server.connections == 4  # three binaries (unread: not kept), one metadata
+
+
+def test_a_connection_out_of_step_is_not_reused() -> None:
+    """Two answers to one request, or bytes sent while idle: that connection is spent."""
+    answers = {b"/twice": OK + OK, b"/then-noise": OK + b"HTTP/1.1 200 OK\r\n"}
+
+    def answer(head: bytes) -> bytes:
+        return answers.get(head.split(b" ")[1], OK)
+
+    async def scenario(client: httpx.AsyncClient, url: str, server: Server) -> None:
+        for path in answers:
+            assert (await client.get(url + path.decode())).content == b"ok"
+            await asyncio.sleep(0.05)  # the rest arrives
+            assert (await client.get(url)).content == b"ok"
+
+    server = run(answer, scenario)
+    assert server.connections == 3  # a new one after each spent one, then kept
