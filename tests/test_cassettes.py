@@ -54,9 +54,8 @@ def _httpx_transport() -> Iterator[None]:
     def transport(
         max_connections: int, ssl_context: ssl.SSLContext | None = None
     ) -> httpx.AsyncHTTPTransport:
-        return httpx.AsyncHTTPTransport(
-            verify=ssl_context or True, limits=httpx.Limits(max_connections=max_connections)
-        )
+        limits = httpx.Limits(max_connections=max_connections)
+        return httpx.AsyncHTTPTransport(limits=limits, verify=ssl_context or True)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(proxy.upstream, "Http1Transport", transport)
