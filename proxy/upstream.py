@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from proxy import rawhttp
 from proxy.config import Settings
 from proxy.errors import transport_error
-from proxy.http1 import Http1Transport
+from proxy.http1 import Http1Transport, new_ssl_context
 from proxy.service_token import ServiceToken
 from proxy.shield.breaker import Breaker, is_failure_status
 from proxy.shield.counters import ShieldCounters
@@ -91,12 +91,15 @@ class Upstream:
             pool=settings.connect_timeout_seconds,
         )
         limit = settings.max_upstream_connections
-        # Binary bodies go through rawhttp (see proxy.forwarding), on the same TLS context as
-        # the metadata connections: one trust store, loaded once, for both.
-        self.raw = rawhttp.Client(max_idle=limit)
+        # Two pools of proxy.http1 connections on one TLS context (one trust store, loaded
+        # once): binary bodies stream through rawhttp (see proxy.forwarding) with no cap of
+        # their own, so a slow multi-GB relay never holds a connection the metadata client,
+        # capped at ``limit``, is waiting for.
+        tls = new_ssl_context()
+        self.raw = rawhttp.Client(tls, max_idle=limit)
         self.client = httpx.AsyncClient(
             # Kept-alive connections parsed in C: half of what a cache miss costs otherwise.
-            transport=transport or Http1Transport(limit, ssl_context=self.raw.ssl_context),
+            transport=transport or Http1Transport(limit, ssl_context=tls),
             # One client speaks for every user: a cookie the upstream sets for one request
             # (Tomcat's JSESSIONID) must not ride along with the next user's.
             cookies=NoCookies(),

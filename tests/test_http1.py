@@ -13,11 +13,14 @@ import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
 
 from proxy.http1 import MAX_HEAD_BYTES, Http1Transport
+from proxy.upstream import Upstream, upstream_configs
+from tests.gateway_server import make_settings
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
 Answer = Callable[[bytes], bytes | None]  # the request head -> the bytes to send (None: hang)
@@ -234,3 +237,107 @@ def test_https_verifies_the_certificate(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert server.connections == 1  # kept for both trusted requests; the refused one never got in
+
+
+def test_a_request_on_a_kept_connection_closed_unanswered_fails_unsent_again() -> None:
+    """The transport never sends a request twice (the caller decides: proxy.forwarding
+    replays reads only); the broken connection is not kept."""
+
+    class DropsTheSecond(Server):
+        async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                for answered in range(2):
+                    self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+                    await reader.readexactly(1)
+                    if answered and self.connections == 1:
+                        return  # the second request on the first connection: closed unanswered
+                    writer.write(OK)
+                    await writer.drain()
+                await reader.read()
+            finally:
+                writer.close()
+
+    async def scenario(client: httpx.AsyncClient, url: str, server: Server) -> None:
+        assert (await client.post(url, content=b"a")).content == b"ok"
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await client.post(url, content=b"b")
+        assert (await client.post(url, content=b"c")).content == b"ok"
+
+    server = DropsTheSecond(lambda head: OK)
+
+    async def main() -> None:
+        url = await server.start()
+        async with httpx.AsyncClient(transport=Http1Transport(1), timeout=5) as client:
+            try:
+                await scenario(client, url, server)
+            finally:
+                server.close()
+
+    asyncio.run(main())
+    assert len(server.heads) == 3 and server.connections == 2
+
+
+def test_idle_connections_are_closed_after_the_keepalive_time() -> None:
+    async def scenario(client: httpx.AsyncClient, url: str, server: Server) -> None:
+        pool = cast(Http1Transport, client._transport).pool
+        pool.idle_seconds = 0.2
+        assert (await client.get(url)).content == b"ok"
+        assert pool.idle_connections() == 1
+        await asyncio.sleep(0.5)
+        assert pool.idle_connections() == 0  # closed, not just passed over at the next request
+        assert (await client.get(url)).content == b"ok"
+
+    server = run(lambda head: OK, scenario)
+    assert server.connections == 2
+
+
+def test_a_held_binary_response_leaves_the_metadata_pool_alone(tmp_path: Path) -> None:
+    """Two pools per upstream, one TLS context: binaries have no cap of their own, and the
+    metadata client's cap (max_upstream_connections) counts only its own connections."""
+    server = Server(lambda head: OK)
+
+    async def main() -> None:
+        url = await server.start()
+        settings = make_settings(tmp_path, url, max_upstream_connections=1)
+        upstream = Upstream(upstream_configs(settings)[-1], settings)
+        metadata = cast(Http1Transport, upstream.client._transport).pool
+        assert upstream.raw.ssl_context is metadata.ssl_context
+        timeouts = {"connect_timeout": 5.0, "read_timeout": 5.0}
+        try:
+            binaries = [
+                await upstream.raw.send(httpx.URL(url + "/zip"), "GET", [], b"", **timeouts)
+                for _ in range(2)
+            ]  # held open, unread
+            assert (await upstream.client.get(url + "/meta")).content == b"ok"
+            request = upstream.client.build_request("GET", url)
+            held = await upstream.client.send(request, stream=True)
+            with pytest.raises(httpx.PoolTimeout):
+                await upstream.client.get(url, timeout=httpx.Timeout(5.0, pool=0.2))
+            third = await upstream.raw.send(httpx.URL(url + "/zip"), "GET", [], b"", **timeouts)
+            for response in [*binaries, third]:
+                await response.aclose()
+            await held.aclose()
+        finally:
+            await upstream.aclose()
+            server.close()
+
+    asyncio.run(main())
+    assert server.connections == 4  # three binaries (unread: not kept), one metadata
+
+
+def test_a_connection_out_of_step_is_not_reused() -> None:
+    """Two answers to one request, or bytes sent while idle: that connection is spent."""
+    answers = {b"/twice": OK + OK, b"/then-noise": OK + b"HTTP/1.1 200 OK\r\n"}
+
+    def answer(head: bytes) -> bytes:
+        return answers.get(head.split(b" ")[1], OK)
+
+    async def scenario(client: httpx.AsyncClient, url: str, server: Server) -> None:
+        for path in answers:
+            assert (await client.get(url + path.decode())).content == b"ok"
+            await asyncio.sleep(0.05)  # the rest arrives
+            assert (await client.get(url)).content == b"ok"
+
+    server = run(answer, scenario)
+    assert server.connections == 3  # a new one after each spent one, then kept

@@ -10,7 +10,9 @@ import httpx
 import pytest
 
 from proxy import rawhttp
+from proxy.http1 import MAX_HEAD_BYTES
 
+TIMEOUTS = {"connect_timeout": 2.0, "read_timeout": 2.0}
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -160,3 +162,80 @@ def test_reading_pauses_when_the_consumer_lags() -> None:
             assert len(await _body(response)) == len(payload)
 
     asyncio.run(run())
+
+
+def replying(reply: bytes) -> Script:
+    """A script that sends ``reply`` and closes."""
+
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply)
+        await writer.drain()
+
+    return script
+
+
+def test_an_interim_answer_is_skipped_for_the_real_one() -> None:
+    """One response protocol for both clients: a 100 Continue is not the answer."""
+    reply = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nzip"
+
+    async def run() -> None:
+        async with serve(replying(reply)) as (url, _):
+            response = await _get(url)
+            assert response.status_code == 200
+            assert await _body(response) == b"zip"
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * MAX_HEAD_BYTES + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+    ],
+    ids=["head-over-16-KiB", "upgrade"],
+)
+def test_a_head_too_large_or_an_upgrade_is_refused(reply: bytes) -> None:
+    async def run() -> None:
+        async with serve(replying(reply)) as (url, _):
+            with pytest.raises(httpx.RemoteProtocolError):
+                await _get(url)
+
+    asyncio.run(run())
+
+
+def test_a_post_never_goes_out_on_a_kept_connection_nor_twice() -> None:
+    """A GET's connection is kept; a POST opens its own, and when that breaks, it fails."""
+    requests: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                requests.append(head.split(b" ", 1)[0])
+                if head.startswith(b"POST"):
+                    await reader.readexactly(4)
+                    break  # closed unanswered
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    async def run() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = httpx.URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+        client = rawhttp.Client()
+        async with server:
+            response = await client.send(url, "GET", [], b"", **TIMEOUTS)
+            assert await _body(response) == b"ok"
+            assert client.idle_connections() == 1
+            with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+                await client.send(url, "POST", [], b"form", **TIMEOUTS)
+            assert client.idle_connections() == 1  # the GET's connection was not taken
+            assert client.connections_opened == 2
+            await client.aclose()
+
+    asyncio.run(run())
+    assert requests == [b"GET", b"POST"]
