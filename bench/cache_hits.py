@@ -80,8 +80,11 @@ def warm(url: str, header: str, expected: bytes, attempts: int = 20) -> None:
 def start_baseline(
     tree: Path, upstream: str, data_dir: Path, args: Sequence[str]
 ) -> tuple[Process, str]:
-    """The gateway of another checkout, with its own venv when it has one."""
-    return common.start_gateway(upstream, data_dir, list(args), source=tree)
+    """The gateway of another checkout, with its own venv when it has one (at log level
+    ``warning`` unless ``args`` sets one: older gateways wrote their audit log at ``info``)."""
+    chosen = any(arg.startswith("--log-level") for arg in args)
+    level = None if chosen else "warning"
+    return common.start_gateway(upstream, data_dir, list(args), source=tree, log_level=level)
 
 
 def start_pair(
