@@ -84,6 +84,7 @@ class Upstream:
         self.config = config
         self.name = config.name
         self.base_url = httpx.URL(config.url)
+        self._base_path = self.base_url.raw_path.split(b"?", 1)[0].rstrip(b"/")
         self.timeout = httpx.Timeout(
             connect=settings.connect_timeout_seconds,
             read=settings.read_timeout_seconds,
@@ -148,11 +149,14 @@ class Upstream:
             connect=min(settings.connect_timeout_seconds, patience),
         )
 
+    def target_for(self, raw_path: bytes, query: bytes) -> bytes:
+        """The request target (path and query) the upstream receives for a client path below
+        the mount and its raw query, bytes kept."""
+        return self._base_path + raw_path + (b"?" + query if query else b"")
+
     def url_for(self, raw_path: bytes, query: bytes) -> httpx.URL:
         """The upstream URL for a client path (below the mount) and raw query, bytes kept."""
-        base_path = self.base_url.raw_path.split(b"?", 1)[0].rstrip(b"/")
-        target = base_path + raw_path + (b"?" + query if query else b"")
-        return self.base_url.copy_with(raw_path=target)
+        return self.base_url.copy_with(raw_path=self.target_for(raw_path, query))
 
     async def probe(self) -> bool:
         """One cheap anonymous read (:data:`PROBE_PATH`): True when the upstream answers with

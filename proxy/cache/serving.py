@@ -81,7 +81,7 @@ def key_origin(upstream: Upstream) -> str:
 
 def forwarded_head_size(upstream: Upstream, request: OutgoingRequest) -> int:
     """The size of the request head as it will be forwarded, the service token aside."""
-    target = upstream.url_for(request.raw_path, request.query).raw_path
+    target = upstream.target_for(request.raw_path, request.query)
     headers = [*for_upstream(request.headers), (b"host", upstream.base_url.netloc)]
     if request.body or request.method == "POST":
         headers.append((b"content-length", b"%d" % len(request.body)))
