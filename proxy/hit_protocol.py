@@ -229,6 +229,9 @@ class HitProtocol(HttpToolsProtocol):
             self.transport.write(error_answer(status, message))
             self.transport.close()
         gateway = self._gateway
+        if gateway is not None and gateway.tally is not None:
+            started = self._began or time.perf_counter()
+            gateway.tally.request("unknown", "-", status, "-", 0, time.perf_counter() - started)
         if gateway is not None and gateway.audit.on:  # a refusal before any ASGI call
             gateway.audit.record(
                 user="-",
@@ -393,8 +396,8 @@ class HitProtocol(HttpToolsProtocol):
         # It can answer now: with the same stored answer the ASGI path would send.
         answer = stored_answer(cached.cache, entry)
         gateway.shortcut_hits += 1
-        if gateway.audit.on:
-            user = gateway.access.audit_name(principal, self.headers)
+        if gateway.observed:  # the audit line or the metrics, recorded after the write
+            user = gateway.access.audit_name(principal, self.headers) if gateway.audit.on else ""
             self._audited = (user, client, path, url.query or b"", entry)
         return answer.wire()
 
