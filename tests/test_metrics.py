@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.metrics import FAMILIES, PREFIX
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import Clock, GatewayProcess, GatewayServer, make_settings
+from tests.test_accounts import LabFactory, bearer, make_lab  # noqa: F401 (a fixture)
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
@@ -211,3 +212,61 @@ def test_sums_across_two_workers(tmp_path: Path, nbia_upstream: FakeServer) -> N
         for _ in range(6):
             again = scrape(gateway.url)
             assert total(again, "requests_total", endpoint="metadata") == count
+
+
+def test_accounts_mode_needs_an_admin_or_the_metrics_token(make_lab: LabFactory) -> None:
+    token = "prometheus-0123456789abcdef"
+    lab = make_lab(metrics_token=token, login_free_failures=1, login_lockout_max_seconds=30)
+    assert lab.get("/metrics").status_code == 401
+    assert lab.get("/metrics", bearer(lab.keys["alice"])).status_code == 403
+    assert lab.get("/metrics", bearer("not-the-token")).status_code == 401
+    before = scrape(lab.gw.url, headers=bearer(lab.keys["root"]))
+    # Wrong keys from one address: past the free failure it is locked out, and refused.
+    statuses = [lab.get(f"{S}/v4/getCollectionValues", bearer("wrong")).status_code for _ in "1234"]
+    assert statuses[0] == 401 and statuses[-1] == 429
+    after = scrape(lab.gw.url, headers=bearer(token))
+    assert moved(before, after, "access_lockouts_total") == 1
+    assert moved(before, after, "access_refusals_total", reason="lockout") == statuses.count(429)
+    refused = {"endpoint": "metadata", "cache": "-"}
+    assert moved(before, after, "requests_total", **refused, status="4xx") == 4
+    lines = lab.gw.audit_lines(8)
+    assert token not in json.dumps(lines) and lab.keys["root"] not in json.dumps(lines)
+
+
+def metadata_requests(url: str, count: int, timeout: float = 20) -> float:
+    """The summed count of metadata requests, once it reaches ``count`` (workers share their
+    figures once a second); what it is when ``timeout`` runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = total(scrape(url), "requests_total", endpoint="metadata")
+        if seen >= count or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
+
+
+def test_a_worker_that_dies_takes_nothing_from_the_sums(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    psutil = pytest.importorskip("psutil")
+    data = tmp_path / "data"
+    with GatewayProcess(nbia_upstream.url, data, "--workers", "2") as gateway:
+        for _ in range(20):
+            with httpx.Client() as client:
+                assert client.get(gateway.url + SERIES, timeout=30).status_code == 200
+        assert metadata_requests(gateway.url, 20) == 20
+        files = list((data / "metrics").glob("*.json"))
+        owners = {int(f.name.split("-")[0]) for f in files}
+        workers = [p for p in psutil.Process(gateway.pid).children() if p.pid in owners]
+        assert len(workers) == 2
+        workers[0].kill()  # no clean stop: only what it wrote before is left
+        deadline = time.monotonic() + 30
+        while len(list((data / "metrics").glob("*.json"))) < 3 or workers[0].is_running():
+            assert time.monotonic() < deadline, "uvicorn did not replace the worker"
+            time.sleep(0.1)
+        for _ in range(6):  # whichever worker answers, nothing went backwards
+            assert metadata_requests(gateway.url, 20, timeout=0) == 20
+        for _ in range(4):
+            with httpx.Client() as client:
+                assert client.get(gateway.url + SERIES, timeout=30).status_code == 200
+        assert metadata_requests(gateway.url, 24) == 24
+        assert len(list((data / "metrics").glob("*.json"))) == 3  # the dead one's file stays
