@@ -214,7 +214,9 @@ def test_sums_across_two_workers(tmp_path: Path, nbia_upstream: FakeServer) -> N
             assert total(again, "requests_total", endpoint="metadata") == count
 
 
-def test_accounts_mode_needs_an_admin_or_the_metrics_token(make_lab: LabFactory) -> None:
+def test_accounts_mode_needs_an_admin_or_the_metrics_token(
+    make_lab: LabFactory,  # noqa: F811 (the fixture imported above)
+) -> None:
     token = "prometheus-0123456789abcdef"
     lab = make_lab(metrics_token=token, login_free_failures=1, login_lockout_max_seconds=30)
     assert lab.get("/metrics").status_code == 401
