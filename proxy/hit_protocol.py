@@ -129,6 +129,7 @@ class HitProtocol(HttpToolsProtocol):
         self._idle_deadline: float | None = None
         self._began = 0.0  # perf_counter() at the current request's first byte, for its audit
         self._audited: tuple[str, str, str, bytes, Any] | None = None  # the hit to audit
+        self._counted: Any = None  # the entry of a hit to count for /metrics (audit off)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -307,6 +308,11 @@ class HitProtocol(HttpToolsProtocol):
             assert self._gateway is not None
             self._gateway.record_hit(*self._audited, self._began)
             self._audited = None
+        elif self._counted is not None:
+            entry, self._counted = self._counted, None
+            tally = self._gateway.tally if self._gateway is not None else None
+            if tally is not None:
+                tally.hit(entry.status, len(entry.body), time.perf_counter() - self._began)
         # What uvicorn does after a response: count it, re-arm keep-alive, resume reading.
         self.on_response_complete()
 
@@ -396,9 +402,11 @@ class HitProtocol(HttpToolsProtocol):
         # It can answer now: with the same stored answer the ASGI path would send.
         answer = stored_answer(cached.cache, entry)
         gateway.shortcut_hits += 1
-        if gateway.observed:  # the audit line or the metrics, recorded after the write
-            user = gateway.access.audit_name(principal, self.headers) if gateway.audit.on else ""
+        if gateway.audit.on:  # its line (and metrics) recorded after the write
+            user = gateway.access.audit_name(principal, self.headers)
             self._audited = (user, client, path, url.query or b"", entry)
+        elif gateway.tally is not None:  # metrics alone: the least work per hit
+            self._counted = entry
         return answer.wire()
 
     def _forwarded_client(self) -> str:
