@@ -36,6 +36,7 @@ from uvicorn.server import ServerState
 
 from proxy import audit
 from proxy.cache.answer import status_line, stored_answer
+from proxy.cache.store import Entry
 from proxy.gateway import Gateway
 
 log = logging.getLogger("nbia_proxy.protocol")
@@ -129,7 +130,7 @@ class HitProtocol(HttpToolsProtocol):
         self._idle_deadline: float | None = None
         self._began = 0.0  # perf_counter() at the current request's first byte, for its audit
         self._audited: tuple[str, str, str, bytes, Any] | None = None  # the hit to audit
-        self._counted: Any = None  # the entry of a hit to count for /metrics (audit off)
+        self._hit_entry: Entry | None = None  # a hit to count for /metrics (audit off)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -308,8 +309,8 @@ class HitProtocol(HttpToolsProtocol):
             assert self._gateway is not None
             self._gateway.record_hit(*self._audited, self._began)
             self._audited = None
-        elif self._counted is not None:
-            entry, self._counted = self._counted, None
+        elif self._hit_entry is not None:
+            entry, self._hit_entry = self._hit_entry, None
             tally = self._gateway.tally if self._gateway is not None else None
             if tally is not None:
                 tally.hit(entry.status, len(entry.body), time.perf_counter() - self._began)
@@ -406,7 +407,7 @@ class HitProtocol(HttpToolsProtocol):
             user = gateway.access.audit_name(principal, self.headers)
             self._audited = (user, client, path, url.query or b"", entry)
         elif gateway.tally is not None:  # metrics alone: the least work per hit
-            self._counted = entry
+            self._hit_entry = entry
         return answer.wire()
 
     def _forwarded_client(self) -> str:
