@@ -91,21 +91,27 @@ def test_every_family_is_shown_with_help_and_type(gw: GatewayServer) -> None:
     assert f"# TYPE {PREFIX}request_duration_seconds histogram" in text
 
 
-def test_a_miss_and_two_hits(gw: GatewayServer) -> None:
-    before = scrape(gw.url)
-    miss = get(gw, SERIES)
-    hits = [get(gw, SERIES), get(gw, SERIES)]
-    assert [a.headers["x-cache"] for a in [miss, *hits]] == ["MISS", "HIT", "HIT"]
-    after = scrape(gw.url)
+@pytest.mark.parametrize("audit_log", [None, ""], ids=["audit-on", "audit-off"])
+def test_a_miss_and_two_hits(make_gateway: GatewayFactory, audit_log: str | None) -> None:
+    with make_gateway(audit_log=audit_log) as gw:
+        before = scrape(gw.url)
+        shortcut = gw.app.shortcut_hits
+        miss = get(gw, SERIES)
+        hits = [get(gw, SERIES), get(gw, SERIES)]
+        # One more hit, from memory on the ASGI path (the shortcut keeps connections open).
+        closing = httpx.get(gw.url + SERIES, headers={"Connection": "close"})
+        after = scrape(gw.url)
+    assert [a.headers["x-cache"] for a in [miss, *hits, closing]] == ["MISS", *["HIT"] * 3]
+    assert gw.app.shortcut_hits - shortcut == 2  # two by the protocol's shortcut
     m = {"endpoint": "metadata", "method": "GET", "status": "2xx"}
     assert moved(before, after, "requests_total", **m, cache="MISS", outcome="ok") == 1
-    assert moved(before, after, "requests_total", **m, cache="HIT", outcome="ok") == 2
-    assert moved(before, after, "requests_total", endpoint="metadata") == 3
-    assert moved(before, after, "response_bytes_total", source="cache") == 2 * len(miss.content)
+    assert moved(before, after, "requests_total", **m, cache="HIT", outcome="ok") == 3
+    assert moved(before, after, "requests_total", endpoint="metadata") == 4
+    assert moved(before, after, "response_bytes_total", source="cache") == 3 * len(miss.content)
     assert moved(before, after, "response_bytes_total", source="upstream") == len(miss.content)
     hist = "request_duration_seconds"
-    assert moved(before, after, f"{hist}_count", endpoint="metadata", cache="HIT") == 2
-    assert moved(before, after, f"{hist}_bucket", endpoint="metadata", cache="HIT", le="+Inf") == 2
+    assert moved(before, after, f"{hist}_count", endpoint="metadata", cache="HIT") == 3
+    assert moved(before, after, f"{hist}_bucket", endpoint="metadata", cache="HIT", le="+Inf") == 3
     assert moved(before, after, f"{hist}_sum", endpoint="metadata", cache="HIT") > 0
     assert moved(before, after, "upstream_requests_total", upstream="nbia", outcome="2xx") == 1
     assert moved(before, after, "upstream_request_duration_seconds_count", upstream="nbia") == 1
