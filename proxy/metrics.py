@@ -40,6 +40,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from proxy import __version__
 from proxy.endpoints import lookup
 from proxy.errors import ServiceTokenError, UpstreamTimeout, UpstreamUnreachable
 from proxy.token_endpoints import local_endpoint
@@ -87,6 +88,9 @@ class Family:
 
 #: Every family ``/metrics`` can show (the README lists the same).
 FAMILIES = (
+    Family(
+        "build_info", "gauge", ("version",), "1, labelled with the gateway's version.", shared=True
+    ),
     Family(
         "requests",
         "counter",
@@ -587,6 +591,7 @@ class Metrics:
             else:
                 total["cache_entries"] = {r.endpoint: r.entries for r in rows}
                 total["cache_bytes"] = {r.endpoint: r.bytes for r in rows}
+        total["build_info"] = {__version__: 1}
         return exposition(total)
 
     def _add_shared(self, own: Snapshot, total: Snapshot) -> None:

@@ -278,3 +278,11 @@ def test_a_worker_that_dies_takes_nothing_from_the_sums(
                 assert client.get(gateway.url + SERIES, timeout=30).status_code == 200
         assert metadata_requests(gateway.url, 24) == 24
         assert len(list((data / "metrics").glob("*.json"))) == 3  # the dead one's file stays
+
+
+def test_the_readme_lists_every_family_with_its_labels() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for family in FAMILIES:
+        name = PREFIX + family.name + ("_total" if family.kind == "counter" else "")
+        labels = ", ".join(f"`{label}`" for label in family.labels) or "none"
+        assert f"| `{name}` | {family.kind} | {labels} |" in readme, name
