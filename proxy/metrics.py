@@ -205,6 +205,28 @@ FAMILIES = (
         "would not take it), low_disk.",
     ),
     Family(
+        "binary_files",
+        "gauge",
+        (),
+        "Series downloads kept in the binary store (all replicas), once it is in place.",
+        shared=True,
+    ),
+    Family("binary_bytes", "gauge", (), "Bytes of the kept downloads.", shared=True),
+    Family("binary_evictions", "counter", (), "Kept downloads evicted to stay under the cap."),
+    Family(
+        "binary_not_kept",
+        "counter",
+        ("reason",),
+        "Downloads relayed without being kept: write_failure, too_large, no_room.",
+    ),
+    Family(
+        "validation_failures",
+        "counter",
+        ("reason",),
+        "Downloads whose integrity check failed, by reason (truncated, bad_zip, crc_mismatch, "
+        "md5_mismatch, count_mismatch, size_mismatch, ...: proxy.binary.verdict).",
+    ),
+    Family(
         "access_refusals",
         "counter",
         ("reason",),
@@ -281,6 +303,7 @@ class Tally:
         self.upstream_durations: dict[tuple[str], Histogram] = {}
         self.pauses: Samples = {}
         self.pause_seconds: Samples = {}
+        self.validation_failures: Samples = {}
         # Fresh hits, the hot path, are counted apart (by status; their bytes; their
         # durations) and folded into the families above when a snapshot is taken.
         self.hits: dict[int, int] = {}
@@ -351,6 +374,11 @@ class Tally:
     def upstream_error(self, upstream: str, kind: str) -> None:
         key = (upstream, kind)
         self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    def validation_failed(self, reason: str) -> None:
+        """A download failed its integrity check (``reason``: a verdict's reason)."""
+        key = (reason,)
+        self.validation_failures[key] = self.validation_failures.get(key, 0) + 1
 
     def paused(self, upstream: str, seconds: float) -> None:
         """An upstream's Retry-After paused the gateway's requests to it."""
@@ -519,6 +547,9 @@ class Metrics:
         self._access = access
         self._cache = cache
         self.sharing = sharing
+        #: The binary store (a :class:`proxy.binary.files.BinaryStore`), once the app has one:
+        #: its ``counters`` and ``stats()`` are read at a scrape.
+        self.binary: Any = None
 
     def snapshot(self) -> Snapshot:
         """This process's figures, as :func:`add_snapshot` and the workers' files take them."""
@@ -548,7 +579,16 @@ class Metrics:
             "access_refusals": {"lockout": access.lockout.refused, "rate": access.limits.refused},
             "access_lockouts": {"": access.lockout.lockouts},
             "download_queued": {"": access.limits.queued},
+            "validation_failures": _joined(t.validation_failures),
         }
+        if self.binary is not None:
+            kept = self.binary.counters
+            snap["binary_evictions"] = {"": kept.evicted}
+            snap["binary_not_kept"] = {
+                "write_failure": kept.write_failures,
+                "too_large": kept.too_large,
+                "no_room": kept.no_room,
+            }
         circuits: dict[str, Any] = {}
         queues: dict[str, Any] = {}
         renewals: dict[str, Any] = {}
@@ -591,6 +631,14 @@ class Metrics:
             else:
                 total["cache_entries"] = {r.endpoint: r.entries for r in rows}
                 total["cache_bytes"] = {r.endpoint: r.bytes for r in rows}
+        if self.binary is not None:
+            try:
+                kept = await asyncio.to_thread(self.binary.stats)
+            except Exception as exc:
+                log.warning("metrics: binary store statistics unavailable: %s", exc)
+            else:
+                total["binary_files"] = {"": kept.files}
+                total["binary_bytes"] = {"": kept.bytes}
         total["build_info"] = {__version__: 1}
         return exposition(total)
 

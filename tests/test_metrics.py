@@ -3,19 +3,23 @@ move by exactly what a scripted sequence of requests did, and sums across worker
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import FAMILIES, PREFIX
+from proxy.app import build_access
+from proxy.metrics import FAMILIES, PREFIX, Metrics
+from proxy.shield.counters import ShieldCounters
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import Clock, GatewayProcess, GatewayServer, make_settings
 from tests.test_accounts import LabFactory, bearer, make_lab  # noqa: F401 (a fixture)
@@ -286,3 +290,23 @@ def test_the_readme_lists_every_family_with_its_labels() -> None:
         name = PREFIX + family.name + ("_total" if family.kind == "counter" else "")
         labels = ", ".join(f"`{label}`" for label in family.labels) or "none"
         assert f"| `{name}` | {family.kind} | {labels} |" in readme, name
+
+
+def test_the_binary_store_and_validation_failures_once_in_place(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, "http://127.0.0.1:9", cache_enabled=False)
+    counters = ShieldCounters()
+    metrics = Metrics(counters, [], build_access(settings), None)
+    kept = SimpleNamespace(evicted=3, write_failures=1, too_large=2, no_room=0)
+    metrics.binary = SimpleNamespace(
+        counters=kept, stats=lambda: SimpleNamespace(files=5, bytes=12345)
+    )
+    counters.tally.validation_failed("md5_mismatch")
+    counters.tally.validation_failed("md5_mismatch")
+    counters.tally.validation_failed("truncated")
+    figures = parse(asyncio.run(metrics.render()).decode())
+    assert total(figures, "binary_files") == 5 and total(figures, "binary_bytes") == 12345
+    assert total(figures, "binary_evictions_total") == 3
+    assert total(figures, "binary_not_kept_total", reason="too_large") == 2
+    assert total(figures, "validation_failures_total", reason="md5_mismatch") == 2
+    assert total(figures, "validation_failures_total", reason="truncated") == 1
+    assert total(figures, "build_info") == 1
