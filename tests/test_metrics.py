@@ -310,3 +310,19 @@ def test_the_binary_store_and_validation_failures_once_in_place(tmp_path: Path) 
     assert total(figures, "validation_failures_total", reason="md5_mismatch") == 2
     assert total(figures, "validation_failures_total", reason="truncated") == 1
     assert total(figures, "build_info") == 1
+
+
+def test_service_token_renewals_and_failures(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
+    fake = nbia_upstream.app
+    v2 = f"{S}/v2/getCollectionValues"
+    before = scrape(gw.url)
+    assert get(gw, v2).status_code == 200  # the service account logs in
+    # Its token is revoked and both the refresh and a new login fail: one failed renewal.
+    fake.fail_next(2, status=500, path_contains="oauth/token", include_token=True)
+    fake.revoke_tokens()
+    assert get(gw, v2 + "?format=json").status_code >= 500
+    after = scrape(gw.url)
+    renewals = "service_token_renewals_total"
+    assert moved(before, after, renewals, upstream="nbia", outcome="ok") == 1
+    assert moved(before, after, renewals, upstream="nbia", outcome="failed") == 1
+    assert moved(before, after, "upstream_errors_total", kind="service_token") >= 1
