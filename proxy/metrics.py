@@ -1,8 +1,8 @@
 """Prometheus metrics: what the gateway counts, and ``/metrics`` in the exposition format.
 
 Per request the gateway adds to plain ints and lists (:class:`Tally`): a hit costs a few dict
-and list operations, not prometheus-client's locked, per-label children (measured about 3x
-dearer; 10x with its multiprocess files). What other parts of the gateway already count (the
+and list operations (about 0.2 µs), not prometheus-client's locked per-label children (about
+1 µs a hit for a counter, a histogram and the bytes; 3 µs with its multiprocess files). What other parts of the gateway already count (the
 shield, the cache writer, the accounts, the service tokens) is read when Prometheus scrapes,
 and so is state (circuits, queues, the cache's size). At a scrape :func:`render` turns it all
 into metric families and prometheus-client writes the text.
