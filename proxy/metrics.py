@@ -2,9 +2,10 @@
 
 Per request the gateway adds to plain ints and lists (:class:`Tally`): a hit costs a few dict
 and list operations (about 0.2 µs), not prometheus-client's locked per-label children (about
-1 µs a hit for a counter, a histogram and the bytes; 3 µs with its multiprocess files). What other parts of the gateway already count (the
-shield, the cache writer, the accounts, the service tokens) is read when Prometheus scrapes,
-and so is state (circuits, queues, the cache's size). At a scrape :func:`render` turns it all
+1 µs a hit for a counter, a histogram and the bytes; 3 µs with its multiprocess files). What
+other parts of the gateway already count (the shield, the cache writer, the accounts, the
+service tokens) is read when Prometheus scrapes, and so is state (circuits, queues, the cache's
+size). At a scrape :func:`render` turns it all
 into metric families and prometheus-client writes the text.
 
 With ``--workers N`` every worker writes its figures (its *snapshot*) to a file of its own in
