@@ -8,7 +8,8 @@ Run on purpose (not part of the test suite)::
 unless told to buffer) and the gateway its default audit log; without it both are off.
 ``--baseline-tree DIR`` adds a gateway run from another checkout (old code), measured in the
 same interleaved rounds, with ``--baseline-arg`` flags of its own (e.g. ``--log-level=info``,
-which switched the audit log on before it had a setting).
+which switched the audit log on before it had a setting). ``--metrics-cost`` adds this
+gateway with ``--no-metrics-enabled`` to the same rounds: the cost of metrics alone on hits.
 
 It starts the fake NBIA upstream, the gateway and nginx (``proxy_cache``) in front of it, and a
 bare uvicorn app that answers the same bytes (the ceiling for Python on this machine). Once both
@@ -118,6 +119,13 @@ def start_pair(
         processes.append(old)
         urls["baseline"] = old_url + PATH
         warm(urls["baseline"], "X-Cache", body)
+    if args.metrics_cost and workers == 1:
+        plain, plain_url = common.start_gateway(
+            upstream, sub / "plain-data", [*extra, "--no-metrics-enabled"]
+        )
+        processes.append(plain)
+        urls["metrics off"] = plain_url + PATH
+        warm(urls["metrics off"], "X-Cache", body)
     warm(urls["gateway"], "X-Cache", body)
     warm(urls["nginx"], "X-Cache-Status", body)
     return urls
@@ -151,7 +159,7 @@ def benchmark(
     one = measure(urls | {"bare ASGI": bare_url + PATH}, args.rounds, *wrk_args)
     if args.skip_two_workers:
         return one, {}
-    pair = 3 if args.baseline_tree is not None else 2
+    pair = 2 + (args.baseline_tree is not None) + args.metrics_cost
     common.stop_processes(processes[-pair:])  # the 1-worker pair: free the CPUs for the next
     urls = start_pair(nginx, values["url"], tmp, 2, body, processes, args)
     print("2 workers each:", flush=True)
@@ -179,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-tree", type=Path, help="also measure the gateway of this checkout"
     )
     parser.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="also measure this gateway with metrics off (--no-metrics-enabled)",
+    )
+    parser.add_argument(
         "--baseline-arg", action="append", default=[], help="a flag for the baseline gateway"
     )
     args = parser.parse_args(argv)
@@ -192,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if "baseline" in one:
         print(f"baseline / nginx (1 worker) = {one['baseline'].rps / one['nginx'].rps:.2f}")
         print(f"gateway / baseline          = {one['gateway'].rps / one['baseline'].rps:.2f}")
+    if "metrics off" in one:
+        ratio = one["gateway"].rps / one["metrics off"].rps
+        print(f"gateway / metrics off       = {ratio:.3f} (metrics cost {1 - ratio:+.1%})")
     print(f"logs: {'nginx access log and gateway audit log on' if args.logs else 'both off'}")
     if two:
         print_table("2 workers each, 1 round", two)

@@ -29,6 +29,7 @@ from proxy.control import control_app
 from proxy.datadir import keep_private, prepare, sqlite_file
 from proxy.db import database_url, describe_failure, is_current, make_engine, migrate
 from proxy.gateway import Gateway
+from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream, upstream_configs
 
@@ -58,10 +59,27 @@ def create_app(
         gateway.relay_uncached()
 
     audit_log = build_audit_log(settings)
-    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached, audit_log)
-    control = control_app(upstreams, cache, counters, access, lifespan, settings)
-    gateway = Gateway(settings, upstreams, access, control, cache, counters, audit_log)
+    metrics = build_metrics(settings, counters, upstreams, access, cache)
+    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached, audit_log, metrics)
+    control = control_app(upstreams, cache, counters, access, lifespan, settings, metrics)
+    gateway = Gateway(
+        settings, upstreams, access, control, cache, counters, audit_log, metrics=bool(metrics)
+    )
     return gateway
+
+
+def build_metrics(
+    settings: Settings,
+    counters: ShieldCounters,
+    upstreams: list[Upstream],
+    access: Access,
+    cache: TieredCache | None,
+) -> Metrics | None:
+    """What ``/metrics`` shows (None when off); with several workers, added up across them."""
+    if not settings.metrics_enabled:
+        return None
+    sharing = Sharing(shared_dir(settings.data_dir)) if settings.workers > 1 else None
+    return Metrics(counters, upstreams, access, cache, sharing)
 
 
 def build_audit_log(settings: Settings) -> AuditLog:
@@ -190,6 +208,7 @@ def _lifespan(
     access: Access,
     relay_uncached: Callable[[], None],
     audit_log: AuditLog,
+    metrics: Metrics | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -211,9 +230,16 @@ def _lifespan(
             refresher = asyncio.create_task(
                 _refresh_accounts(access, access.registry, settings.accounts_refresh_seconds)
             )
+        sharing = None
+        if metrics is not None and metrics.sharing is not None:
+            sharing = asyncio.create_task(metrics.share())
         try:
             yield
         finally:
+            if sharing is not None:
+                sharing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sharing
             if refresher is not None:
                 refresher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -227,6 +253,8 @@ def _lifespan(
             if reopening:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             audit_log.close()  # the lines of every request answered, on a clean stop
+            if metrics is not None:
+                metrics.last_write()  # a worker's totals stay in the others' sums
 
     return lifespan
 

@@ -45,7 +45,7 @@ from proxy.preflight import (
 )
 
 #: Secrets are never taken from the command line, where ``ps`` would show them.
-_NO_FLAG = frozenset({"password", "nlst_password"})
+_NO_FLAG = frozenset({"password", "nlst_password", "metrics_token"})
 #: How ``serve --workers N`` hands the parent's settings to each worker process.
 _SETTINGS_ENV = "NBIA_PROXY_WORKER_SETTINGS"
 #: The admin key ``cache stats --from`` sends (or ``--key-file``; never a flag value).
@@ -180,6 +180,7 @@ def serve(settings: Settings) -> None:
 
     from proxy.app import create_app
     from proxy.logs import configure_logging
+    from proxy.metrics import clear_shared
     from proxy.server import raise_file_limit, serve_app, uvicorn_options
 
     configure_logging(settings.log_level)
@@ -192,6 +193,7 @@ def serve(settings: Settings) -> None:
     # settings passed down in the environment (workers must not race on migrations).
     if (settings.cache_enabled or settings.access == "accounts") and settings.auto_migrate:
         run_migrations(settings)
+    clear_shared(settings.data_dir)  # the workers' metrics files of an earlier run
     os.environ[_SETTINGS_ENV] = json.dumps(_plain(settings))
     options = uvicorn_options(settings)
     uvicorn.run("proxy.cli:worker_app", factory=True, workers=settings.workers, **options)
@@ -222,8 +224,8 @@ def run_migrations(settings: Settings) -> str:
 
 
 def _plain(settings: Settings) -> dict[str, Any]:
-    values = settings.model_dump(mode="json", exclude={"password_file"})
-    for name in ("password", "nlst_password"):
+    values = settings.model_dump(mode="json", exclude={"password_file", "metrics_token_file"})
+    for name in ("password", "nlst_password", "metrics_token"):
         secret = getattr(settings, name)
         values[name] = secret.get_secret_value() if isinstance(secret, SecretStr) else None
     return values

@@ -181,6 +181,15 @@ class Settings(BaseSettings):
     audit_format: Literal["json", "combined"] = Field(
         "json", description="Audit line format: json, or combined (nginx's, for log tools)."
     )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token that opens /metrics (for Prometheus; besides an admin's "
+        "credentials in accounts mode; required in open mode once set).",
+    )
+    metrics_token_file: Path | None = Field(
+        None, description="File holding the metrics_token (wins over `metrics_token`)."
+    )
     workers: int = Field(1, ge=1, le=64, description="Gateway worker processes.")
     database_url: str | None = Field(
         None,
@@ -345,6 +354,21 @@ class Settings(BaseSettings):
                     f"password_file {self.password_file} cannot be read: {reason}"
                 ) from None
             self.password = SecretStr(text)
+        return self
+
+    @model_validator(mode="after")
+    def _read_metrics_token_file(self) -> Settings:
+        if self.metrics_token_file is not None:
+            try:
+                text = self.metrics_token_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ValueError(
+                    f"metrics_token_file {self.metrics_token_file} cannot be read: {reason}"
+                ) from None
+            self.metrics_token = SecretStr(text)
+        if self.metrics_token is not None and not self.metrics_token.get_secret_value():
+            self.metrics_token = None  # empty: no token
         return self
 
     @model_validator(mode="after")

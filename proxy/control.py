@@ -14,7 +14,8 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
@@ -24,6 +25,7 @@ from proxy.cache.tiers import TieredCache
 from proxy.config import Settings
 from proxy.db import SCHEMA_HEAD, database_url, describe_failure, is_disk_full, make_engine
 from proxy.errors import ClientError
+from proxy.metrics import METRICS_PATH, Metrics, bearer_matches
 from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream
 
@@ -155,6 +157,7 @@ def control_app(
     access: Access,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     settings: Settings | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
     app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
 
@@ -212,6 +215,22 @@ def control_app(
         except Exception as exc:
             raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
         return stats_document(rows, extra)
+
+    @app.get(METRICS_PATH, include_in_schema=False)
+    async def metrics_page(request: Request) -> Response:
+        """Prometheus metrics (see README, Metrics). In accounts mode the gateway let only an
+        admin or the ``metrics_token`` this far; in open mode a set token is required here."""
+        if metrics is None:
+            raise StarletteHTTPException(404, "metrics are off (metrics_enabled)")
+        token = None if settings is None else settings.metrics_token
+        if token is not None and not access.accounts:
+            if not bearer_matches(request.scope["headers"], token.get_secret_value()):
+                return JSONResponse(
+                    {"error": "/metrics needs the metrics_token as a bearer token"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.delete("/_proxy/cache", response_model=None)
     async def cache_purge(request: Request) -> dict[str, int] | JSONResponse:

@@ -25,6 +25,7 @@ from proxy import rawhttp
 from proxy.endpoints import TokenUse
 from proxy.errors import ClientError, UpstreamError, UpstreamTimeout, transport_error
 from proxy.headers import RawHeaders, for_upstream
+from proxy.metrics import error_kind, status_class
 from proxy.shield.breaker import (
     counts_against_upstream,
     is_connection_failure,
@@ -188,15 +189,22 @@ async def _with_retries(
     attempt = 0
     while True:
         async with upstream.limiter.slot():
-            response = await open_upstream(
-                upstream,
-                request,
-                token_use,
-                token_on_v4,
-                bulk=bulk,
-                replayable=retry is not None,
-            )
+            sent = time.perf_counter()
+            try:
+                response = await open_upstream(
+                    upstream,
+                    request,
+                    token_use,
+                    token_on_v4,
+                    bulk=bulk,
+                    replayable=retry is not None,
+                )
+            except UpstreamError as exc:
+                counters.tally.upstream(upstream.name, "error", time.perf_counter() - sent)
+                counters.tally.upstream_error(upstream.name, error_kind(exc))
+                raise
         status = response.status_code
+        counters.tally.upstream(upstream.name, status_class(status), time.perf_counter() - sent)
         if status not in OVERLOAD_STATUSES:
             upstream.limiter.succeeded()
             return response
@@ -210,6 +218,7 @@ async def _with_retries(
             # Never let one answer stop the gateway for longer than a retry could wait.
             told = min(told, retry.budget_seconds if retry else 5.0)
             upstream.limiter.pause(told)
+            counters.tally.paused(upstream.name, told)
         delay = told if told is not None else backoff_seconds(attempt)
         spent = time.monotonic() - started
         if (

@@ -42,6 +42,7 @@ from proxy.endpoints import Endpoint, lookup, token_use_for
 from proxy.errors import ClientError, GatewayError, StreamBroken
 from proxy.forwarding import Forwarding, OutgoingRequest, within
 from proxy.headers import check_forwardable, for_client
+from proxy.metrics import METRICS_PATH, Tally, bearer_matches, endpoint_class
 from proxy.request_body import read_body
 from proxy.responses import send_bytes, send_error, send_refusal
 from proxy.shield.coalescer import Coalescer
@@ -71,10 +72,16 @@ class Gateway:
         cache: TieredCache | None = None,
         counters: ShieldCounters | None = None,
         audit_log: audit.AuditLog = audit.OFF,
+        *,
+        metrics: bool = False,
     ) -> None:
         counters = counters or ShieldCounters()
         self.settings = settings
         self.audit = audit_log
+        #: Where each request is counted for /metrics (None: metrics off).
+        self.tally: Tally | None = counters.tally if metrics else None
+        #: Whether a request's end is recorded at all (audit line or metrics).
+        self.observed = audit_log.on or metrics
         self.cache = cache
         self.counters = counters
         self.forwarding = Forwarding(
@@ -127,7 +134,7 @@ class Gateway:
             status = await answer_local(
                 local, self.access, _client(scope), timeout, scope, receive, send
             )
-            if self.audit.on:  # never the query: a legacy token request may carry a password
+            if self.observed:  # never the query: a legacy token request may carry a password
                 self._record("-", scope, status, "-", 0, started, query="")
             return
         admitted = self.access.check(scope["headers"], _client(scope))
@@ -139,8 +146,8 @@ class Gateway:
         if entry is not None:
             assert self.cache is not None
             await send_stored(send, stored_answer(self.cache, entry))
-            if self.audit.on:
-                user = self.access.audit_name(admitted, scope["headers"])
+            if self.observed:
+                user = self.access.audit_name(admitted, scope["headers"]) if self.audit.on else ""
                 self.record_hit(
                     user, _client(scope), scope["path"], scope["query_string"], entry, started
                 )
@@ -159,8 +166,8 @@ class Gateway:
             progress.broken = True  # cancelled (at shutdown)
             raise
         finally:
-            if self.audit.on:
-                user = self.access.audit_name(admitted, scope["headers"])
+            if self.observed:
+                user = self.access.audit_name(admitted, scope["headers"]) if self.audit.on else ""
                 self._record(
                     user,
                     scope,
@@ -183,14 +190,14 @@ class Gateway:
         """The gateway's own endpoints: all but the probes (``/healthz``, ``/readyz``) need an
         admin in accounts mode."""
         user = "-"
-        if self.access.accounts and scope["path"] not in _PROBES:
+        if self.access.accounts and scope["path"] not in _PROBES and not self._scraper(scope):
             admitted = self.access.check(scope["headers"], _client(scope), admin=True)
             if isinstance(admitted, Refusal):
                 await send_refusal(send, admitted)
                 self._record("-", scope, admitted.status, "-", 0, started)
                 return
             user = admitted.name
-        if not self.audit.on:
+        if not self.observed:
             await self.control_app(scope, receive, send)
             return
         progress = audit.Progress()
@@ -202,6 +209,13 @@ class Gateway:
         finally:
             outcome = progress.outcome(ABORTED in scope)
             self._record(user, scope, progress.status, "-", progress.size, started, outcome)
+
+    def _scraper(self, scope: Scope) -> bool:
+        """Whether this is Prometheus asking for ``/metrics`` with the ``metrics_token``."""
+        token = self.settings.metrics_token
+        if token is None or scope["path"] != METRICS_PATH:
+            return False
+        return bearer_matches(scope["headers"], token.get_secret_value())
 
     def _repeat(self, scope: Scope) -> Entry | None:
         """The fresh stored answer to a plain GET this gateway has answered before, if any."""
@@ -312,7 +326,12 @@ class Gateway:
     def record_hit(
         self, user: str, client: str, path: str, query: bytes, entry: Entry, started: float
     ) -> None:
-        """The audit line of a hit answered from memory (also by the protocol shortcut)."""
+        """The audit line and metrics of a hit answered from memory (also by the protocol
+        shortcut)."""
+        if self.tally is not None:
+            self.tally.hit(entry.status, len(entry.body), time.perf_counter() - started)
+        if not self.audit.on:
+            return
         self.audit.record(
             user=user,
             client=client,
@@ -337,6 +356,17 @@ class Gateway:
         *,
         query: str | None = None,
     ) -> None:
+        if self.tally is not None:
+            routed = self._route(scope["path"])
+            self.tally.request(
+                endpoint_class(None if routed is None else routed[1]),
+                scope["method"],
+                status,
+                cache,
+                size,
+                time.perf_counter() - started,
+                outcome,
+            )
         if self.audit.on:
             self.audit.record(
                 user=user,

@@ -36,6 +36,7 @@ from uvicorn.server import ServerState
 
 from proxy import audit
 from proxy.cache.answer import status_line, stored_answer
+from proxy.cache.store import Entry
 from proxy.gateway import Gateway
 
 log = logging.getLogger("nbia_proxy.protocol")
@@ -129,6 +130,7 @@ class HitProtocol(HttpToolsProtocol):
         self._idle_deadline: float | None = None
         self._began = 0.0  # perf_counter() at the current request's first byte, for its audit
         self._audited: tuple[str, str, str, bytes, Any] | None = None  # the hit to audit
+        self._hit_entry: Entry | None = None  # a hit to count for /metrics (audit off)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -229,6 +231,9 @@ class HitProtocol(HttpToolsProtocol):
             self.transport.write(error_answer(status, message))
             self.transport.close()
         gateway = self._gateway
+        if gateway is not None and gateway.tally is not None:
+            started = self._began or time.perf_counter()
+            gateway.tally.request("unknown", "-", status, "-", 0, time.perf_counter() - started)
         if gateway is not None and gateway.audit.on:  # a refusal before any ASGI call
             gateway.audit.record(
                 user="-",
@@ -304,6 +309,11 @@ class HitProtocol(HttpToolsProtocol):
             assert self._gateway is not None
             self._gateway.record_hit(*self._audited, self._began)
             self._audited = None
+        elif self._hit_entry is not None:
+            entry, self._hit_entry = self._hit_entry, None
+            tally = self._gateway.tally if self._gateway is not None else None
+            if tally is not None:
+                tally.hit(entry.status, len(entry.body), time.perf_counter() - self._began)
         # What uvicorn does after a response: count it, re-arm keep-alive, resume reading.
         self.on_response_complete()
 
@@ -393,9 +403,11 @@ class HitProtocol(HttpToolsProtocol):
         # It can answer now: with the same stored answer the ASGI path would send.
         answer = stored_answer(cached.cache, entry)
         gateway.shortcut_hits += 1
-        if gateway.audit.on:
+        if gateway.audit.on:  # its line (and metrics) recorded after the write
             user = gateway.access.audit_name(principal, self.headers)
             self._audited = (user, client, path, url.query or b"", entry)
+        elif gateway.tally is not None:  # metrics alone: the least work per hit
+            self._hit_entry = entry
         return answer.wire()
 
     def _forwarded_client(self) -> str:

@@ -57,6 +57,8 @@ class ServiceToken:
         self._grant: _Grant | None = None
         self._lock = asyncio.Lock()
         self.logins = 0
+        self.renewals = 0  # tokens obtained (refreshed or by logging in)
+        self.renewal_failures = 0  # attempts that got no token
 
     @property
     def username(self) -> str:
@@ -71,7 +73,7 @@ class ServiceToken:
             # Whoever held the lock before us may already have renewed it.
             if self._grant is not None and self._is_fresh(self._grant):
                 return self._grant.access
-            self._grant = await self._obtain(self._grant)
+            self._grant = await self._counted(self._grant)
             return self._grant.access
 
     async def renew_after_rejection(self, rejected: str) -> str:
@@ -80,8 +82,17 @@ class ServiceToken:
             current = self._grant
             if current is not None and current.access != rejected and self._is_fresh(current):
                 return current.access
-            self._grant = await self._obtain(current)
+            self._grant = await self._counted(current)
             return self._grant.access
+
+    async def _counted(self, current: _Grant | None) -> _Grant:
+        try:
+            grant = await self._obtain(current)
+        except Exception:  # not a cancellation
+            self.renewal_failures += 1
+            raise
+        self.renewals += 1
+        return grant
 
     def _is_fresh(self, grant: _Grant) -> bool:
         return self._clock() < grant.expires_at - self._margin

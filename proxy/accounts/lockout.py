@@ -35,6 +35,7 @@ class Lockout:
         )
         self._until: dict[str, float] = {}
         self.refused = 0  # wrong credentials answered 429 because their address was locked out
+        self.lockouts = 0  # times an address was locked out (not counting extensions)
 
     def locked_for(self, address: str) -> float:
         """Seconds left of ``address``'s lockout (0 when it may try)."""
@@ -56,7 +57,10 @@ class Lockout:
         beyond = count - self.free_failures
         if beyond > 0 and self.max_seconds > 0:
             seconds = min(self.max_seconds, 2.0 ** (beyond - 1))
-            self._until[address] = self._clock() + seconds
+            now = self._clock()
+            if self._until.get(address, now) <= now:  # not already locked out: a new lockout
+                self.lockouts += 1
+            self._until[address] = now + seconds
         if len(self._until) > _MAX_ADDRESSES:
             now = self._clock()
             self._until = {a: u for a, u in self._until.items() if u > now}

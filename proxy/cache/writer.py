@@ -118,6 +118,7 @@ class Writer:
         self.errors = 0  # database writes and jobs that failed
         self.refused = 0  # entries the database would not take (the rest of their batch was)
         self.skipped_low_disk = 0  # entries not written because the disk was nearly full
+        self.evicted = 0  # entries evicted to stay under the cap
         self._failures = FailureLog("cache write failed", clock)
         self._refusals = FailureLog("cache entry refused by the database", clock)
 
@@ -269,6 +270,7 @@ class Writer:
         cap = self._housekeeping.max_bytes
         removed, freed = self._store.evict(cap, int(cap * 0.9))
         if removed:
+            self.evicted += removed
             log.info("evicted %d cache entries (%d bytes) to stay under %d", removed, freed, cap)
             self.total_bytes = self._store.total_bytes()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.metrics import Tally
+
 
 @dataclass
 class ShieldCounters:
@@ -17,3 +19,7 @@ class ShieldCounters:
     rejected_queue_full: int = 0
     rejected_circuit_open: int = 0
     circuit_probes: int = 0  # the gateway's own probes of an open circuit, not client traffic
+
+    def __post_init__(self) -> None:
+        # Not a field: the stats document (``asdict``) stays as it was.
+        self.tally = Tally()  # per request and per upstream call, for /metrics
