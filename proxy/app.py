@@ -18,6 +18,7 @@ from proxy.accounts.directory import Directory
 from proxy.accounts.fairness import UserLimits
 from proxy.accounts.lockout import Lockout
 from proxy.accounts.registry import Registry
+from proxy.binary.files import BinaryStore, directory_for
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import CacheSettings, TieredCache
 from proxy.client_tokens import ClientTokens, read_secret_file, signing_key
@@ -50,14 +51,27 @@ def create_app(
     ]
     cache = build_cache(settings, cache_clock) if settings.cache_enabled else None
     access = build_access(settings, cache_clock)
+    binaries = build_binaries(settings, cache_clock) if cache is not None else None
 
     def relay_uncached() -> None:
         gateway.relay_uncached()
 
-    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached)
+    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached, binaries)
     control = control_app(upstreams, cache, counters, access, lifespan)
-    gateway = Gateway(settings, upstreams, access, control, cache, counters)
+    gateway = Gateway(settings, upstreams, access, control, cache, counters, binaries)
     return gateway
+
+
+def build_binaries(
+    settings: Settings, clock: Callable[[], float] = time.time
+) -> BinaryStore | None:
+    """The series cache's kept files on the cache's database (not yet started), if enabled."""
+    if not settings.binary_cache_enabled:
+        return None
+    url = database_url(settings.database_url, settings.data_dir)
+    return BinaryStore(
+        make_engine(url), directory_for(settings), settings.binary_cache_max_bytes, clock=clock
+    )
 
 
 def build_access(settings: Settings, clock: Callable[[], float] = time.time) -> Access:
@@ -161,9 +175,11 @@ def _lifespan(
     cache: TieredCache | None,
     access: Access,
     relay_uncached: Callable[[], None],
+    binaries: BinaryStore | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        store = binaries
         if cache is not None or access.registry is not None:
             try:
                 await asyncio.to_thread(_open_database, settings, cache)
@@ -171,6 +187,10 @@ def _lifespan(
                 if access.accounts:
                     raise  # lab accounts cannot be checked without their database
                 _go_without_database(settings, cache, access, exc, relay_uncached)
+                store = None
+        if store is not None:
+            # Sweeps what interrupted fills left; a store that cannot write relays (counted).
+            await asyncio.to_thread(store.start)
         refresher = None
         if access.registry is not None:
             access.tokens.use_secret(await asyncio.to_thread(token_key, settings, access.registry))
@@ -188,6 +208,8 @@ def _lifespan(
                     await refresher
             for upstream in upstreams:
                 await upstream.aclose()
+            if store is not None:
+                await asyncio.to_thread(store.close)
             if cache is not None:
                 await asyncio.to_thread(cache.close)
             if access.registry is not None:
