@@ -10,7 +10,8 @@ after it:
 5. check the request and read its body (:mod:`proxy.request_body`), classify the endpoint
    (:mod:`proxy.endpoints`, :mod:`proxy.cache.shape`);
 6. a cacheable request is decided (:mod:`proxy.cache.decision`) and served from the store or
-   fetched, coalesced and shielded (:mod:`proxy.cache.serving`); anything else is forwarded
+   fetched, coalesced and shielded (:mod:`proxy.cache.serving`); a binary download goes to the
+   series cache (:mod:`proxy.binary.serving`); anything else is forwarded
    (:mod:`proxy.forwarding`) and relayed (:mod:`proxy.streaming`);
 7. record it (:mod:`proxy.audit`); a failure becomes the gateway's short JSON error
    (:mod:`proxy.errors`).

@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+from tcia_utils import nbia
 
+from proxy.tcia import gateway_url_builder
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings
 
@@ -311,3 +313,40 @@ def test_an_unwritable_binary_dir_still_relays(
         assert _count(nbia_upstream, "/v4/getImage") == 2
         assert gw.app.series is not None
         assert gw.app.series.store.counters.write_failures >= 1
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_tcia_utils_download_series_twice_costs_tcia_nothing_the_second_time(
+    monkeypatch: pytest.MonkeyPatch, gw: GatewayServer, nbia_upstream: FakeServer, tmp_path: Path
+) -> None:
+    uids = [s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung"][:2]
+    monkeypatch.setattr(nbia, "setApiUrl", gateway_url_builder(gw.url))
+    nbia.downloadSeries(uids, input_type="list", path=str(tmp_path / "first"))
+    downloads = _count(nbia_upstream, "/v4/getImage")
+    assert downloads == 2
+    nbia.downloadSeries(uids, input_type="list", path=str(tmp_path / "second"))
+    assert _count(nbia_upstream, "/v4/getImage") == downloads
+    first, second = _tree(tmp_path / "first"), _tree(tmp_path / "second")
+    assert first == second
+    assert sum(name.endswith(".dcm") for name in first) >= 4
+
+
+def test_tcia_utils_reports_a_short_zip_instead_of_saving_it(
+    monkeypatch: pytest.MonkeyPatch, gw: GatewayServer, nbia_upstream: FakeServer, tmp_path: Path
+) -> None:
+    uid = _series(nbia_upstream)
+    monkeypatch.setattr(nbia, "setApiUrl", gateway_url_builder(gw.url))
+    nbia_upstream.app.close_zip_after(1, times=1)
+    nbia.downloadSeries([uid], input_type="list", path=str(tmp_path / "short"))
+    assert not (tmp_path / "short" / uid).exists()  # tcia-utils saw a failed download
+    assert _kept_files(gw) == []
+    nbia.downloadSeries([uid], input_type="list", path=str(tmp_path / "short"))
+    direct = tmp_path / "direct"
+    monkeypatch.setattr(nbia, "setApiUrl", gateway_url_builder(nbia_upstream.url))
+    nbia.downloadSeries([uid], input_type="list", path=str(direct))
+    assert _tree(tmp_path / "short") == _tree(direct)
