@@ -60,7 +60,7 @@ def test_one_line_per_request_with_user_outcome_and_size(
     )
     assert (zip_line["user"], zip_line["cache"], zip_line["bytes"]) == (
         "anonymous",
-        "BYPASS",
+        "MISS",  # filled into the series cache
         len(zipped.content),
     )
     assert error_line["status"] == 502 and error_line["method"] == "GET"

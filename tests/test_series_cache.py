@@ -6,6 +6,8 @@ The fake NBIA's request log says how many upstream requests each download cost.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -350,3 +352,21 @@ def test_tcia_utils_reports_a_short_zip_instead_of_saving_it(
     monkeypatch.setattr(nbia, "setApiUrl", gateway_url_builder(nbia_upstream.url))
     nbia.downloadSeries([uid], input_type="list", path=str(direct))
     assert _tree(tmp_path / "short") == _tree(direct)
+
+
+def test_a_binary_hit_has_its_audit_line(
+    gw: GatewayServer, nbia_upstream: FakeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nbia_proxy.audit")
+    uid = _series(nbia_upstream)
+    get(gw, _zip_path(uid))
+    hit = get(gw, _zip_path(uid))
+    lines: list[dict[str, Any]] = []
+    while len(lines) < 2:  # a line is written once its answer has gone out
+        threading.Event().wait(0.02)
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "nbia_proxy.audit"]
+    assert [(line["cache"], line["bytes"]) for line in lines] == [
+        ("MISS", len(hit.content)),
+        ("HIT", len(hit.content)),
+    ]
+    assert lines[1]["path"].endswith("/v4/getImage") and lines[1]["user"] == "anonymous"

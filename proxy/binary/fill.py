@@ -45,10 +45,10 @@ from proxy.upstream import Upstream
 log = logging.getLogger("nbia_proxy.binary.fill")
 
 #: Bytes of recent chunks held in memory for the readers that keep up.
-WINDOW_BYTES = 8 * 1024 * 1024
+WINDOW_BYTES = 4 * 1024 * 1024
 #: Bytes received but not yet on disk (or, when the file broke, not yet read by the slowest
 #: reader) before the fill stops reading the upstream for a while.
-BACKLOG_BYTES = 32 * 1024 * 1024
+BACKLOG_BYTES = 8 * 1024 * 1024
 #: The largest piece a reader gets at once.
 READ_BYTES = 1024 * 1024
 
@@ -189,7 +189,9 @@ class Filling:
     async def _take(self, offset: int, count: int) -> bytes:
         if offset >= self._window_start:
             return self._from_window(offset, count)
-        if self._read_fd < 0 or offset + count > self.written:
+        if self._read_fd < 0 or offset >= self.written:
+            # Only when the file broke: the window then waits for the slowest reader, so this
+            # is a reader that joined after the window moved on.
             raise FillFailed("reader_lagged", "the reader fell behind a download that is not kept")
         count = min(count, self.written - offset)
         return await asyncio.to_thread(os.pread, self._read_fd, count, offset)
@@ -337,12 +339,19 @@ class _Writer:
     async def _run(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            await asyncio.to_thread(self._work, batch)
+            # Two threads: the file's sha256 and the check's CRC-32/MD5 each release the GIL,
+            # so they run beside each other and beside the event loop.
+            await asyncio.gather(
+                asyncio.to_thread(self._write, batch), asyncio.to_thread(self._feed, batch)
+            )
             self.filling.wrote(self.fill.size, self.fill.broken is not None)
 
-    def _work(self, batch: list[bytes]) -> None:
+    def _write(self, batch: list[bytes]) -> None:
         for chunk in batch:
             self.fill.write(chunk)
+
+    def _feed(self, batch: list[bytes]) -> None:
+        for chunk in batch:
             self.check.feed(chunk)
 
 

@@ -42,7 +42,7 @@ log = logging.getLogger("nbia_proxy.binary")
 HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
 #: Bytes read from a kept file per thread hop (and per ASGI body message).
-HIT_READ_BYTES = 4 * 1024 * 1024
+HIT_READ_BYTES = 2 * 1024 * 1024
 #: Endpoints catalogued as DICOM whose answer is not one DICOM file: relayed, never kept.
 _NOT_A_DICOM_FILE = frozenset({"v1/getAllSOPClassDefinition"})
 #: Zips that always carry md5hashes.csv (series-cache-anchors.md §B1).
@@ -354,6 +354,8 @@ def _check_for(endpoint: Endpoint, request: OutgoingRequest) -> Check | None:
         params = pairs(request.query if request.method != "POST" else request.body)
         asked = any(k.lower() == "includemd5" and v.lower() == "yes" for k, v in params)
         md5s: Md5Policy = "required" if name in _ALWAYS_MD5 or asked else "optional"
+        if md5s == "optional" and name == "getImage":
+            md5s = "ignore"  # NBIA writes md5hashes.csv only when asked: CRC-32s suffice
         return ZipCheck(md5s=md5s)
     if payload is Payload.BINARY_DICOM and endpoint.path not in _NOT_A_DICOM_FILE:
         return DicomCheck()
