@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ from tcia_utils import nbia
 
 from proxy.tcia import gateway_url_builder
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import GatewayProcess, GatewayServer, make_settings
 
 S = "/nbia-api/services"
 
@@ -214,10 +216,13 @@ def test_connection_dropped_mid_zip_keeps_nothing_and_the_retry_succeeds(
     with pytest.raises(httpx.HTTPError):
         get(gw, _zip_path(uid))
     assert _kept_files(gw) == []
+    # The download started over in the background: the retry joins it (or finds it kept).
     retry = get(gw, _zip_path(uid))
     assert retry.status_code == 200
     zipfile.ZipFile(io.BytesIO(retry.content)).testzip()
     assert get(gw, _zip_path(uid)).headers["x-cache"] == "HIT"
+    assert _count(nbia_upstream, "/v4/getImage") == 2
+    assert gw.app.series is not None and gw.app.series.fills.counters.retried == 1
 
 
 def test_ranges_and_head_on_a_kept_file(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
@@ -370,3 +375,103 @@ def test_a_binary_hit_has_its_audit_line(
         ("HIT", len(hit.content)),
     ]
     assert lines[1]["path"].endswith("/v4/getImage") and lines[1]["user"] == "anonymous"
+
+
+def test_head_on_a_fill_in_progress_waits_for_the_kept_file(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    uid = _series(nbia_upstream)
+    nbia_upstream.app.slow(seconds_between_chunks=0.02, path_contains="getImage")
+    url = gw.url + _zip_path(uid)
+    with httpx.Client(timeout=60) as first, first.stream("GET", url) as started:
+        chunks = started.iter_raw()
+        whole = next(chunks)
+        head = httpx.head(url, timeout=60)
+        whole += b"".join(chunks)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == str(len(whole))
+    assert _count(nbia_upstream, "/v4/getImage") == 1
+
+
+def test_no_cache_fetches_again_and_replaces_the_kept_file(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    uid = _series(nbia_upstream)
+    get(gw, _zip_path(uid))
+    fresh = get(gw, _zip_path(uid), headers={"Cache-Control": "no-cache"})
+    assert fresh.headers["x-cache"] == "MISS"
+    again = get(gw, _zip_path(uid))
+    assert (again.headers["x-cache"], again.content) == ("HIT", fresh.content)
+    assert _count(nbia_upstream, "/v4/getImage") == 2
+    assert len(_kept_files(gw)) == 1
+
+
+def test_an_open_circuit_serves_kept_files_and_refuses_the_rest(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    uid = _series(nbia_upstream)
+    other = _series(nbia_upstream, "TCGA-KIRC")
+    settings = {"circuit_probe_seconds": 0, "circuit_cooldown_seconds": 600}
+    with make_gateway(circuit_failure_threshold=1, retry_max_attempts=0, **settings) as gw:
+        kept = get(gw, _zip_path(uid)).content
+        nbia_upstream.app.fail_next(1, status=502, path_contains="getSeries")
+        failed = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")  # opens the circuit
+        assert failed.status_code == 502
+        assert next(u.breaker for u in gw.app.upstreams if u.name == "nbia").refusing
+        before = len(nbia_upstream.app.requests)
+        served = get(gw, _zip_path(uid))
+        assert (served.headers["x-cache"], served.content) == ("HIT", kept)
+        refused = get(gw, _zip_path(other))
+        assert refused.status_code == 503 and "error" in refused.json()
+        assert len(nbia_upstream.app.requests) == before
+
+
+def test_without_background_fills_a_client_leaving_stops_the_download(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    uid = _series(nbia_upstream)
+    nbia_upstream.app.slow(seconds_between_chunks=0.05, path_contains="getImage")
+    with make_gateway(binary_fill_in_background=False) as gw:
+        assert gw.app.series is not None
+        fills = gw.app.series.fills
+        url = gw.url + _zip_path(uid)
+        with httpx.Client(timeout=60) as client, client.stream("GET", url) as started:
+            next(started.iter_raw())
+        while fills.in_progress:
+            threading.Event().wait(0.05)
+        assert fills.counters.failures["cancelled"] == 1
+        assert _kept_files(gw) == []
+
+
+def test_two_gateways_on_one_data_dir_serve_each_others_kept_files(
+    make_gateway: GatewayFactory, nbia_upstream: FakeServer
+) -> None:
+    uid = _series(nbia_upstream)
+    with make_gateway() as one, make_gateway() as two:
+        first = get(one, _zip_path(uid))
+        second = get(two, _zip_path(uid))
+    assert (second.headers["x-cache"], second.content) == ("HIT", first.content)
+    assert _count(nbia_upstream, "/v4/getImage") == 1
+
+
+def test_kill_9_during_a_fill_leaves_nothing_that_is_served(
+    nbia_upstream: FakeServer, tmp_path: Path
+) -> None:
+    uid = _series(nbia_upstream)
+    nbia_upstream.app.slow(seconds_between_chunks=0.05, path_contains="getImage")
+    data = tmp_path / "data"
+    with GatewayProcess(nbia_upstream.url, data) as gateway:
+        url = gateway.url + _zip_path(uid)
+        with httpx.Client(timeout=60) as client, client.stream("GET", url) as started:
+            chunks = started.iter_raw()
+            next(chunks)
+            assert any(".part-" in p.name for p in (data / "binaries").rglob("*"))
+            os.kill(gateway.pid, signal.SIGKILL)
+            with pytest.raises(httpx.HTTPError):
+                b"".join(chunks)
+    nbia_upstream.app.slow()
+    with GatewayProcess(nbia_upstream.url, data) as gateway:
+        again = httpx.get(gateway.url + _zip_path(uid), timeout=60)
+        assert again.headers["x-cache"] == "MISS"
+        zipfile.ZipFile(io.BytesIO(again.content)).testzip()
+        assert not any(".part-" in p.name for p in (data / "binaries").rglob("*"))

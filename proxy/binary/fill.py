@@ -83,6 +83,7 @@ class FillCounters:
     joined: int = 0
     kept: int = 0
     background: int = 0  # fills that went on after their last reader left
+    retried: int = 0  # fills started over after the upstream broke off mid-body
     failures: Counter[str] = field(default_factory=Counter)  # by reason
 
 
@@ -197,20 +198,18 @@ class Filling:
         return await asyncio.to_thread(os.pread, self._read_fd, count, offset)
 
     def _from_window(self, offset: int, count: int) -> bytes:
+        """Bytes from the one chunk holding ``offset`` (no copy when a reader takes a whole
+        chunk, as readers that keep up do)."""
         position = self._window_start
-        pieces: list[bytes] = []
         for chunk in self._window:
             end = position + len(chunk)
             if end > offset:
-                start = max(0, offset - position)
-                piece = chunk[start : start + count]
-                pieces.append(piece)
-                count -= len(piece)
-                offset += len(piece)
-                if count <= 0:
-                    break
+                start = offset - position
+                if start == 0 and count >= len(chunk):
+                    return chunk
+                return chunk[start : start + count]
             position = end
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return b""
 
     # the writing side ----------------------------------------------------------------------
 
@@ -382,13 +381,13 @@ class Fills:
     def in_progress(self) -> int:
         return len(self._fills)
 
-    def start(self, job: FillJob) -> Filling:
+    def start(self, job: FillJob, attempt: int = 0) -> Filling:
         """Start the fill for ``job``'s key (a task of its own: no client can cancel it)."""
         filling = Filling(job.key)
         filling.on_idle = self._idle
         self._fills[job.key.digest] = filling
         self.counters.started += 1
-        filling.task = asyncio.ensure_future(self._run(filling, job))
+        filling.task = asyncio.ensure_future(self._run(filling, job, attempt))
         return filling
 
     def _idle(self, filling: Filling) -> None:
@@ -404,7 +403,7 @@ class Fills:
         if self._fills.get(filling.key.digest) is filling:
             del self._fills[filling.key.digest]
 
-    async def _run(self, filling: Filling, job: FillJob) -> None:
+    async def _run(self, filling: Filling, job: FillJob, attempt: int) -> None:
         upstream = job.upstream
         try:
             async with within(self.forwarding.deadline(), upstream.name):
@@ -428,6 +427,7 @@ class Fills:
         except httpx.HTTPError as exc:
             error = transport_error(exc, upstream.name, mid_body=True)
             self._failed(filling, FillFailed("upstream_broken", error.message))
+            self._again(job, attempt)
         except FillFailed as failure:
             self._failed(filling, failure)
         except Exception as exc:
@@ -497,6 +497,19 @@ class Fills:
             await writer.stop()
             await asyncio.to_thread(fill.discard)
             raise
+
+    def _again(self, job: FillJob, attempt: int) -> None:
+        """The upstream broke off mid-body: its readers are aborted (they have some of these
+        bytes, and NBIA's next zip is not byte-identical), and the download starts over in the
+        background, as the shield retries reads, so that their retry joins it or is a hit."""
+        retry = self.forwarding.retry
+        if not self.background or attempt >= retry.max_attempts:
+            return
+        if job.key.digest in self._fills:
+            return  # a client's retry has started one already
+        self.counters.retried += 1
+        log.info("download of %s broke off; starting it over", job.key.endpoint)
+        self.start(job, attempt + 1)
 
     def _failed(self, filling: Filling, failure: FillFailed) -> None:
         if filling.done:

@@ -87,6 +87,7 @@ class SeriesCache:
             "fills_joined": counters.joined,
             "fills_kept": counters.kept,
             "fills_in_background": counters.background,
+            "fills_retried": counters.retried,
             "validation_failures": dict(counters.failures),
         }
 
