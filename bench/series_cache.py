@@ -10,6 +10,8 @@ measures, interleaved so that machine noise hits both sides alike:
 * hits: the kept zip through the gateway vs nginx serving the same file (``sendfile on``);
 * cold: a download that fills the cache (``Cache-Control: no-cache``: fetched, checked, kept
   again) vs nginx relaying the upstream with ``proxy_buffering off``;
+* the same download through a gateway without the series cache (``relay-only``: what relaying
+  alone costs here);
 * the gateway's peak RSS (VmHWM) over both;
 * 20 concurrent cold requests for one series through a second gateway whose upstream is an
   nginx relay that logs each request: how many reached the upstream.
@@ -107,17 +109,24 @@ def main(argv: list[str] | None = None) -> int:
                 nginx_binary, NGINX_CONF, tmp, upstream=upstream, kept=kept, user=getpass.getuser()
             )
             processes.append(nginx)
+            # The gateway without the series cache: what relaying alone costs (the baseline).
+            relay, relay_url = common.start_gateway(
+                upstream, tmp / "data-relay", ["--no-binary-cache-enabled"]
+            )
+            processes.append(relay)
             speeds: dict[str, list[float]] = {
                 "hit": [],
                 "nginx-sendfile": [],
                 "cold": [],
                 "nginx-relay": [],
+                "relay-only": [],
             }
             for _ in range(args.rounds):
                 speeds["hit"].append(curl(gateway_url + path)[0])
                 speeds["nginx-sendfile"].append(curl(nginx_url + "/kept.zip")[0])
                 speeds["cold"].append(curl(gateway_url + path, "Cache-Control: no-cache")[0])
                 speeds["nginx-relay"].append(curl(nginx_url + path)[0])
+                speeds["relay-only"].append(curl(relay_url + path)[0])
             _, rss_peak = peak_rss_mb(gateway.pid)
             medians = {name: statistics.median(v) for name, v in speeds.items()}
             print(f"\npayload: {size / 1e6:.0f} MB zip, {args.rounds} rounds, curl to /dev/null")
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:15s} median {medians[name]:7.0f} MB/s   (rounds: {rounds})")
             print(f"hit  / nginx sendfile = {medians['hit'] / medians['nginx-sendfile']:.2f}")
             print(f"cold / nginx relay    = {medians['cold'] / medians['nginx-relay']:.2f}")
+            print(f"cold / relay-only     = {medians['cold'] / medians['relay-only']:.2f}")
             print(f"gateway peak RSS (VmHWM): {rss_peak:.0f} MB")
 
             # 20 concurrent cold requests, counted at an nginx relay in front of the upstream.

@@ -187,7 +187,9 @@ def _lifespan(
                 if access.accounts:
                     raise  # lab accounts cannot be checked without their database
                 _go_without_database(settings, cache, access, exc, relay_uncached)
-                store = None
+                if store is not None:
+                    store.engine.dispose()
+                    store = None
         if store is not None:
             # Sweeps what interrupted fills left; a store that cannot write relays (counted).
             await asyncio.to_thread(store.start)
@@ -210,6 +212,8 @@ def _lifespan(
                 await upstream.aclose()
             if store is not None:
                 await asyncio.to_thread(store.close)
+                # Its SQLite connections must not outlive the gateway (they hold the WAL open).
+                await asyncio.to_thread(store.engine.dispose)
             if cache is not None:
                 await asyncio.to_thread(cache.close)
             if access.registry is not None:
