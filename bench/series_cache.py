@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             data = tmp / "data"
             gateway, gateway_url = common.start_gateway(upstream, data)
             processes.append(gateway)
+            rss_start, _ = peak_rss_mb(gateway.pid)
             path = f"/nbia-api/services/v4/getImage?SeriesInstanceUID={uid}"
             _, size = curl(gateway_url + path)  # the first fill: keeps the zip
             kept = kept_file(data)
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 speeds["nginx-relay"].append(curl(nginx_url + path)[0])
                 speeds["relay-only"].append(curl(relay_url + path)[0])
             _, rss_peak = peak_rss_mb(gateway.pid)
+            _, relay_peak = peak_rss_mb(relay.pid)
             medians = {name: statistics.median(v) for name, v in speeds.items()}
             print(f"\npayload: {size / 1e6:.0f} MB zip, {args.rounds} rounds, curl to /dev/null")
             for name, values_ in speeds.items():
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hit  / nginx sendfile = {medians['hit'] / medians['nginx-sendfile']:.2f}")
             print(f"cold / nginx relay    = {medians['cold'] / medians['nginx-relay']:.2f}")
             print(f"cold / relay-only     = {medians['cold'] / medians['relay-only']:.2f}")
-            print(f"gateway peak RSS (VmHWM): {rss_peak:.0f} MB")
+            print(
+                f"gateway peak RSS (VmHWM): {rss_peak:.0f} MB "
+                f" (at start {rss_start:.0f} MB; relay-only gateway peak: {relay_peak:.0f} MB)"
+            )
 
             # 20 concurrent cold requests, counted at an nginx relay in front of the upstream.
             second, second_url = common.start_gateway(nginx_url, tmp / "data2")

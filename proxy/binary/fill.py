@@ -392,7 +392,7 @@ class Fills:
 
     def _idle(self, filling: Filling) -> None:
         """The last reader left a fill in progress."""
-        if self.background and not filling.file_broken and filling.head is not None:
+        if self.background and not filling.file_broken:
             self.counters.background += 1
             log.info("fill of %s goes on without readers", filling.key.endpoint)
             return
