@@ -65,7 +65,9 @@ def get(server: GatewayServer, path: str, **kwargs: Any) -> httpx.Response:
 
 def _kept_files(server: GatewayServer) -> list[Path]:
     root = server.settings.data_dir / "binaries"
-    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    return [
+        p for p in root.rglob("*") if p.is_file() and p.name[0] != "." and ".part-" not in p.name
+    ]
 
 
 _SAME = ("content-type", "content-disposition")

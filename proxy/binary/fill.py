@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +49,8 @@ WINDOW_BYTES = 4 * 1024 * 1024
 #: Bytes received but not yet on disk (or, when the file broke, not yet read by the slowest
 #: reader) before the fill stops reading the upstream for a while.
 BACKLOG_BYTES = 8 * 1024 * 1024
+#: Kept files remembered per process for requests that raced their fill's commit.
+RECENT_FILES = 256
 #: The largest piece a reader gets at once.
 READ_BYTES = 1024 * 1024
 
@@ -371,6 +373,13 @@ class Fills:
         self.max_error_bytes = max_error_bytes
         self.counters = FillCounters()
         self._fills: dict[str, Filling] = {}
+        # Files kept by the last fills: a request that looked the key up while its fill was
+        # committing finds the file here rather than starting another download.
+        self._recent: OrderedDict[str, Kept] = OrderedDict()
+
+    def recently_kept(self, digest: str) -> Kept | None:
+        """The file the last fill of ``digest`` kept, if it is among the last few."""
+        return self._recent.get(digest)
 
     def current(self, digest: str) -> Filling | None:
         """The fill in progress for a key that a new reader can join, if any."""
@@ -489,6 +498,10 @@ class Fills:
             kept = await asyncio.to_thread(fill.commit, meta)
             if kept is not None:
                 self.counters.kept += 1
+                self._recent[kept.digest] = kept
+                self._recent.move_to_end(kept.digest)
+                while len(self._recent) > RECENT_FILES:
+                    self._recent.popitem(last=False)
             self._forget(filling)
             filling.succeed(kept)
         except BaseException:

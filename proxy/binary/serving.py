@@ -109,7 +109,10 @@ class SeriesCache:
         kept = None
         if filling is None or not wants_fresh:
             kept = await asyncio.to_thread(self.store.lookup, key.digest)
-            filling = self.fills.current(key.digest)  # one may have started meanwhile
+            # A fill may have started, or ended and kept its file, during the lookup.
+            filling = self.fills.current(key.digest)
+            if kept is None and filling is None:
+                kept = self.fills.recently_kept(key.digest)
         stored = Stored.KEPT if kept is not None else Stored.NOTHING
         if filling is not None and (kept is None or wants_fresh):
             stored = Stored.FILLING
