@@ -314,6 +314,7 @@ class _Writer:
         self._pending: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self.error: Exception | None = None
 
     def put(self, chunk: bytes) -> None:
         if self._stopped:
@@ -338,14 +339,20 @@ class _Writer:
                 await asyncio.shield(self._task)
 
     async def _run(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            # Two threads: the file's sha256 and the check's CRC-32/MD5 each release the GIL,
-            # so they run beside each other and beside the event loop.
-            await asyncio.gather(
-                asyncio.to_thread(self._write, batch), asyncio.to_thread(self._feed, batch)
-            )
-            self.filling.wrote(self.fill.size, self.fill.broken is not None)
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                # Two threads: the file's sha256 and the check's CRC-32/MD5 each release the
+                # GIL, so they run beside each other and beside the event loop.
+                await asyncio.gather(
+                    asyncio.to_thread(self._write, batch), asyncio.to_thread(self._feed, batch)
+                )
+                self.filling.wrote(self.fill.size, self.fill.broken is not None)
+        except Exception as exc:
+            # The fill must hear of it: it may be waiting for this writer's progress.
+            self.error = exc
+            self.filling.wrote(self.fill.size, True)
+            raise
 
     def _write(self, batch: list[bytes]) -> None:
         for chunk in batch:
@@ -482,6 +489,8 @@ class Fills:
                 if check.failure is not None:
                     raise _refused(check.failure)
                 while filling.backlog() > BACKLOG_BYTES:
+                    if writer.error is not None:
+                        raise FillFailed("internal", f"the fill's writer failed: {writer.error!r}")
                     await filling.wait_progress()
                     if filling.failed is not None:
                         raise filling.failed
