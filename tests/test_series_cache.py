@@ -473,7 +473,7 @@ def test_kill_9_during_a_fill_leaves_nothing_that_is_served(
                 b"".join(chunks)
     nbia_upstream.app.slow()
     with GatewayProcess(nbia_upstream.url, data) as gateway:
+        assert not any(".part-" in p.name for p in (data / "binaries").rglob("*"))  # swept
         again = httpx.get(gateway.url + _zip_path(uid), timeout=60)
         assert again.headers["x-cache"] == "MISS"
         zipfile.ZipFile(io.BytesIO(again.content)).testzip()
-        assert not any(".part-" in p.name for p in (data / "binaries").rglob("*"))

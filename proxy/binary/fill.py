@@ -49,6 +49,8 @@ WINDOW_BYTES = 4 * 1024 * 1024
 #: Bytes received but not yet on disk (or, when the file broke, not yet read by the slowest
 #: reader) before the fill stops reading the upstream for a while.
 BACKLOG_BYTES = 8 * 1024 * 1024
+#: Bytes handed to the writer threads at once.
+BATCH_BYTES = 1024 * 1024
 #: Kept files remembered per process for requests that raced their fill's commit.
 RECENT_FILES = 256
 #: The largest piece a reader gets at once.
@@ -111,6 +113,7 @@ class Filling:
         self.failed: FillFailed | None = None  # after the head
         self.kept: Kept | None = None
         self.done = False  # ended (ok or not)
+        self.checked = False  # the verdict is ok: every byte is released
         self.received = 0
         self.released = 0  # bytes every reader may have: all but the last chunk until ok
         self.written = 0  # bytes in the temporary file
@@ -185,7 +188,7 @@ class Filling:
                 self.readers[reader] = offset + len(data)
                 self._wake()
                 return data
-            if self.done:
+            if self.done or self.checked:
                 return b""
             await self._wait()
 
@@ -253,6 +256,12 @@ class Filling:
     async def wait_progress(self) -> None:
         await self._wait()
 
+    def complete(self) -> None:
+        """Every byte is good: release the last chunk and let readers end."""
+        self.released = self.received
+        self.checked = True
+        self._wake()
+
     def succeed(self, kept: Kept | None) -> None:
         self.kept = kept
         self.released = self.received
@@ -314,16 +323,24 @@ class _Writer:
         self._pending: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._pending_bytes = 0
         self.error: Exception | None = None
 
     def put(self, chunk: bytes) -> None:
         if self._stopped:
             return
         self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        # In batches: a thread hop per upstream chunk costs the event loop more than the work.
+        if self._pending_bytes >= BATCH_BYTES:
+            self._start()
+
+    def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
 
     async def drain(self) -> None:
+        self._start()
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
         if self._task is not None:
@@ -342,6 +359,7 @@ class _Writer:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                self._pending_bytes = 0
                 # Two threads: the file's sha256 and the check's CRC-32/MD5 each release the
                 # GIL, so they run beside each other and beside the event loop.
                 await asyncio.gather(
@@ -499,6 +517,9 @@ class Fills:
             verdict = await asyncio.to_thread(check.finish)
             if not verdict.ok:
                 raise _refused(verdict)
+            # The verdict is in: readers may have the end now; the fsync and the row (which
+            # wait for the disk) are the fill's business, not their clients'.
+            filling.complete()
             meta = Meta(
                 content_type=_header(headers, b"content-type") or "application/octet-stream",
                 content_disposition=_header(headers, b"content-disposition"),
