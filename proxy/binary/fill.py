@@ -185,6 +185,8 @@ class Filling:
                 raise self.failed
             if offset < self.released:
                 data = await self._take(offset, min(limit, self.released - offset))
+                if self.failed is not None:
+                    raise self.failed  # its file may have been closed under the read
                 self.readers[reader] = offset + len(data)
                 self._wake()
                 return data

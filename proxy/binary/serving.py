@@ -10,6 +10,7 @@ the request without keeping it, or refuses it (offline, circuit open).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -113,6 +114,13 @@ class SeriesCache:
             filling = self.fills.current(key.digest)
             if kept is None and filling is None:
                 kept = self.fills.recently_kept(key.digest)
+        if filling is not None and filling.checked:
+            # Checked and being committed (the fsync): in a moment it is a kept file, with
+            # its size and ETag for Range, If-Range and HEAD.
+            with contextlib.suppress(FillFailed):
+                await filling.wait_done()
+            kept = filling.kept or kept  # not kept (the disk refused it): fetched afresh
+            filling = None
         stored = Stored.KEPT if kept is not None else Stored.NOTHING
         if filling is not None and (kept is None or wants_fresh):
             stored = Stored.FILLING
