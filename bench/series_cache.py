@@ -22,10 +22,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from bench.stream import download, peak_rss_mb
 
 # The kept files are 0600 in 0700 directories: the worker must be the gateway's user
 # (when nginx does not run as root, the directive is ignored and it already is).
+KEPT_NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}")
+
 NGINX_CONF = """
 user {user};
 worker_processes 1;
@@ -77,8 +81,12 @@ def curl(url: str, *headers: str) -> tuple[float, int]:
 
 
 def kept_file(data_dir: Path) -> Path:
-    files = [p for p in (data_dir / "binaries").rglob("*") if p.is_file() and "-" in p.name]
-    return max(files, key=lambda p: p.stat().st_size)
+    """The published file (the client's download may end while its fsync and row are due)."""
+    while True:
+        files = [p for p in (data_dir / "binaries").rglob("*") if KEPT_NAME.fullmatch(p.name)]
+        if files:
+            return max(files, key=lambda p: p.stat().st_size)
+        time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:
