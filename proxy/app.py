@@ -21,6 +21,7 @@ from proxy.accounts.fairness import UserLimits
 from proxy.accounts.lockout import Lockout
 from proxy.accounts.registry import Registry
 from proxy.audit import AUDIT_FILE, AuditLog
+from proxy.binary.files import BinaryStore, directory_for
 from proxy.cache.store import CacheStore
 from proxy.cache.tiers import CacheSettings, TieredCache
 from proxy.client_tokens import ClientTokens, read_secret_file, signing_key
@@ -54,18 +55,45 @@ def create_app(
     ]
     cache = build_cache(settings, cache_clock) if settings.cache_enabled else None
     access = build_access(settings, cache_clock)
+    binaries = build_binaries(settings, cache_clock) if cache is not None else None
 
     def relay_uncached() -> None:
         gateway.relay_uncached()
 
     audit_log = build_audit_log(settings)
     metrics = build_metrics(settings, counters, upstreams, access, cache)
-    lifespan = _lifespan(settings, upstreams, cache, access, relay_uncached, audit_log, metrics)
+    if metrics is not None:
+        metrics.binary = binaries
+    lifespan = _lifespan(
+        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries
+    )
     control = control_app(upstreams, cache, counters, access, lifespan, settings, metrics)
     gateway = Gateway(
-        settings, upstreams, access, control, cache, counters, audit_log, metrics=bool(metrics)
+        settings,
+        upstreams,
+        access,
+        control,
+        cache,
+        counters,
+        audit_log,
+        metrics=bool(metrics),
+        binaries=binaries,
     )
+    if gateway.series is not None:
+        gateway.series.fills.on_failure = counters.tally.validation_failed
     return gateway
+
+
+def build_binaries(
+    settings: Settings, clock: Callable[[], float] = time.time
+) -> BinaryStore | None:
+    """The series cache's kept files on the cache's database (not yet started), if enabled."""
+    if not settings.binary_cache_enabled:
+        return None
+    url = database_url(settings.database_url, settings.data_dir)
+    return BinaryStore(
+        make_engine(url), directory_for(settings), settings.binary_cache_max_bytes, clock=clock
+    )
 
 
 def build_metrics(
@@ -209,9 +237,11 @@ def _lifespan(
     relay_uncached: Callable[[], None],
     audit_log: AuditLog,
     metrics: Metrics | None = None,
+    binaries: BinaryStore | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        store = binaries
         _open_audit_log(settings, audit_log)
         log.info("nbia-proxy starting: %s", describe(settings, upstreams, audit_log))
         reopening = _reopen_on_sighup(audit_log)
@@ -222,6 +252,12 @@ def _lifespan(
                 if access.accounts:
                     raise  # lab accounts cannot be checked without their database
                 _go_without_database(settings, cache, access, exc, relay_uncached)
+                if store is not None:
+                    store.engine.dispose()
+                    store = None
+        if store is not None:
+            # Sweeps what interrupted fills left; a store that cannot write relays (counted).
+            await asyncio.to_thread(store.start)
         refresher = None
         if access.registry is not None:
             access.tokens.use_secret(await asyncio.to_thread(token_key, settings, access.registry))
@@ -246,6 +282,10 @@ def _lifespan(
                     await refresher
             for upstream in upstreams:
                 await upstream.aclose()
+            if store is not None:
+                await asyncio.to_thread(store.close)
+                # Its SQLite connections must not outlive the gateway (they hold the WAL open).
+                await asyncio.to_thread(store.engine.dispose)
             if cache is not None:
                 await asyncio.to_thread(cache.close)
             if access.registry is not None:

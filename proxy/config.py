@@ -215,6 +215,12 @@ class Settings(BaseSettings):
     binary_cache_enabled: bool = Field(
         True, description="Keep binary downloads (series zips, DICOM, JPEG) as files."
     )
+    binary_fill_in_background: bool = Field(
+        True,
+        description="A download the series cache is keeping goes on when its last client "
+        "disconnects, so the retry is a hit (bounded by the read timeout and "
+        "binary_cache_max_bytes).",
+    )
     binary_dir: Path | None = Field(
         None,
         description="Where kept binary downloads live (default: binaries in data_dir); may be "

@@ -11,7 +11,8 @@ after it:
 5. check the request and read its body (:mod:`proxy.request_body`), classify the endpoint
    (:mod:`proxy.endpoints`, :mod:`proxy.cache.shape`);
 6. a cacheable request is decided (:mod:`proxy.cache.decision`) and served from the store or
-   fetched, coalesced and shielded (:mod:`proxy.cache.serving`); anything else is forwarded
+   fetched, coalesced and shielded (:mod:`proxy.cache.serving`); a binary download goes to the
+   series cache (:mod:`proxy.binary.serving`); anything else is forwarded
    (:mod:`proxy.forwarding`) and relayed (:mod:`proxy.streaming`);
 7. record it (:mod:`proxy.audit`); a failure becomes the gateway's short JSON error
    (:mod:`proxy.errors`).
@@ -27,6 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from proxy import audit
 from proxy.access import Access, Principal, Refusal
 from proxy.audit import ABORTED
+from proxy.binary.files import BinaryStore
+from proxy.binary.serving import SeriesCache
 from proxy.cache.answer import send_stored, stored_answer
 from proxy.cache.serving import (
     CachedAnswers,
@@ -34,7 +37,7 @@ from proxy.cache.serving import (
     cache_key,
     forwarded_head_size,
 )
-from proxy.cache.shape import Fit, classify
+from proxy.cache.shape import Fit, classify, classify_download
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
 from proxy.config import Settings
@@ -74,6 +77,7 @@ class Gateway:
         audit_log: audit.AuditLog = audit.OFF,
         *,
         metrics: bool = False,
+        binaries: BinaryStore | None = None,
     ) -> None:
         counters = counters or ShieldCounters()
         self.settings = settings
@@ -105,6 +109,18 @@ class Gateway:
         self.cached = (
             None if cache is None else CachedAnswers(cache, policy, shield, self.forwarding)
         )
+        self.series = (
+            None
+            if binaries is None or self.cached is None
+            else SeriesCache(
+                binaries,
+                self.forwarding,
+                self.cached,
+                token_on_v4=settings.token_on_v4,
+                background=settings.binary_fill_in_background,
+                max_error_bytes=settings.max_cached_body_bytes,
+            )
+        )
         # Longest mount first, so /nlst/... is not taken by the root mount.
         self.upstreams = sorted(upstreams, key=lambda u: len(u.config.mount), reverse=True)
         self.access = access
@@ -116,6 +132,7 @@ class Gateway:
         BYPASS path, as with the cache off."""
         self.cache = None
         self.cached = None
+        self.series = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -247,6 +264,17 @@ class Gateway:
             # A download holds one of its user's slots (accounts mode), so one user's many
             # threads queue behind each other instead of in front of everyone else.
             async with self.access.limits.download(principal.name):
+                if endpoint is not None and self.series is not None:
+                    await self.series.serve(
+                        upstream,
+                        endpoint,
+                        request,
+                        self._download_fit(upstream, endpoint, request),
+                        receive,
+                        send,
+                        lambda: self._relay(upstream, path, endpoint, request, receive, send),
+                    )
+                    return
                 await self._relay(upstream, path, endpoint, request, receive, send)
         else:
             await self._relay(upstream, path, endpoint, request, receive, send)
@@ -292,6 +320,15 @@ class Gateway:
         if verdict.fit is Fit.REFUSED:
             raise ClientError(verdict.reason)
         return verdict.fit
+
+    def _download_fit(
+        self, upstream: Upstream, endpoint: Endpoint, request: OutgoingRequest
+    ) -> Fit:
+        """How far the cache key describes a binary download (the series cache's key)."""
+        head = forwarded_head_size(upstream, request)
+        return classify_download(
+            endpoint, request.method, request.query, request.body, request.headers, head
+        ).fit
 
     async def _relay(
         self,

@@ -103,7 +103,7 @@ def test_one_line_per_request_with_user_outcome_and_size(
     assert hit_line["query"] == miss_line["query"]
     assert (zip_line["user"], zip_line["cache"], zip_line["bytes"]) == (
         "anonymous",
-        "BYPASS",
+        "MISS",  # filled into the series cache
         len(zipped.content),
     )
     assert (health_line["path"], health_line["bytes"]) == ("/healthz", len(health.content))

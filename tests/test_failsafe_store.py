@@ -433,8 +433,14 @@ def fill(disk: Path, name: str = "filler") -> None:
 
 
 def disk_gateway(disk: Path, upstream: FakeServer) -> GatewayServer:
-    # A reserve that suits a 4 MB disk (the default is 256 MB).
-    settings = make_settings(disk / "data", upstream.url, cache_min_free_disk_bytes=256 * 1024)
+    # A reserve that suits a 4 MB disk (the default is 256 MB), and a cap on kept binaries it
+    # can hold (else the series cache lowers its 50 GB default with a warning of its own).
+    settings = make_settings(
+        disk / "data",
+        upstream.url,
+        cache_min_free_disk_bytes=256 * 1024,
+        binary_cache_max_bytes=1024 * 1024,
+    )
     return GatewayServer(settings)
 
 

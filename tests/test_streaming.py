@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayProcess, GatewayServer
+from tests.gateway_server import GatewayProcess, GatewayServer, make_settings
 
 MIB = 1024 * 1024
 
@@ -86,10 +86,20 @@ def _connections_to(port: int) -> int:
     )
 
 
+@pytest.fixture
+def relaying_gateway(tmp_path: Path, nbia_upstream: FakeServer) -> Iterator[GatewayServer]:
+    """A gateway that relays binaries without keeping them (no series cache)."""
+    settings = make_settings(tmp_path, nbia_upstream.url, binary_cache_enabled=False)
+    with GatewayServer(settings) as server:
+        yield server
+
+
 def test_client_disconnect_closes_the_upstream_request(
-    gateway: GatewayServer, nbia_upstream: FakeServer
+    relaying_gateway: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
-    """When the client hangs up mid-download, the gateway's upstream connection closes at once."""
+    """When the client hangs up mid-download, the gateway's upstream connection closes at once
+    (a download the series cache keeps goes on: tests/test_series_cache.py)."""
+    gateway = relaying_gateway
     fake = nbia_upstream.app
     fake.set_big_zip_bytes(16 * MIB)
     fake.slow(seconds_between_chunks=0.5, path_contains="getImage")

@@ -75,6 +75,35 @@ def classify(
         )
     if not endpoint.cacheable:
         return Verdict(Fit.UNCACHED, "the endpoint is never cached")
+    return _keyed(endpoint, method, query, body, headers, head_bytes)
+
+
+def classify_download(
+    endpoint: Endpoint,
+    method: str,
+    query: bytes,
+    body: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    head_bytes: int,
+) -> Verdict:
+    """:func:`classify` for a binary endpoint's download, which the series cache keeps
+    (:mod:`proxy.binary`) under the same key rules; a HEAD is keyed as its GET."""
+    if method in _WITHOUT_BODY and body:
+        return classify(endpoint, method, query, body, headers, head_bytes)
+    if not endpoint.payload.is_binary:
+        return Verdict(Fit.UNCACHED, "not a binary endpoint")
+    read = "GET" if method == "HEAD" else method
+    return _keyed(endpoint, read, query, body, headers, head_bytes)
+
+
+def _keyed(
+    endpoint: Endpoint,
+    method: str,
+    query: bytes,
+    body: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    head_bytes: int,
+) -> Verdict:
     if method not in endpoint.methods or method not in ("GET", "POST"):
         return Verdict(Fit.UNCACHED, f"{endpoint.path} does not answer {method}")
     verdict = Verdict(Fit.EXACT)

@@ -1,0 +1,173 @@
+"""Series cache benchmark: kept zips against nginx sendfile, cold fills against an nginx relay.
+
+Run on purpose (not part of the test suite)::
+
+    .venv/bin/python -m bench.series_cache --size-mb 1024 --rounds 3
+
+It starts the fake NBIA upstream with a large series, the gateway, and nginx (one worker), and
+measures, interleaved so that machine noise hits both sides alike:
+
+* hits: the kept zip through the gateway vs nginx serving the same file (``sendfile on``);
+* cold: a download that fills the cache (``Cache-Control: no-cache``: fetched, checked, kept
+  again) vs nginx relaying the upstream with ``proxy_buffering off``;
+* the same download through a gateway without the series cache (``relay-only``: what relaying
+  alone costs here);
+* the gateway's peak RSS (VmHWM) over both;
+* 20 concurrent cold requests for one series through a second gateway whose upstream is an
+  nginx relay that logs each request: how many reached the upstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench import common
+from bench.common import Process
+from bench.stream import download, peak_rss_mb
+
+# The kept files are 0600 in 0700 directories: the worker must be the gateway's user
+# (when nginx does not run as root, the directive is ignored and it already is).
+KEPT_NAME = re.compile(r"[0-9a-f]{64}-[0-9a-f]{16}")
+
+NGINX_CONF = """
+user {user};
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log {tmp}/access.log;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  sendfile on;
+  server {{
+    listen 127.0.0.1:{port};
+    location = /kept.zip {{
+      alias {kept};
+      default_type application/octet-stream;
+    }}
+    location / {{
+      proxy_pass {upstream};
+      proxy_http_version 1.1;
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def curl(url: str, *headers: str) -> tuple[float, int]:
+    """Download with curl to /dev/null; return (MB/s, bytes)."""
+    command = ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}"]
+    for header in headers:
+        command += ["-H", header]
+    out = subprocess.run([*command, url], check=True, capture_output=True, text=True)
+    speed, size = out.stdout.split()
+    return float(speed) / 1e6, int(size)
+
+
+def kept_file(data_dir: Path) -> Path:
+    """The published file (the client's download may end while its fsync and row are due)."""
+    while True:
+        files = [p for p in (data_dir / "binaries").rglob("*") if KEPT_NAME.fullmatch(p.name)]
+        if files:
+            return max(files, key=lambda p: p.stat().st_size)
+        time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="size of the series zip")
+    parser.add_argument("--rounds", type=int, default=3, help="downloads per path")
+    args = parser.parse_args(argv)
+    nginx_binary = common.find_nginx()
+    if nginx_binary is None:
+        print("nginx is required (apt-get install nginx-light)", file=sys.stderr)
+        return 2
+    processes: list[Process] = []
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            print(f"building a {args.size_mb} MB series zip in the fake upstream ...", flush=True)
+            fake, values = common.start_fake_upstream(["--big-zip-mb", str(args.size_mb)])
+            processes.append(fake)
+            upstream, uid = values["url"], values["big_series_uid"]
+            data = tmp / "data"
+            gateway, gateway_url = common.start_gateway(upstream, data)
+            processes.append(gateway)
+            rss_start, _ = peak_rss_mb(gateway.pid)
+            path = f"/nbia-api/services/v4/getImage?SeriesInstanceUID={uid}"
+            _, size = curl(gateway_url + path)  # the first fill: keeps the zip
+            kept = kept_file(data)
+            assert kept.stat().st_size == size, "the zip was not kept (see the gateway's log)"
+            nginx, nginx_url = common.start_nginx(
+                nginx_binary, NGINX_CONF, tmp, upstream=upstream, kept=kept, user=getpass.getuser()
+            )
+            processes.append(nginx)
+            # The gateway without the series cache: what relaying alone costs (the baseline).
+            relay, relay_url = common.start_gateway(
+                upstream, tmp / "data-relay", ["--no-binary-cache-enabled"]
+            )
+            processes.append(relay)
+            speeds: dict[str, list[float]] = {
+                "hit": [],
+                "nginx-sendfile": [],
+                "cold": [],
+                "nginx-relay": [],
+                "relay-only": [],
+            }
+            for _ in range(args.rounds):
+                speeds["hit"].append(curl(gateway_url + path)[0])
+                speeds["nginx-sendfile"].append(curl(nginx_url + "/kept.zip")[0])
+                speeds["cold"].append(curl(gateway_url + path, "Cache-Control: no-cache")[0])
+                speeds["nginx-relay"].append(curl(nginx_url + path)[0])
+                speeds["relay-only"].append(curl(relay_url + path)[0])
+            _, rss_peak = peak_rss_mb(gateway.pid)
+            _, relay_peak = peak_rss_mb(relay.pid)
+            medians = {name: statistics.median(v) for name, v in speeds.items()}
+            print(f"\npayload: {size / 1e6:.0f} MB zip, {args.rounds} rounds, curl to /dev/null")
+            for name, values_ in speeds.items():
+                rounds = ", ".join(f"{v:.0f}" for v in values_)
+                print(f"{name:15s} median {medians[name]:7.0f} MB/s   (rounds: {rounds})")
+            print(f"hit  / nginx sendfile = {medians['hit'] / medians['nginx-sendfile']:.2f}")
+            print(f"cold / nginx relay    = {medians['cold'] / medians['nginx-relay']:.2f}")
+            print(f"cold / relay-only     = {medians['cold'] / medians['relay-only']:.2f}")
+            print(
+                f"gateway peak RSS (VmHWM): {rss_peak:.0f} MB "
+                f" (at start {rss_start:.0f} MB; relay-only gateway peak: {relay_peak:.0f} MB)"
+            )
+
+            # 20 concurrent cold requests, counted at an nginx relay in front of the upstream.
+            second, second_url = common.start_gateway(nginx_url, tmp / "data2")
+            processes.append(second)
+            log = tmp / "access.log"
+            before = log.read_text().count("getImage") if log.exists() else 0
+            with ThreadPoolExecutor(20) as pool:
+                sizes = list(pool.map(lambda _: download(second_url + path)[1], range(20)))
+            after = log.read_text().count("getImage")
+            print(
+                f"20 concurrent cold requests: {after - before} upstream request(s), "
+                f"{sum(s == size for s in sizes)}/20 complete answers"
+            )
+        finally:
+            common.stop_processes(processes)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

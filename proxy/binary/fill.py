@@ -1,0 +1,600 @@
+"""A fill: one upstream download per key per process, read by every client while it grows,
+checked, then kept.
+
+:class:`Fills` is the registry (like the metadata cache's coalescer): the first request for a
+key starts a :class:`Filling`, a task of its own that owns the upstream response; every client,
+the first included, is a reader of it. Each chunk goes to a bounded in-memory window (readers
+that keep up are served from it) and, in a worker thread, to the temporary file
+(:class:`~proxy.binary.files.Fill`) and the check (:mod:`proxy.binary.zipcheck`,
+:mod:`proxy.binary.imagecheck`); readers behind the window read the file. So memory is flat
+whatever the download's size, and a joiner gets the bytes already there at once.
+
+The last chunk is held back from every reader until the check's verdict is ok (a zip's last
+bytes are its end record: without them no client takes it for complete). A failed check or a
+broken upstream fails the filling: every reader's transfer is aborted, nothing is kept, and the
+key leaves the registry at once, so the next request fetches afresh.
+
+When the last reader leaves, the fill goes on in the background (``binary_fill_in_background``)
+so that a user's retry after a dropped connection is a hit; it is bounded by the upstream read
+timeout (a stalled upstream ends it) and by ``binary_cache_max_bytes`` (a download that cannot
+be kept stops with its last reader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from proxy.binary.files import BinaryStore, Fill, Kept, Meta
+from proxy.binary.verdict import Check, Verdict
+from proxy.cache.policy import CacheKey
+from proxy.endpoints import Endpoint
+from proxy.errors import GatewayError, UpstreamError, transport_error
+from proxy.forwarding import Forwarding, OutgoingRequest, UpstreamResponse, within
+from proxy.headers import RawHeaders, for_client
+from proxy.streaming import Overflow, read_bounded
+from proxy.upstream import Upstream
+
+log = logging.getLogger("nbia_proxy.binary.fill")
+
+#: Bytes of recent chunks held in memory for the readers that keep up.
+WINDOW_BYTES = 4 * 1024 * 1024
+#: Bytes received but not yet on disk (or, when the file broke, not yet read by the slowest
+#: reader) before the fill stops reading the upstream for a while.
+BACKLOG_BYTES = 8 * 1024 * 1024
+#: Bytes handed to the writer threads at once.
+BATCH_BYTES = 1024 * 1024
+#: Kept files remembered per process for requests that raced their fill's commit.
+RECENT_FILES = 256
+#: The largest piece a reader gets at once.
+READ_BYTES = 1024 * 1024
+
+#: What a zip's numbers come from (getSeriesSize): (ObjectCount, TotalSizeInBytes), or None.
+SizeSource = Callable[[], Awaitable[tuple[int, int] | None]]
+
+
+class FillFailed(Exception):
+    """The filling failed after its head was known: readers must abort their transfers."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The upstream's answer head, as every reader relays it."""
+
+    status: int
+    headers: RawHeaders  # end-to-end headers for the client (no Content-Length)
+    length: int | None  # the upstream's Content-Length, if it sent one
+    whole: bytes | None = None  # the body of a non-200 answer, read whole (never kept)
+
+
+@dataclass(slots=True)
+class FillCounters:
+    """What the fills of this process did, for the stats."""
+
+    started: int = 0
+    joined: int = 0
+    kept: int = 0
+    background: int = 0  # fills that went on after their last reader left
+    retried: int = 0  # fills started over after the upstream broke off mid-body
+    failures: Counter[str] = field(default_factory=Counter)  # by reason
+
+
+@dataclass(frozen=True, slots=True)
+class FillJob:
+    """What a fill needs: where to ask, what to ask, how to check the answer."""
+
+    upstream: Upstream
+    endpoint: Endpoint
+    request: OutgoingRequest
+    key: CacheKey
+    check: Callable[[], Check]
+    sizes: SizeSource | None = None  # zips: NBIA's numbers, fetched beside the download
+
+
+class Filling:
+    """One download in progress: its head, its bytes so far, its outcome."""
+
+    def __init__(self, key: CacheKey) -> None:
+        self.key = key
+        self.head: Head | None = None
+        self.error: BaseException | None = None  # before the head: the request's error
+        self.failed: FillFailed | None = None  # after the head
+        self.kept: Kept | None = None
+        self.done = False  # ended (ok or not)
+        self.checked = False  # the verdict is ok: every byte is released
+        self.received = 0
+        self.released = 0  # bytes every reader may have: all but the last chunk until ok
+        self.written = 0  # bytes in the temporary file
+        self.file_broken = False
+        self.readers: dict[int, int] = {}  # reader id -> its offset
+        self._window: deque[bytes] = deque()
+        self._window_start = 0
+        self._window_size = 0
+        self._last = 0  # size of the last chunk received (held back until the verdict)
+        self._read_fd = -1
+        self._changed = asyncio.Event()
+        self._next_reader = 0
+        self.task: asyncio.Task[None] | None = None
+        self.on_idle: Callable[[Filling], None] | None = None
+
+    # readers -------------------------------------------------------------------------------
+
+    @property
+    def joinable(self) -> bool:
+        """Whether a new reader can get every byte from the start."""
+        return self.failed is None and self.error is None and not self.file_broken
+
+    def join(self) -> int:
+        """Register a reader (at offset 0); return its id for :meth:`read` and :meth:`leave`."""
+        self._next_reader += 1
+        self.readers[self._next_reader] = 0
+        return self._next_reader
+
+    def leave(self, reader: int) -> None:
+        """The reader is done (or gone): the fill may go on alone or stop."""
+        self.readers.pop(reader, None)
+        self._wake()
+        if not self.readers:
+            if self.done:
+                self._close_read_fd()
+            elif self.on_idle is not None:
+                self.on_idle(self)
+
+    async def wait_head(self) -> Head:
+        """The upstream's head; raises the request's error when there is none."""
+        while self.head is None:
+            if self.error is not None:
+                raise self.error
+            await self._wait()
+        return self.head
+
+    async def wait_done(self) -> None:
+        """Until the fill has ended, ok or not (raises :class:`FillFailed`)."""
+        while not self.done:
+            await self._wait()
+        if self.failed is not None:
+            raise self.failed
+
+    async def wait_for(self, end: int) -> bool:
+        """Until ``end`` bytes are released (True) or the fill ended (False); raises on failure."""
+        while self.released < end and not self.done:
+            if self.failed is not None:
+                raise self.failed
+            await self._wait()
+        if self.failed is not None:
+            raise self.failed
+        return self.released >= end
+
+    async def read(self, reader: int, offset: int, limit: int = READ_BYTES) -> bytes:
+        """Up to ``limit`` bytes from ``offset`` once they are released; b"" at the end (only
+        after a good verdict). Raises :class:`FillFailed` when the fill failed."""
+        while True:
+            if self.failed is not None:
+                raise self.failed
+            if offset < self.released:
+                data = await self._take(offset, min(limit, self.released - offset))
+                if self.failed is not None:
+                    raise self.failed  # its file may have been closed under the read
+                self.readers[reader] = offset + len(data)
+                self._wake()
+                return data
+            if self.done or self.checked:
+                return b""
+            await self._wait()
+
+    async def _take(self, offset: int, count: int) -> bytes:
+        if offset >= self._window_start:
+            return self._from_window(offset, count)
+        if self._read_fd < 0 or offset >= self.written:
+            # Only when the file broke: the window then waits for the slowest reader, so this
+            # is a reader that joined after the window moved on.
+            raise FillFailed("reader_lagged", "the reader fell behind a download that is not kept")
+        count = min(count, self.written - offset)
+        return await asyncio.to_thread(os.pread, self._read_fd, count, offset)
+
+    def _from_window(self, offset: int, count: int) -> bytes:
+        """Bytes from the one chunk holding ``offset`` (no copy when a reader takes a whole
+        chunk, as readers that keep up do)."""
+        position = self._window_start
+        for chunk in self._window:
+            end = position + len(chunk)
+            if end > offset:
+                start = offset - position
+                if start == 0 and count >= len(chunk):
+                    return chunk
+                return chunk[start : start + count]
+            position = end
+        return b""
+
+    # the writing side ----------------------------------------------------------------------
+
+    def set_head(self, head: Head) -> None:
+        self.head = head
+        self._wake()
+
+    def open_file(self, fill: Fill) -> None:
+        if fill.temp is None or fill.broken is not None:
+            self.file_broken = True
+            return
+        try:
+            self._read_fd = os.open(fill.temp, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.file_broken = True
+
+    def append(self, chunk: bytes) -> None:
+        """A chunk from the upstream: readers may have all before it."""
+        self._window.append(chunk)
+        self._window_size += len(chunk)
+        self.released = self.received
+        self.received += len(chunk)
+        self._last = len(chunk)
+        self._evict()
+        self._wake()
+
+    def wrote(self, size: int, broken: bool) -> None:
+        """The file holds ``size`` bytes now (or broke)."""
+        if broken and not self.file_broken:
+            self.file_broken = True
+        if not self.file_broken:
+            self.written = size
+        self._evict()
+        self._wake()
+
+    def backlog(self) -> int:
+        return self.received - self._floor()
+
+    async def wait_progress(self) -> None:
+        await self._wait()
+
+    def complete(self) -> None:
+        """Every byte is good: release the last chunk and let readers end."""
+        self.released = self.received
+        self.checked = True
+        self._wake()
+
+    def succeed(self, kept: Kept | None) -> None:
+        self.kept = kept
+        self.released = self.received
+        self.done = True
+        if not self.readers:
+            self._close_read_fd()
+        self._wake()
+
+    def fail_before_head(self, error: BaseException) -> None:
+        self.error = error
+        self.done = True
+        self._close_read_fd()
+        self._wake()
+
+    def fail(self, failure: FillFailed) -> None:
+        if self.failed is None:
+            self.failed = failure
+        self.done = True
+        self._close_read_fd()
+        self._wake()
+
+    def _floor(self) -> int:
+        """Bytes that may leave the window: on disk, or (file broken) read by every reader."""
+        if not self.file_broken:
+            return self.written
+        return min(self.readers.values(), default=self.received)
+
+    def _evict(self) -> None:
+        floor = self._floor()
+        while self._window and self._window_size > WINDOW_BYTES:
+            first = self._window[0]
+            if self._window_start + len(first) > floor:
+                break
+            self._window.popleft()
+            self._window_start += len(first)
+            self._window_size -= len(first)
+
+    def _close_read_fd(self) -> None:
+        if self._read_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._read_fd)
+            self._read_fd = -1
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed.clear()  # waiters already woken stay woken
+
+    async def _wait(self) -> None:
+        await self._changed.wait()
+
+
+class _Writer:
+    """Writes and checks the chunks in a worker thread, in order, in batches."""
+
+    def __init__(self, fill: Fill, check: Check, filling: Filling) -> None:
+        self.fill = fill
+        self.check = check
+        self.filling = filling
+        self._pending: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._pending_bytes = 0
+        self.error: Exception | None = None
+
+    def put(self, chunk: bytes) -> None:
+        if self._stopped:
+            return
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        # In batches: a thread hop per upstream chunk costs the event loop more than the work.
+        if self._pending_bytes >= BATCH_BYTES:
+            self._start()
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def drain(self) -> None:
+        self._start()
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self._task is not None:
+            self._task.result()  # an error of the thread surfaces here
+
+    async def stop(self) -> None:
+        """Write nothing more, and wait for the batch in the thread (the file is not shared
+        between threads: it may be discarded only after)."""
+        self._pending = []
+        self._stopped = True
+        if self._task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                self._pending_bytes = 0
+                # Two threads: the file's sha256 and the check's CRC-32/MD5 each release the
+                # GIL, so they run beside each other and beside the event loop.
+                await asyncio.gather(
+                    asyncio.to_thread(self._write, batch), asyncio.to_thread(self._feed, batch)
+                )
+                self.filling.wrote(self.fill.size, self.fill.broken is not None)
+        except Exception as exc:
+            # The fill must hear of it: it may be waiting for this writer's progress.
+            self.error = exc
+            self.filling.wrote(self.fill.size, True)
+            raise
+
+    def _write(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self.fill.write(chunk)
+
+    def _feed(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self.check.feed(chunk)
+
+
+class Fills:
+    """The fills of this process, one per key."""
+
+    def __init__(
+        self,
+        store: BinaryStore,
+        forwarding: Forwarding,
+        *,
+        background: bool,
+        max_error_bytes: int,
+    ) -> None:
+        self.store = store
+        self.forwarding = forwarding
+        self.background = background
+        self.max_error_bytes = max_error_bytes
+        self.counters = FillCounters()
+        #: Told the reason of every download not kept (the metrics' validation failures).
+        self.on_failure: Callable[[str], None] | None = None
+        self._fills: dict[str, Filling] = {}
+        # Files kept by the last fills: a request that looked the key up while its fill was
+        # committing finds the file here rather than starting another download.
+        self._recent: OrderedDict[str, Kept] = OrderedDict()
+
+    def recently_kept(self, digest: str) -> Kept | None:
+        """The file the last fill of ``digest`` kept, if it is among the last few."""
+        return self._recent.get(digest)
+
+    def current(self, digest: str) -> Filling | None:
+        """The fill in progress for a key that a new reader can join, if any."""
+        filling = self._fills.get(digest)
+        return filling if filling is not None and filling.joinable else None
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._fills)
+
+    def start(self, job: FillJob, attempt: int = 0) -> Filling:
+        """Start the fill for ``job``'s key (a task of its own: no client can cancel it)."""
+        filling = Filling(job.key)
+        filling.on_idle = self._idle
+        self._fills[job.key.digest] = filling
+        self.counters.started += 1
+        filling.task = asyncio.ensure_future(self._run(filling, job, attempt))
+        return filling
+
+    def _idle(self, filling: Filling) -> None:
+        """The last reader left a fill in progress."""
+        if self.background and not filling.file_broken:
+            self.counters.background += 1
+            log.info("fill of %s goes on without readers", filling.key.endpoint)
+            return
+        if filling.task is not None:
+            filling.task.cancel()
+
+    def _forget(self, filling: Filling) -> None:
+        if self._fills.get(filling.key.digest) is filling:
+            del self._fills[filling.key.digest]
+
+    async def _run(self, filling: Filling, job: FillJob, attempt: int) -> None:
+        upstream = job.upstream
+        try:
+            async with within(self.forwarding.deadline(), upstream.name):
+                response = await self.forwarding.open(
+                    upstream, job.request, job.endpoint.token, read=True, bulk=True
+                )
+        except BaseException as exc:
+            self._forget(filling)
+            filling.fail_before_head(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        try:
+            if response.status_code != 200:
+                await self._answer_whole(filling, response, upstream.name)
+                return
+            await self._fill(filling, job, response)
+        except asyncio.CancelledError:
+            self._failed(filling, FillFailed("cancelled", "the download was stopped"))
+            raise
+        except httpx.HTTPError as exc:
+            error = transport_error(exc, upstream.name, mid_body=True)
+            self._failed(filling, FillFailed("upstream_broken", error.message))
+            self._again(job, attempt)
+        except FillFailed as failure:
+            self._failed(filling, failure)
+        except Exception as exc:
+            log.exception("fill of %s failed", job.key.endpoint)
+            self._failed(filling, FillFailed("internal", f"internal error: {exc!r}"))
+        finally:
+            self._forget(filling)
+            await response.aclose()
+
+    async def _answer_whole(
+        self, filling: Filling, answer: UpstreamResponse, upstream: str
+    ) -> None:
+        """A non-200 answer: read whole (bounded) for every reader, never kept."""
+        try:
+            body = await read_bounded(answer, upstream, self.max_error_bytes)
+        except GatewayError as exc:
+            filling.fail_before_head(exc)
+            return
+        if isinstance(body, Overflow):
+            await body.aclose()
+            filling.fail_before_head(UpstreamError("oversized error answer", upstream=upstream))
+            return
+        headers = for_client(answer.headers.raw)
+        filling.set_head(Head(answer.status_code, headers, len(body), body))
+        filling.succeed(None)
+
+    async def _fill(self, filling: Filling, job: FillJob, answer: UpstreamResponse) -> None:
+        declared = answer.headers.get("content-length")
+        length = int(declared) if declared is not None and declared.strip().isdigit() else None
+        headers = for_client(answer.headers.raw)
+        filling.set_head(Head(200, headers, length))
+        check = job.check()
+        sizes = asyncio.ensure_future(job.sizes()) if job.sizes is not None else None
+        fill = await asyncio.to_thread(self.store.open_fill, job.key, length)
+        filling.open_file(fill)
+        writer = _Writer(fill, check, filling)
+        try:
+            async for chunk in answer.aiter_raw():
+                if not chunk:
+                    continue
+                filling.append(chunk)
+                writer.put(chunk)
+                if check.failure is not None:
+                    raise _refused(check.failure)
+                while filling.backlog() > BACKLOG_BYTES:
+                    if writer.error is not None:
+                        raise FillFailed("internal", f"the fill's writer failed: {writer.error!r}")
+                    await filling.wait_progress()
+                    if filling.failed is not None:
+                        raise filling.failed
+            await writer.drain()
+            await _expect_sizes(check, sizes)
+            verdict = await asyncio.to_thread(check.finish)
+            if not verdict.ok:
+                raise _refused(verdict)
+            # The verdict is in: readers may have the end now; the fsync and the row (which
+            # wait for the disk) are the fill's business, not their clients'.
+            filling.complete()
+            meta = Meta(
+                content_type=_header(headers, b"content-type") or "application/octet-stream",
+                content_disposition=_header(headers, b"content-disposition"),
+                validation=verdict.level,
+            )
+            kept = await asyncio.to_thread(fill.commit, meta)
+            if kept is not None:
+                self.counters.kept += 1
+                self._recent[kept.digest] = kept
+                self._recent.move_to_end(kept.digest)
+                while len(self._recent) > RECENT_FILES:
+                    self._recent.popitem(last=False)
+            self._forget(filling)
+            filling.succeed(kept)
+        except BaseException:
+            if sizes is not None:
+                sizes.cancel()
+            await writer.stop()
+            await asyncio.to_thread(fill.discard)
+            raise
+
+    def _again(self, job: FillJob, attempt: int) -> None:
+        """The upstream broke off mid-body: its readers are aborted (they have some of these
+        bytes, and NBIA's next zip is not byte-identical), and the download starts over in the
+        background, as the shield retries reads, so that their retry joins it or is a hit."""
+        retry = self.forwarding.retry
+        if not self.background or attempt >= retry.max_attempts:
+            return
+        if job.key.digest in self._fills:
+            return  # a client's retry has started one already
+        self.counters.retried += 1
+        log.info("download of %s broke off; starting it over", job.key.endpoint)
+        self.start(job, attempt + 1)
+
+    def _failed(self, filling: Filling, failure: FillFailed) -> None:
+        if filling.done:
+            return
+        self._forget(filling)
+        self.counters.failures[failure.reason] += 1
+        if self.on_failure is not None:
+            self.on_failure(failure.reason)
+        log.warning(
+            "download of %s not kept (%s): %s; aborting %d readers",
+            filling.key.endpoint,
+            failure.reason,
+            failure.message,
+            len(filling.readers),
+        )
+        filling.fail(failure)
+
+
+def _refused(verdict: Verdict) -> FillFailed:
+    return FillFailed(verdict.reason or "refused", verdict.message)
+
+
+async def _expect_sizes(check: Check, sizes: asyncio.Future[tuple[int, int] | None] | None) -> None:
+    """Give the zip check NBIA's numbers when they came; without them it checks less."""
+    if sizes is None:
+        return
+    try:
+        numbers = await sizes
+    except Exception as exc:  # noqa: BLE001 -- never fail the download for the numbers
+        log.info("getSeriesSize unavailable (%s): the zip is checked by itself", exc)
+        return
+    expect = getattr(check, "expect", None)
+    if numbers is not None and expect is not None:
+        expect(*numbers)
+
+
+def _header(headers: RawHeaders, name: bytes) -> str:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""

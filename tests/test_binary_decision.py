@@ -1,0 +1,65 @@
+"""The series cache decision (proxy.binary.decision): a table, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.binary.decision import Action, Stored, decide
+
+KEPT, FILLING, NOTHING = Stored.KEPT, Stored.FILLING, Stored.NOTHING
+
+
+@pytest.mark.parametrize(
+    ("stored", "method", "fresh", "offline", "circuit", "shared", "expected"),
+    [
+        # a kept file is served, however it is asked for
+        (KEPT, "GET", False, False, False, True, Action.SERVE),
+        (KEPT, "POST", False, False, False, True, Action.SERVE),
+        (KEPT, "HEAD", False, False, False, True, Action.SERVE),
+        (KEPT, "GET", False, False, False, False, Action.SERVE),
+        # no-cache asks the upstream again, unless it cannot answer
+        (KEPT, "GET", True, False, False, True, Action.FILL),
+        (KEPT, "GET", True, True, False, True, Action.SERVE),
+        (KEPT, "GET", True, False, True, True, Action.SERVE),
+        (KEPT, "GET", True, False, False, False, Action.RELAY),
+        # outages: kept files are served, nothing else reaches the upstream
+        (KEPT, "GET", False, True, False, True, Action.SERVE),
+        (KEPT, "GET", False, False, True, True, Action.SERVE),
+        (NOTHING, "GET", False, True, False, True, Action.REFUSE_OFFLINE),
+        (NOTHING, "HEAD", False, True, False, True, Action.REFUSE_OFFLINE),
+        (FILLING, "GET", False, True, False, True, Action.REFUSE_OFFLINE),
+        (NOTHING, "GET", False, False, True, True, Action.REFUSE_CIRCUIT),
+        (NOTHING, "GET", False, False, True, False, Action.REFUSE_CIRCUIT),
+        # a fill in progress is joined, never fetched a second time
+        (FILLING, "GET", False, False, False, True, Action.JOIN),
+        (FILLING, "GET", True, False, False, True, Action.JOIN),
+        (FILLING, "HEAD", False, False, False, True, Action.JOIN),
+        (FILLING, "GET", False, False, True, True, Action.JOIN),
+        # ... but only by a request its key describes exactly
+        (FILLING, "GET", False, False, False, False, Action.RELAY),
+        # nothing kept: a fill, except for HEAD and inexact keys
+        (NOTHING, "GET", False, False, False, True, Action.FILL),
+        (NOTHING, "POST", False, False, False, True, Action.FILL),
+        (NOTHING, "GET", True, False, False, True, Action.FILL),
+        (NOTHING, "HEAD", False, False, False, True, Action.RELAY),
+        (NOTHING, "GET", False, False, False, False, Action.RELAY),
+    ],
+)
+def test_decide(
+    stored: Stored,
+    method: str,
+    fresh: bool,
+    offline: bool,
+    circuit: bool,
+    shared: bool,
+    expected: Action,
+) -> None:
+    got = decide(
+        stored,
+        method=method,
+        wants_fresh=fresh,
+        offline=offline,
+        circuit_open=circuit,
+        shared=shared,
+    )
+    assert got is expected
