@@ -305,7 +305,7 @@ def verify_binaries(
 
     from proxy.binary.files import MARKER
 
-    if not store.mounted():
+    if not store.mounted() and store.stats().files:
         raise CommandError(
             f"{store.directory} has no {MARKER}: not the directory the database describes "
             "(is the volume mounted? is binary_dir right?); nothing was checked"

@@ -236,8 +236,12 @@ def test_cli_verify_of_a_collection_checks_only_its_files(
     assert get(gw, _zip(lung)).headers["x-cache"] == "MISS"
 
 
-def test_cli_verify_mistakes_are_one_line(gw: GatewayServer, tmp_path: Path) -> None:
+def test_cli_verify_mistakes_are_one_line(
+    gw: GatewayServer, nbia_upstream: FakeServer, tmp_path: Path
+) -> None:
     data = str(gw.settings.data_dir)
+    assert cli(gw, "cache", "verify")["checked"] == 0  # nothing kept: nothing to refuse
+    keep(gw, _series(nbia_upstream, "4D-Lung"))
     empty = run_cli("cache", "verify", "--collection", "", "--data-dir", data, cwd=tmp_path)
     assert_one_line(empty, 2, "--collection", "empty")
     off = run_cli(
@@ -252,3 +256,4 @@ def test_cli_verify_mistakes_are_one_line(gw: GatewayServer, tmp_path: Path) -> 
     (gw.settings.data_dir / "binaries" / MARKER).unlink()
     unmounted = run_cli("cache", "verify", "--data-dir", data, cwd=tmp_path)
     assert_one_line(unmounted, 2, MARKER, "mounted")
+    assert len(kept_files(gw)) == 1  # nothing removed
