@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--collection",
         dest="verify_collection",
         type=_verify_filter,
-        help="only the kept files whose request named this Collection",
+        help="only this Collection's kept files (its series as the cached getSeries list them)",
     )
     _add_settings_flags(verify)
     _name_commands(cache_commands)
