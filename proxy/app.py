@@ -67,7 +67,17 @@ def create_app(
     lifespan = _lifespan(
         settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries
     )
-    control = control_app(upstreams, cache, counters, access, lifespan, settings, metrics)
+    control = control_app(
+        upstreams,
+        cache,
+        counters,
+        access,
+        lifespan,
+        settings,
+        metrics,
+        binaries,
+        lambda: gateway.series,
+    )
     gateway = Gateway(
         settings,
         upstreams,

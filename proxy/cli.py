@@ -1,9 +1,11 @@
 """The ``nbia-proxy`` command line.
 
 ``serve`` (the default) runs the gateway; ``migrate`` brings the database schema up to date;
-``cache stats`` and ``cache purge`` inspect and empty the cache directly in its database, so they
-work whether a gateway is running or not (running gateways drop purged memory copies within
-``cache_recheck_seconds``); ``cache stats --from URL`` asks a running gateway instead.
+``cache stats`` and ``cache purge`` inspect and empty the cache (its kept series files too)
+directly in its database and ``binary_dir``, so they work whether a gateway is running or not
+(running gateways drop purged memory copies within ``cache_recheck_seconds``); ``cache stats
+--from URL`` asks a running gateway instead; ``cache verify`` hashes the kept files again and
+removes those whose bytes no longer match.
 
 Every failure is one line on stderr starting with ``nbia-proxy:`` and saying what to do, never a
 traceback. The exit status tells which side must change:
@@ -27,7 +29,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
@@ -43,6 +45,9 @@ from proxy.preflight import (
     check_database,
     check_listen,
 )
+
+if TYPE_CHECKING:
+    from proxy.binary.files import BinaryStore
 
 #: Secrets are never taken from the command line, where ``ps`` would show them.
 _NO_FLAG = frozenset({"password", "nlst_password", "metrics_token"})
@@ -107,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--all", dest="purge_all", action="store_true", help="delete every entry (no filter)"
     )
     _add_settings_flags(purge)
+    verify = cache_commands.add_parser(
+        "verify", help="hash kept files again, remove those that do not match (JSON)"
+    )
+    verify.add_argument(
+        "--collection",
+        dest="verify_collection",
+        type=_verify_filter,
+        help="only this Collection's kept files (its series as the cached getSeries list them)",
+    )
+    _add_settings_flags(verify)
     _name_commands(cache_commands)
     users = commands.add_parser("users", help="lab accounts (for access = accounts)")
     user_commands = users.add_subparsers(dest="users_command", required=True)
@@ -135,6 +150,12 @@ def _name_commands(commands: Any) -> None:
 def _filter(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("is empty: give a value, or --all to purge everything")
+    return value
+
+
+def _verify_filter(value: str) -> str:
+    if not value:
+        raise argparse.ArgumentTypeError("is empty: give a Collection name, or leave it out")
     return value
 
 
@@ -232,24 +253,65 @@ def _plain(settings: Settings) -> dict[str, Any]:
 
 
 def run_cache_command(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    """``cache stats`` / ``cache purge`` straight on the database (or ``stats --from URL``)."""
-    from proxy.app import build_cache
-    from proxy.control import stats_document
+    """``cache stats`` / ``purge`` / ``verify`` straight on the database and ``binary_dir``
+    (or ``stats --from URL``)."""
+    from proxy.app import build_binaries, build_cache
+    from proxy.control import (
+        binaries_document,
+        purge_binaries,
+        series_by_collection,
+        stats_document,
+    )
 
     if args.cache_command == "stats" and args.stats_from:
         return fetch_stats(args.stats_from, _admin_key(args.key_file))
     if args.cache_command == "stats" and args.key_file:
         raise CommandError("--key-file goes with --from (the database itself needs no key)")
+    if args.cache_command == "verify" and not settings.binary_cache_enabled:
+        raise CommandError(
+            "cache verify checks the series cache, which is off here (binary_cache_enabled)"
+        )
     filters = _purge_filters(args) if args.cache_command == "purge" else {}
     prepare_database(settings)
+    binaries = build_binaries(settings)
+    if args.cache_command == "verify":
+        assert binaries is not None  # binary_cache_enabled, checked above
+        try:
+            known = series_by_collection(binaries.engine) if args.verify_collection else {}
+            return verify_binaries(binaries, args.verify_collection, known)
+        finally:
+            binaries.engine.dispose()
     cache = build_cache(settings)
     try:
         if args.cache_command == "stats":
-            return stats_document(cache.store.stats(), {})
+            extra = {} if binaries is None else {"binaries": binaries_document(binaries.stats())}
+            return stats_document(cache.store.stats(), extra)
+        known = series_by_collection(cache.store.engine) if "collection" in filters else {}
         entries, size = cache.store.purge(**filters)
-        return {"purged_entries": entries, "purged_bytes": size}
+        kept = {} if binaries is None else purge_binaries(binaries, filters, known)
+        return {"purged_entries": entries, "purged_bytes": size, **kept}
     finally:
         cache.store.engine.dispose()
+        if binaries is not None:
+            binaries.engine.dispose()
+
+
+def verify_binaries(
+    store: BinaryStore, collection: str | None, known: dict[str, set[str]]
+) -> dict[str, Any]:
+    """``cache verify``: the kept files' counts checked, damaged, missing and removed; with a
+    collection, its files as :func:`proxy.control.purge_binaries` finds them."""
+    from dataclasses import asdict
+
+    from proxy.binary.files import MARKER
+
+    if not store.mounted() and store.stats().files:
+        raise CommandError(
+            f"{store.directory} has no {MARKER}: not the directory the database describes "
+            "(is the volume mounted? is binary_dir right?); nothing was checked"
+        )
+    series = known.get(collection, set()) if collection else set()
+    return asdict(store.verify(collection=collection, collection_series=series))
 
 
 def _purge_filters(args: argparse.Namespace) -> dict[str, str]:

@@ -7,20 +7,25 @@ gateway before it gets here.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy import __version__
 from proxy.access import Access
 from proxy.cache.store import EndpointStats
+from proxy.cache.tables import CacheEntry
 from proxy.cache.tiers import TieredCache
 from proxy.config import Settings
 from proxy.db import SCHEMA_HEAD, database_url, describe_failure, is_disk_full, make_engine
@@ -28,6 +33,10 @@ from proxy.errors import ClientError
 from proxy.metrics import METRICS_PATH, Metrics, bearer_matches
 from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.binary.files import BinaryStats, BinaryStore
+    from proxy.binary.serving import SeriesCache
 
 
 def stats_document(rows: list[EndpointStats], extra: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +96,94 @@ def purge_filters(parameters: list[tuple[str, str]]) -> dict[str, str]:
     if given.pop("all", None) and given:
         raise ClientError("all=true purges everything: give it without path, collection or series")
     return {_PURGE_FILTERS[name]: value for name, value in given.items()}
+
+
+def binaries_document(totals: BinaryStats, series: SeriesCache | None = None) -> dict[str, Any]:
+    """The series cache's kept files (all replicas, from the database) and, from a running
+    gateway, what this process served from them, filled and refused to keep."""
+    document: dict[str, Any] = {
+        "files": totals.files,
+        "bytes": totals.bytes,
+        "max_bytes": totals.max_bytes,
+    }
+    if series is not None:
+        live = series.stats()
+        counters = totals.counters
+        document.update(
+            {
+                "hits": live["hits"],
+                "bytes_from_disk": live["bytes_from_disk"],
+                "fills_in_progress": live["fills_in_progress"],
+                "fills_started": live["fills_started"],
+                "fills_joined": live["fills_joined"],
+                "fills_kept": live["fills_kept"],
+                "validation_failures": live["validation_failures"],
+                "write_failures": counters.write_failures,
+                "too_large": counters.too_large,
+                "no_room": counters.no_room,
+                "evicted": counters.evicted,
+                "dropped": counters.dropped,
+            }
+        )
+    return document
+
+
+def series_by_collection(engine: Engine) -> dict[str, set[str]]:
+    """The series of each collection, as the cached getSeries answers list them (blocking).
+
+    Run it before a metadata purge by collection: that purge drops the very answers read here.
+    """
+    found: dict[str, set[str]] = {}
+    query = select(CacheEntry.body, CacheEntry.headers).where(
+        CacheEntry.endpoint.like("%getSeries"), CacheEntry.status == 200
+    )
+    with Session(engine) as session:
+        for body, headers in session.execute(query):
+            for item in _json_list(body, headers):
+                uid, collection = item.get("SeriesInstanceUID"), item.get("Collection")
+                if isinstance(uid, str) and isinstance(collection, str):
+                    found.setdefault(collection, set()).add(uid)
+    return found
+
+
+def _json_list(body: bytes, headers: str) -> list[dict[str, Any]]:
+    """A stored answer's body as a list of JSON objects; empty when it is not one."""
+    try:
+        encodings = {v.strip().lower() for k, v in json.loads(headers) if k.lower() == _ENCODING}
+        if "gzip" in encodings:
+            body = gzip.decompress(body)
+        elif encodings - {"identity"}:
+            return []
+        items = json.loads(body)
+    except (ValueError, TypeError, OSError, EOFError):
+        return []
+    if not isinstance(items, list):
+        return []
+    return [item for item in items if isinstance(item, dict)]
+
+
+_ENCODING = "content-encoding"
+
+
+def purge_binaries(
+    store: BinaryStore, filters: dict[str, str], known: dict[str, set[str]]
+) -> dict[str, int]:
+    """Purge the kept files with a metadata purge's filters (blocking: run it in a thread).
+
+    Kept files are matched by what their request named: a series download names only its
+    series, which ``known`` (:func:`series_by_collection`) maps to its collection. A purge by
+    collection does not guess at the rest: it counts them (``files_of_unknown_collection``),
+    to be purged by series, or by fetching the collection's getSeries through the gateway first.
+    """
+    collection = filters.get("collection")
+    series = known.get(collection, set()) if collection else set()
+    files, size = store.purge(**filters, collection_series=series)
+    answer = {"purged_files": files, "purged_file_bytes": size}
+    if collection:
+        answer["files_of_unknown_collection"] = store.without_collection(
+            set().union(*known.values())
+        )
+    return answer
 
 
 def shield_document(upstreams: list[Upstream], counters: ShieldCounters) -> dict[str, Any]:
@@ -158,7 +255,11 @@ def control_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     settings: Settings | None = None,
     metrics: Metrics | None = None,
+    binaries: BinaryStore | None = None,
+    series: Callable[[], SeriesCache | None] | None = None,
 ) -> FastAPI:
+    """The control endpoints; ``binaries`` is the series cache's store (None when off) and
+    ``series`` gives the running series cache (None while it is off), for its live figures."""
     app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
 
     @app.exception_handler(StarletteHTTPException)
@@ -212,6 +313,10 @@ def control_app(
             return stats_document([], {**extra, "unavailable_reason": cache.unavailable})
         try:
             rows = await cache.stats()
+            if binaries is not None:
+                totals = await asyncio.to_thread(binaries.stats)
+                running = None if series is None else series()
+                extra["binaries"] = binaries_document(totals, running)
         except Exception as exc:
             raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
         return stats_document(rows, extra)
@@ -234,8 +339,8 @@ def control_app(
 
     @app.delete("/_proxy/cache", response_model=None)
     async def cache_purge(request: Request) -> dict[str, int] | JSONResponse:
-        """Delete the entries matching all the given filters (path, collection, series), or
-        everything: no parameter at all, or ``all=true``."""
+        """Delete the entries and kept files matching all the given filters (path,
+        collection, series), or everything: no parameter at all, or ``all=true``."""
         if cache is None:
             raise StarletteHTTPException(404, "the cache is disabled")
         try:
@@ -245,13 +350,23 @@ def control_app(
         if cache.unavailable is not None:
             raise StarletteHTTPException(503, f"the cache is unavailable: {cache.unavailable}")
         try:
+            known: dict[str, set[str]] = {}
+            if binaries is not None and "collection" in filters:
+                # Through the writer: after the answers it has queued, before the purge.
+                job = cache.writer.submit(lambda: series_by_collection(cache.store.engine))
+                known = await asyncio.wrap_future(job)
             entries, size = await cache.purge(**filters)
+            kept = (
+                {}
+                if binaries is None
+                else await asyncio.to_thread(purge_binaries, binaries, filters, known)
+            )
         except Exception as exc:
             if is_disk_full(exc):
                 advice = "purge everything (no filters) or free" if filters else "free"
                 message = f"the cache's disk is full: {advice} some space"
                 raise StarletteHTTPException(507, message) from exc
             raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
-        return {"purged_entries": entries, "purged_bytes": size}
+        return {"purged_entries": entries, "purged_bytes": size, **kept}
 
     return app

@@ -177,6 +177,16 @@ class BinaryStats:
     counters: Counters
 
 
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What :meth:`BinaryStore.verify` found."""
+
+    checked: int
+    damaged: int  # bytes that no longer hash to the row's sha256
+    missing: int  # rows whose file is gone
+    removed: int  # rows removed (another replica may have replaced some meanwhile)
+
+
 class Fill:
     """A download being kept: write its chunks, then commit or discard it.
 
@@ -586,22 +596,68 @@ class BinaryStore:
         pattern: str | None = None,
         collection: str | None = None,
         series: str | None = None,
+        collection_series: Iterable[str] = (),
     ) -> tuple[int, int]:
-        """Remove matching files (all without filters); return (files, bytes)."""
+        """Remove matching files (all without filters); return (files, bytes).
+
+        ``collection`` matches the files whose request named it, and those naming one of
+        ``collection_series`` (its series, as far as the caller knows them): a series download
+        names only its series.
+        """
         query = select(BinaryFile.digest, BinaryFile.sha256, BinaryFile.size)
         if pattern:
             like = glob_to_like(storable(pattern))
             query = query.where(BinaryFile.endpoint.like(like, escape="\\"))
-        for kind, value in (("collection", collection), ("series", series)):
-            if value:
-                tagged = select(BinaryTag.digest).where(
-                    BinaryTag.kind == kind, BinaryTag.value == storable(value)
-                )
-                query = query.where(BinaryFile.digest.in_(tagged))
+        if collection:
+            query = query.where(_in_collection(collection, collection_series))
+        if series:
+            tagged = select(BinaryTag.digest).where(
+                BinaryTag.kind == "series", BinaryTag.value == storable(series)
+            )
+            query = query.where(BinaryFile.digest.in_(tagged))
         with Session(self.engine) as session:
             rows = session.execute(query).all()
         dropped = self._drop([(row.digest, row.sha256) for row in rows])
         return dropped, sum(row.size for row in rows)
+
+    def without_collection(self, known_series: Iterable[str] = ()) -> int:
+        """Kept files whose collection is unknown: their request named no collection and
+        none of ``known_series`` (the series whose collection the caller knows)."""
+        known = select(BinaryTag.digest).where(
+            or_(
+                BinaryTag.kind == "collection",
+                and_(
+                    BinaryTag.kind == "series",
+                    BinaryTag.value.in_(sorted({storable(uid) for uid in known_series})),
+                ),
+            )
+        )
+        with Session(self.engine) as session:
+            query = select(func.count()).where(BinaryFile.digest.not_in(known))
+            return int(session.scalar(query.select_from(BinaryFile)) or 0)
+
+    def verify(
+        self, *, collection: str | None = None, collection_series: Iterable[str] = ()
+    ) -> Verified:
+        """Hash every kept file (or those of ``collection``, as in :meth:`purge`) again and
+        remove those whose bytes no longer match their row's sha256, or that are gone."""
+        query = select(BinaryFile.digest, BinaryFile.sha256, BinaryFile.size)
+        if collection:
+            query = query.where(_in_collection(collection, collection_series))
+        with Session(self.engine) as session:
+            rows = session.execute(query).all()
+        bad: list[tuple[str, str]] = []
+        missing = checked = 0
+        for row in rows:
+            found = _sha256_of(self.path_for(row.digest, row.sha256))
+            checked += 1
+            if found is None:
+                missing += 1
+                bad.append((row.digest, row.sha256))
+            elif found != row.sha256:
+                bad.append((row.digest, row.sha256))
+        removed = self._drop(bad)
+        return Verified(checked, len(bad) - missing, missing, removed)
 
     def make_room(self, size: int, keep: str | None = None) -> bool:
         """Evict least recently used files until ``size`` more bytes fit under the cap; never
@@ -736,6 +792,10 @@ class BinaryStore:
             self.counters.dropped += dropped
         return dropped
 
+    def mounted(self) -> bool:
+        """Whether ``directory`` is the one the rows describe (it has its marker file)."""
+        return self._marked()
+
     def _marked(self) -> bool:
         return (self.directory / MARKER).exists()
 
@@ -822,6 +882,30 @@ def _size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
+
+
+def _in_collection(collection: str, series: Iterable[str]) -> Any:
+    """Files whose request named ``collection`` or one of its ``series``."""
+    uids = sorted({storable(uid) for uid in series})
+    tagged = select(BinaryTag.digest).where(
+        or_(
+            and_(BinaryTag.kind == "collection", BinaryTag.value == storable(collection)),
+            and_(BinaryTag.kind == "series", BinaryTag.value.in_(uids)),
+        )
+    )
+    return BinaryFile.digest.in_(tagged)
+
+
+def _sha256_of(path: Path) -> str | None:
+    """The sha256 of a file's bytes; None when it is gone."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while chunk := file.read(1024 * 1024):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -407,8 +407,13 @@ class Fills:
         self._recent: OrderedDict[str, Kept] = OrderedDict()
 
     def recently_kept(self, digest: str) -> Kept | None:
-        """The file the last fill of ``digest`` kept, if it is among the last few."""
-        return self._recent.get(digest)
+        """The file the last fill of ``digest`` kept, if it is among the last few and still
+        there (a purge or ``cache verify``, from any process, may have removed it since)."""
+        kept = self._recent.get(digest)
+        if kept is not None and not kept.path.exists():
+            self._recent.pop(digest, None)
+            return None
+        return kept
 
     def current(self, digest: str) -> Filling | None:
         """The fill in progress for a key that a new reader can join, if any."""
