@@ -152,12 +152,12 @@ class Gateway:
                 local, self.access, _client(scope), timeout, scope, receive, send
             )
             if self.observed:  # never the query: a legacy token request may carry a password
-                self._record("-", scope, status, "-", 0, started, query="")
+                self._record("-", scope, status, "-", 0, started, query="", below_mount=path)
             return
         admitted = self.access.check(scope["headers"], _client(scope))
         if isinstance(admitted, Refusal):
             await send_refusal(send, admitted)
-            self._record("-", scope, admitted.status, "-", 0, started)
+            self._record("-", scope, admitted.status, "-", 0, started, below_mount=path)
             return
         entry = self._repeat(scope)
         if entry is not None:
@@ -193,6 +193,7 @@ class Gateway:
                     progress.size,
                     started,
                     progress.outcome(ABORTED in scope),
+                    below_mount=path,
                 )
 
     def _route(self, path: str) -> tuple[Upstream, str] | None:
@@ -253,7 +254,12 @@ class Gateway:
         request = await self._incoming(upstream, path, scope, receive)
         endpoint = lookup(path)
         fit = self._fit(upstream, endpoint, request)
-        if endpoint is not None and fit >= Fit.CACHED and self.cached is not None:
+        if (
+            endpoint is not None
+            and endpoint.cacheable
+            and fit >= Fit.CACHED
+            and self.cached is not None
+        ):
             key = cache_key(upstream, endpoint, request, self.settings.token_on_v4)
             self.cached.memo.remember(
                 scope["path"], scope["query_string"], request.method, request.body, key
@@ -269,7 +275,7 @@ class Gateway:
                         upstream,
                         endpoint,
                         request,
-                        self._download_fit(upstream, endpoint, request),
+                        fit,
                         receive,
                         send,
                         lambda: self._relay(upstream, path, endpoint, request, receive, send),
@@ -309,26 +315,17 @@ class Gateway:
         )
 
     def _fit(self, upstream: Upstream, endpoint: Endpoint | None, request: OutgoingRequest) -> Fit:
-        """How far the cache key describes the request (an unknown endpoint is never cached);
-        a request NBIA would misread is the client's 400."""
+        """How far the cache key describes the request: the metadata cache's key, or for a
+        binary download the series cache's (an unknown endpoint is never cached); a request
+        NBIA would misread is the client's 400."""
         if endpoint is None:
             return Fit.UNCACHED
         head = forwarded_head_size(upstream, request)
-        verdict = classify(
-            endpoint, request.method, request.query, request.body, request.headers, head
-        )
+        kind = classify_download if endpoint.payload.is_binary else classify
+        verdict = kind(endpoint, request.method, request.query, request.body, request.headers, head)
         if verdict.fit is Fit.REFUSED:
             raise ClientError(verdict.reason)
         return verdict.fit
-
-    def _download_fit(
-        self, upstream: Upstream, endpoint: Endpoint, request: OutgoingRequest
-    ) -> Fit:
-        """How far the cache key describes a binary download (the series cache's key)."""
-        head = forwarded_head_size(upstream, request)
-        return classify_download(
-            endpoint, request.method, request.query, request.body, request.headers, head
-        ).fit
 
     async def _relay(
         self,
@@ -392,11 +389,13 @@ class Gateway:
         outcome: str = "ok",
         *,
         query: str | None = None,
+        below_mount: str | None = None,
     ) -> None:
+        """Count the request and write its audit line; ``below_mount`` is its path below the
+        upstream's mount (None: one of the gateway's own paths)."""
         if self.tally is not None:
-            routed = self._route(scope["path"])
             self.tally.request(
-                endpoint_class(None if routed is None else routed[1]),
+                endpoint_class(below_mount),
                 scope["method"],
                 status,
                 cache,

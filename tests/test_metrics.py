@@ -95,6 +95,21 @@ def test_every_family_is_shown_with_help_and_type(gw: GatewayServer) -> None:
     assert f"# TYPE {PREFIX}request_duration_seconds histogram" in text
 
 
+def test_each_request_is_counted_under_its_endpoint_class(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    before = scrape(gw.url)
+    login = {"username": "alice", "password": "any", "grant_type": "password"}
+    assert httpx.post(gw.url + "/nbia-api/oauth/token", data=login).status_code == 200
+    uid = nbia_upstream.app.big_series_uid
+    assert get(gw, f"/nbia-api/services/v4/getImage?SeriesInstanceUID={uid}").status_code == 200
+    assert get(gw, SERIES).status_code == 200
+    assert get(gw, "/nbia-api/services/v4/notCatalogued").status_code == 404
+    after = scrape(gw.url)
+    for kind in ("token", "binary", "metadata", "other"):
+        assert moved(before, after, "requests_total", endpoint=kind) == 1, kind
+
+
 @pytest.mark.parametrize("audit_log", [None, ""], ids=["audit-on", "audit-off"])
 def test_a_miss_and_two_hits(make_gateway: GatewayFactory, audit_log: str | None) -> None:
     with make_gateway(audit_log=audit_log) as gw:
