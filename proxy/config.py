@@ -221,6 +221,13 @@ class Settings(BaseSettings):
         "disconnects, so the retry is a hit (bounded by the read timeout and "
         "binary_cache_max_bytes).",
     )
+    binary_max_background_fills: int = Field(
+        4,
+        ge=0,
+        description="Fills going on without any client at once, per gateway process; a fill "
+        "whose last client leaves beyond it is cancelled and nothing kept (0: every fill stops "
+        "with its last client).",
+    )
     binary_dir: Path | None = Field(
         None,
         description="Where kept binary downloads live (default: binaries in data_dir); may be "
