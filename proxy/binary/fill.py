@@ -470,8 +470,8 @@ class Fills:
     def _idle(self, filling: Filling, held: Held | None) -> None:
         """The last reader left a fill in progress: it goes on alone, holding that reader's
         download slot, or it is cancelled."""
-        if filling in self._alone:
-            return
+        if filling in self._alone or filling.checked:
+            return  # checked: every byte was released, it is being kept (fsync, row)
         if go_on_alone(
             background=self.background,
             file_broken=filling.file_broken,
