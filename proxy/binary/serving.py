@@ -21,7 +21,7 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Send
 
 from proxy.binary.decision import Action, Stored, decide
-from proxy.binary.files import BinaryStore, Kept
+from proxy.binary.files import BinaryStore, Kept, Reading
 from proxy.binary.fill import FillFailed, Filling, FillJob, Fills, Head, Held, SizeSource
 from proxy.binary.imagecheck import DicomCheck, JpegCheck
 from proxy.binary.ranges import parse, plan
@@ -116,64 +116,87 @@ class SeriesCache:
         headers = request.headers
         wants_fresh = wants_fresh_answer(find(headers, b"cache-control"), find(headers, b"pragma"))
         filling = self.fills.current(key.digest)
-        kept = None
+        kept, opened = None, None
         if filling is None or not wants_fresh:
-            kept = await asyncio.to_thread(self.store.lookup, key.digest)
+            # A kept file asked for without no-cache is served whatever else holds: it is
+            # opened in the same thread hop as its lookup (one hop per hit, not two).
+            kept, opened = await asyncio.to_thread(self._find, key.digest, not wants_fresh)
             # A fill may have started, or ended and kept its file, during the lookup.
             filling = self.fills.current(key.digest)
             if kept is None and filling is None:
                 kept = self.fills.recently_kept(key.digest)
-        if filling is not None and filling.checked:
-            # Checked and being committed (the fsync): in a moment it is a kept file, with
-            # its size and ETag for Range, If-Range and HEAD.
-            with contextlib.suppress(FillFailed):
-                await filling.wait_done()
-            kept = filling.kept or kept  # not kept (the disk refused it): fetched afresh
-            filling = None
-        stored = Stored.KEPT if kept is not None else Stored.NOTHING
-        if filling is not None and (kept is None or wants_fresh):
-            stored = Stored.FILLING
-        params = pairs(request.query if request.method != "POST" else request.body)
-        check = _check_for(endpoint, params)
-        action = decide(
-            stored,
-            method=request.method,
-            wants_fresh=wants_fresh,
-            offline=self.forwarding.offline,
-            circuit_open=upstream.breaker.refusing,
-            shared=fit is Fit.EXACT and check is not None,
-            ranged=request.method == "GET" and find(headers, b"range") is not None,
-        )
-        if action is Action.SERVE:
-            assert kept is not None
-            if await self._serve_kept(kept, request, receive, send):
+        try:
+            if filling is not None and filling.checked:
+                # Checked and being committed (the fsync): in a moment it is a kept file, with
+                # its size and ETag for Range, If-Range and HEAD.
+                with contextlib.suppress(FillFailed):
+                    await filling.wait_done()
+                kept = filling.kept or kept  # not kept (the disk refused it): fetched afresh
+                filling = None
+            stored = Stored.KEPT if kept is not None else Stored.NOTHING
+            if filling is not None and (kept is None or wants_fresh):
+                stored = Stored.FILLING
+            params = pairs(request.query if request.method != "POST" else request.body)
+            check = _check_for(endpoint, params)
+            action = decide(
+                stored,
+                method=request.method,
+                wants_fresh=wants_fresh,
+                offline=self.forwarding.offline,
+                circuit_open=upstream.breaker.refusing,
+                shared=fit is Fit.EXACT and check is not None,
+                ranged=request.method == "GET" and find(headers, b"range") is not None,
+            )
+            if action is Action.SERVE:
+                assert kept is not None
+                reading = opened if opened is not None and opened.kept is kept else None
+                if await self._serve_kept(kept, request, receive, send, reading):
+                    return
+                action = Action.REFUSE_OFFLINE if self.forwarding.offline else Action.RELAY
+            if action is Action.REFUSE_OFFLINE:
+                raise offline_miss(upstream.name)
+            if action is Action.REFUSE_CIRCUIT:
+                upstream.breaker.before()  # raises CircuitOpen (the usual 503) while it refuses
+                action = Action.RELAY
+            if action is Action.RELAY:
+                await relay()
                 return
-            action = Action.REFUSE_OFFLINE if self.forwarding.offline else Action.RELAY
-        if action is Action.REFUSE_OFFLINE:
-            raise offline_miss(upstream.name)
-        if action is Action.REFUSE_CIRCUIT:
-            upstream.breaker.before()  # raises CircuitOpen (the usual 503) while it refuses
-            action = Action.RELAY
-        if action is Action.RELAY:
-            await relay()
-            return
-        if action is Action.FILL:
-            assert check is not None
-            sizes = self._sizes(upstream, endpoint, request, params)
-            job = FillJob(upstream, endpoint, request, key, _factory(check), sizes)
-            filling = self.fills.start(job)
-        else:
-            self.fills.counters.joined += 1
-        assert filling is not None
-        await self._read_fill(filling, request, receive, send, held)
+            if action is Action.FILL:
+                assert check is not None
+                sizes = self._sizes(upstream, endpoint, request, params)
+                job = FillJob(upstream, endpoint, request, key, _factory(check), sizes)
+                filling = self.fills.start(job)
+            else:
+                self.fills.counters.joined += 1
+            assert filling is not None
+            await self._read_fill(filling, request, receive, send, held)
+        finally:
+            if opened is not None:
+                opened.close()  # unused, or served (closing twice is nothing)
+
+    def _find(self, digest: str, open_it: bool) -> tuple[Kept | None, Reading | None]:
+        """The kept file of ``digest`` and, with ``open_it``, that file opened for serving
+        (blocking: run it in a thread)."""
+        kept = self.store.lookup(digest)
+        if kept is None or not open_it:
+            return kept, None
+        reading = self.store.open_read(kept)
+        return (None, None) if reading is None else (kept, reading)
 
     # kept files ----------------------------------------------------------------------------
 
     async def _serve_kept(
-        self, kept: Kept, request: OutgoingRequest, receive: Receive, send: Send
+        self,
+        kept: Kept,
+        request: OutgoingRequest,
+        receive: Receive,
+        send: Send,
+        reading: Reading | None = None,
     ) -> bool:
-        """Send a kept file; False when it is gone after all (nothing sent then)."""
-        reading = await asyncio.to_thread(self.store.open_read, kept)
+        """Send a kept file (``reading``: already open); False when it is gone after all
+        (nothing sent then)."""
+        if reading is None:
+            reading = await asyncio.to_thread(self.store.open_read, kept)
         if reading is None:
             return False
         try:
