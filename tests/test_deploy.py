@@ -526,3 +526,68 @@ def test_the_service_and_the_network_policy_select_the_gateway_pods() -> None:
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
     allowed = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
     assert allowed == set(ports.values())
+
+
+def _department_commands() -> list[list[str]]:
+    """The shell commands of the README's "Running for a department", as words."""
+    text = (DEPLOY.parent / "README.md").read_text()
+    section = text.split("\n## Running for a department\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", section, re.M | re.S):
+        commands += [shlex.split(line) for line in block.splitlines() if line.strip()]
+    return commands
+
+
+def test_the_readme_commands_match_the_deploy_files() -> None:
+    """Each command of "Running for a department" names what deploy/ has: the secret files the
+    compose file mounts (every one made), its services and nbia-proxy commands the CLI accepts,
+    the manifests, the Job, and the Secret's keys."""
+    commands = _department_commands()
+    compose = _compose()
+    wanted_files = {str(Path(s["file"])) for s in compose["secrets"].values()}  # secrets/...
+    made: set[str] = set()
+    names = {d["kind"]: d["metadata"]["name"] for _, d in _manifests()}
+    secret_keys = set(_manifest("Secret")["stringData"])
+    tools = set()
+    for words in commands:
+        if words[0] == "sudo":
+            words = words[1:]
+        tool = words[0]
+        tools.add(tool)
+        if tool == "openssl":
+            assert words[-2] == ">"
+            made.add(words[-1])
+        elif tool == "touch":
+            made.update(words[1:])
+        elif tool == "chown":
+            user = re.search(r"^USER (\S+)", DOCKERFILE.read_text(), re.M)
+            assert user is not None and words[1] == user.group(1), "the gateway's user"
+            assert set(words[2:]) == {f"deploy/{f}" for f in wanted_files}, "all made the user's"
+        elif tool == "docker-compose":
+            assert words[words.index("-f") + 1] == "deploy/compose.yaml"
+            if "run" in words:
+                service = words[words.index("--rm") + 1]
+                assert service in compose["services"]
+                if len(words) > words.index(service) + 1:
+                    assert words[words.index(service) + 1] == "nbia-proxy"
+                    build_parser().parse_args(words[words.index(service) + 2 :])
+        elif tool == "kubectl":
+            if words[1] == "apply":
+                for i, word in enumerate(words):
+                    if word == "-f":
+                        assert (DEPLOY.parent / words[i + 1]).is_file(), words[i + 1]
+            elif words[1] == "wait":
+                assert f"job/{names['Job']}" in words
+            elif words[1:4] == ["create", "secret", "generic"]:
+                assert words[4] == names["Secret"]
+                keys = {w.removeprefix("--from-file=") for w in words[5:]}
+                assert keys == secret_keys
+        else:
+            pytest.fail(f"the README runs {tool}, which this test does not check")
+    assert {"openssl", "touch", "chown", "docker-compose", "kubectl"} <= tools
+    assert {f"deploy/{f}" for f in wanted_files} == made, "every secret file is made"
+    applied = {w for words in commands if words[:2] == ["kubectl", "apply"] for w in words[2:]}
+    manifests = {f"deploy/k8s/{p.name}" for p in K8S.glob("*.yaml")} - {
+        "deploy/k8s/secret.example.yaml"
+    }
+    assert manifests <= applied, "every manifest is applied"
