@@ -10,7 +10,6 @@ import http.client
 import http.server
 import ipaddress
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -27,6 +26,7 @@ import yaml
 
 from proxy.cli import build_parser
 from proxy.config import ENV_PREFIX, Settings, load_settings
+from tests.deploy_nginx import NGINX_CONF, local_nginx_conf, upstream_servers
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "nbia-proxy.service"
 INSTALLED = "/opt/nbia-proxy/venv/bin/nbia-proxy"
@@ -92,7 +92,6 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
 
 DEPLOY = UNIT.parent
 COMPOSE = DEPLOY / "compose.yaml"
-NGINX_CONF = DEPLOY / "nginx.conf"
 K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY.parent / "Dockerfile"
 #: The Kubernetes version whose schemas (shipped by kubernetes-validate, offline) are checked.
@@ -254,17 +253,11 @@ def test_the_compose_settings_are_valid(tmp_path: Path) -> None:
     assert nginx in ipaddress.ip_network(subnet)
 
 
-def _nginx_servers(text: str) -> set[str]:
-    block = re.search(r"upstream nbia_proxy \{(.*?)\}", text, re.S)
-    assert block is not None
-    return set(re.findall(r"^\s*server\s+(\S+)", block.group(1), re.M))
-
-
 def test_nginx_sends_to_every_replica_of_the_compose_file() -> None:
     compose = _compose()
     port = Settings().port  # the image's NBIA_PROXY_PORT (8080) is the default port
     expected = {f"{name}:{port}" for name in _gateways(compose)}
-    assert _nginx_servers(NGINX_CONF.read_text()) == expected
+    assert upstream_servers(NGINX_CONF.read_text()) == expected
     assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in compose["services"]["nginx"]["volumes"]
 
 
@@ -282,27 +275,8 @@ def test_the_image_makes_the_shared_volume_s_mount_point_for_its_user() -> None:
     )
 
 
-def _nginx_copy(tmp_path: Path, servers: list[str], port: int) -> Path:
-    """deploy/nginx.conf with the compose service names replaced by ``servers`` and its own
-    files (pid, temp dirs) in ``tmp_path``."""
-    text = NGINX_CONF.read_text()
-    for name, server in zip(sorted(_nginx_servers(text)), servers, strict=True):
-        text = text.replace(f"server {name} ", f"server {server} ")
-    text = text.replace("listen 8080;", f"listen 127.0.0.1:{port};")
-    temp = "\n".join(
-        f"    {kind}_temp_path {tmp_path / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    text = text.replace("http {\n", "http {\n" + temp + "\n", 1)
-    user = pwd.getpwuid(os.getuid()).pw_name  # as root, workers would otherwise be nobody
-    text = f"pid {tmp_path / 'nginx.pid'};\nuser {user};\n" + text
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(text)
-    return conf
-
-
 def test_nginx_accepts_its_config(tmp_path: Path) -> None:
-    conf = _nginx_copy(tmp_path, ["127.0.0.1:9", "127.0.0.1:10"], _free_port())
+    conf = local_nginx_conf(tmp_path, ["127.0.0.1:9", "127.0.0.1:10"], _free_port())
     checked = subprocess.run(
         [_tool("nginx"), "-t", "-q", "-c", str(conf), "-e", str(tmp_path / "error.log")],
         capture_output=True,
@@ -365,7 +339,7 @@ def test_nginx_streams_zips_and_appends_the_client_address(tmp_path: Path) -> No
         threading.Thread(target=server.serve_forever, daemon=True).start()
     port = _free_port()
     addresses = [f"127.0.0.1:{s.server_address[1]}" for s in servers]
-    conf = _nginx_copy(tmp_path, addresses, port)
+    conf = local_nginx_conf(tmp_path, addresses, port)
     process = subprocess.Popen(
         [nginx, "-c", str(conf), "-e", str(tmp_path / "error.log"), "-g", "daemon off;"]
     )
