@@ -441,7 +441,9 @@ def test_the_deployment_probes_runs_unprivileged_and_writes_only_to_volumes() ->
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     config = _manifest("ConfigMap")["data"]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    data_dir = str(Settings().data_dir) if "NBIA_PROXY_DATA_DIR" in config else "/data"
+    image_env = re.search(r"NBIA_PROXY_DATA_DIR=(\S+)", DOCKERFILE.read_text())
+    assert image_env is not None, "the image sets its data dir"
+    data_dir = config.get("NBIA_PROXY_DATA_DIR", image_env.group(1))
     for path in (data_dir, config["NBIA_PROXY_BINARY_DIR"], "/tmp"):
         assert path in mounts, f"{path} is not a volume: the root file system is read-only"
     assert config["NBIA_PROXY_AUDIT_LOG"] == "-"
