@@ -138,6 +138,16 @@ class Access:
                 return Refusal(401, "authentication required")
             # A token signed here but expired, ended or of a revoked user is stale, not a guess.
             stale = self.tokens.genuine(raw.decode("latin-1"))
+            health = self.directory.health
+            if not stale and health.reason is not None:
+                # Perhaps a user added since the last snapshot: unknown, not wrong (and not
+                # counted against the address).
+                return Refusal(
+                    503,
+                    "the accounts database is unreachable: only credentials this gateway "
+                    "already knows are accepted until it answers again",
+                    health.retry_seconds,
+                )
             refusal = None if stale else self._failed(address)
             return refusal or Refusal(401, "invalid or expired credentials")
         if admin and not principal.admin:

@@ -28,10 +28,18 @@ from proxy.client_tokens import ClientTokens, read_secret_file, signing_key
 from proxy.config import Settings
 from proxy.control import control_app
 from proxy.datadir import keep_private, prepare, sqlite_file
-from proxy.db import database_url, describe_failure, is_current, make_engine, migrate
+from proxy.db import (
+    database_url,
+    describe_failure,
+    is_current,
+    is_unreachable,
+    make_engine,
+    migrate,
+)
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
+from proxy.store_health import StoreHealth
 from proxy.upstream import Upstream, upstream_configs
 
 log = logging.getLogger("nbia_proxy.app")
@@ -53,9 +61,12 @@ def create_app(
         Upstream(config, settings, transport=transport, clock=clock, counters=counters)
         for config in upstream_configs(settings)
     ]
-    cache = build_cache(settings, cache_clock) if settings.cache_enabled else None
-    access = build_access(settings, cache_clock)
-    binaries = build_binaries(settings, cache_clock) if cache is not None else None
+    # One view of the database for the cache, the kept files and the accounts: an outage
+    # found by any of them spares the others the wait.
+    health = StoreHealth(settings.database_timeout_seconds, settings.database_retry_seconds)
+    cache = build_cache(settings, cache_clock, health) if settings.cache_enabled else None
+    access = build_access(settings, cache_clock, health)
+    binaries = build_binaries(settings, cache_clock, health) if cache is not None else None
 
     def relay_uncached() -> None:
         gateway.relay_uncached()
@@ -95,15 +106,21 @@ def create_app(
 
 
 def build_binaries(
-    settings: Settings, clock: Callable[[], float] = time.time
+    settings: Settings, clock: Callable[[], float] = time.time, health: StoreHealth | None = None
 ) -> BinaryStore | None:
     """The series cache's kept files on the cache's database (not yet started), if enabled."""
     if not settings.binary_cache_enabled:
         return None
     url = database_url(settings.database_url, settings.data_dir)
-    return BinaryStore(
-        make_engine(url), directory_for(settings), settings.binary_cache_max_bytes, clock=clock
+    store = BinaryStore(
+        make_engine(url, settings.database_timeout_seconds),
+        directory_for(settings),
+        settings.binary_cache_max_bytes,
+        clock=clock,
     )
+    if health is not None:
+        store.health = health
+    return store
 
 
 def build_metrics(
@@ -144,22 +161,24 @@ def describe(settings: Settings, upstreams: list[Upstream], audit_log: AuditLog)
     )
 
 
-def build_access(settings: Settings, clock: Callable[[], float] = time.time) -> Access:
+def build_access(
+    settings: Settings, clock: Callable[[], float] = time.time, health: StoreHealth | None = None
+) -> Access:
     """Open access, or lab accounts on the configured database (loaded when the app starts).
 
     Gateway tokens carry wall-clock times, so that every worker and replica reads them alike.
     """
     tokens = ClientTokens(settings.client_token_lifetime_seconds, clock)
     url = database_url(settings.database_url, settings.data_dir)
+    timeout = settings.database_timeout_seconds
     if settings.access == "open":
         # With a database (the cache's), workers and replicas share the token secret and ended
         # sessions, so a token from one is good at another; without one, each process signs
         # with a random secret of its own.
-        return Access(
-            tokens, registry=Registry(make_engine(url), clock) if settings.cache_enabled else None
-        )
-    registry = Registry(make_engine(url), clock)
-    directory = Directory(registry)
+        shared = Registry(make_engine(url, timeout), clock) if settings.cache_enabled else None
+        return Access(tokens, registry=shared)
+    registry = Registry(make_engine(url, timeout), clock)
+    directory = Directory(registry, health)
     tokens.authority = directory
     return Access(
         tokens,
@@ -188,11 +207,15 @@ def token_key(settings: Settings, registry: Registry) -> bytes:
     return signing_key(secret, settings.access, registry.deployment_id())
 
 
-def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> TieredCache:
+def build_cache(
+    settings: Settings, clock: Callable[[], float] = time.time, health: StoreHealth | None = None
+) -> TieredCache:
     """The tiered cache on the configured database (not yet started)."""
     url = database_url(settings.database_url, settings.data_dir)
+    if health is None:
+        health = StoreHealth(settings.database_timeout_seconds, settings.database_retry_seconds)
     return TieredCache(
-        CacheStore(make_engine(url)),
+        CacheStore(make_engine(url, settings.database_timeout_seconds)),
         CacheSettings(
             max_bytes=settings.cache_max_bytes,
             memory_bytes=settings.cache_memory_bytes,
@@ -201,6 +224,7 @@ def build_cache(settings: Settings, clock: Callable[[], float] = time.time) -> T
             min_free_disk_bytes=settings.cache_min_free_disk_bytes,
         ),
         clock,
+        health,
     )
 
 
@@ -343,8 +367,14 @@ async def _refresh_accounts(access: Access, registry: Registry, every: float) ->
             access.tokens.learn_ended(await asyncio.to_thread(registry.ended_sessions))
             if access.directory is not None:
                 await asyncio.to_thread(access.directory.load)
-        except Exception:
+        except Exception as exc:
             # The previous snapshot stays in force; the next round tries again, and sessions
             # not yet written are kept for it.
             access.tokens.keep_unwritten(ended)
-            log.exception("could not re-read the lab accounts")
+            if access.directory is not None and is_unreachable(exc):
+                access.directory.health.failed("accounts", exc)  # logged once per outage
+            else:
+                log.exception("could not re-read the lab accounts")
+        else:
+            if access.directory is not None:
+                access.directory.health.succeeded()

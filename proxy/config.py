@@ -310,6 +310,21 @@ class Settings(BaseSettings):
     cache_recheck_seconds: float = Field(
         5.0, ge=0, description="Age after which a memory copy is checked against the database."
     )
+    database_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Longest wait for the database on a request's path (a connection from "
+        "the pool, a new one, a cache read); past it the database counts as unreachable and "
+        "the request is relayed without it.",
+    )
+    database_retry_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=300,
+        description="While the database is unreachable, how long requests go on without "
+        "trying it between two attempts.",
+    )
 
     @field_validator("upstream", "nlst_upstream")
     @classmethod

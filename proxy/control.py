@@ -28,7 +28,15 @@ from proxy.cache.store import EndpointStats
 from proxy.cache.tables import CacheEntry
 from proxy.cache.tiers import TieredCache
 from proxy.config import Settings
-from proxy.db import SCHEMA_HEAD, database_url, describe_failure, is_disk_full, make_engine
+from proxy.db import (
+    DEFAULT_TIMEOUT_SECONDS,
+    SCHEMA_HEAD,
+    database_url,
+    describe_failure,
+    is_disk_full,
+    is_unreachable,
+    make_engine,
+)
 from proxy.errors import ClientError
 from proxy.metrics import METRICS_PATH, Metrics, bearer_matches
 from proxy.shield.counters import ShieldCounters
@@ -220,10 +228,19 @@ def upstream_health(upstream: Upstream) -> dict[str, str]:
     return health
 
 
-def schema_problem(url: str) -> str | None:
+def database_state(cache: TieredCache | None) -> str:
+    """The database as /healthz shows it: ``ok``, ``unreachable``, or ``none`` (no cache)."""
+    if cache is None:
+        return "none"
+    if cache.unavailable is not None:
+        return "unreachable"
+    return cache.health.state
+
+
+def schema_problem(url: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> str | None:
     """Why the database is not ready to serve (unreachable, or migrations pending); None
     when it is. Blocking: run it in a thread."""
-    engine = make_engine(url)
+    engine = make_engine(url, timeout_seconds)
     try:
         with engine.connect() as connection:
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
@@ -279,6 +296,8 @@ def control_app(
             "version": __version__,
             "cache": cache is not None,
             "cache_available": cache is not None and cache.unavailable is None,
+            # ok or unreachable (relaying without it), as the request path last found it.
+            "database": database_state(cache),
             "upstreams": {u.name: upstream_health(u) for u in upstreams},
         }
 
@@ -290,7 +309,8 @@ def control_app(
         uses_database = cache is not None or access.accounts or access.registry is not None
         if settings is not None and uses_database:
             url = database_url(settings.database_url, settings.data_dir)
-            problem = await asyncio.to_thread(schema_problem, url)
+            timeout = settings.database_timeout_seconds
+            problem = await asyncio.to_thread(schema_problem, url, timeout)
         if problem is None and cache is not None and cache.unavailable is not None:
             problem = f"relaying uncached until a restart: {cache.unavailable}"
         if problem is not None:
@@ -308,18 +328,27 @@ def control_app(
             "write_errors": cache.writer.errors,
             "write_refused_entries": cache.writer.refused,
             "write_skipped_low_disk": cache.writer.skipped_low_disk,
+            "write_skipped_unreachable": cache.writer.skipped_unreachable,
+            "database": cache.health.document(),
             "shield": shield_document(upstreams, counters),
             "access": access_document(access),
         }
         if cache.unavailable is not None:
             return stats_document([], {**extra, "unavailable_reason": cache.unavailable})
+        if cache.health.reason is not None:
+            # The figures live in the database: the answer says why they are missing, and
+            # does not wait for it.
+            return stats_document([], extra)
         try:
-            rows = await cache.stats()
+            rows = await asyncio.wait_for(cache.stats(), cache.health.timeout_seconds)
             if binaries is not None:
                 totals = await asyncio.to_thread(binaries.stats)
                 running = None if series is None else series()
                 extra["binaries"] = binaries_document(totals, running)
         except Exception as exc:
+            if is_unreachable(exc):
+                cache.health.failed("read", exc)
+                return stats_document([], {**extra, "database": cache.health.document()})
             raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
         return stats_document(rows, extra)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import importlib.resources
+import math
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeout
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -30,19 +32,43 @@ def database_url(configured: str | None, data_dir: Path) -> str:
     return configured
 
 
-def make_engine(url: str, **options: Any) -> Engine:
-    """An engine with the settings each backend needs under concurrent use."""
+#: The default bound on a wait for the database (see ``database_timeout_seconds``).
+DEFAULT_TIMEOUT_SECONDS = 2.0
+
+
+def make_engine(
+    url: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, **options: Any
+) -> Engine:
+    """An engine with the settings each backend needs under concurrent use.
+
+    ``timeout_seconds`` bounds the wait for a pooled connection and, on PostgreSQL, for a new
+    one: a database that is down must cost a request that long, not the pool's default 30 s.
+    """
+    pool_timeout = max(timeout_seconds, 0.1)
     if url.startswith("sqlite"):
         engine = create_engine(
             url,
+            # The busy timeout stays long: it absorbs other processes' writes to the same file
+            # (a request's read is bounded apart from it, see proxy.cache.tiers).
             connect_args={"check_same_thread": False, "timeout": 30},
             pool_size=8,
             max_overflow=8,
+            pool_timeout=pool_timeout,
             **options,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8, **options)
+    # libpq counts connect_timeout in whole seconds and treats less than 2 as 2.
+    connect_args = {"connect_timeout": max(2, math.ceil(timeout_seconds))}
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=8,
+        max_overflow=8,
+        pool_timeout=pool_timeout,
+        connect_args=connect_args,
+        **options,
+    )
 
 
 def _sqlite_pragmas(connection: Any, _: Any) -> None:
@@ -79,6 +105,42 @@ def is_disk_full(exc: BaseException) -> bool:
     if isinstance(cause, OSError):
         return cause.errno == errno.ENOSPC
     return getattr(cause, "sqlstate", None) == "53100"  # PostgreSQL's disk_full
+
+
+#: SQLite result codes that say the file cannot be used for now (rather than refusing one
+#: statement, or being full or read-only, which the writer reports on its own).
+_SQLITE_UNREACHABLE = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_AUTH,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_NOTADB,
+    }
+)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether a database failure says it cannot be reached now (refused, timed out, the pool
+    exhausted, the file locked or unreadable): an outage, not a refusal of what was asked."""
+    if isinstance(exc, (SQLAlchemyTimeout, TimeoutError)):
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    if is_disk_full(exc):
+        return False
+    cause = exc.orig
+    if isinstance(cause, sqlite3.Error):
+        code = getattr(cause, "sqlite_errorcode", None)
+        if code is None:
+            return "locked" in str(cause) or "unable to open" in str(cause)
+        return code & 0xFF in _SQLITE_UNREACHABLE
+    state = getattr(cause, "sqlstate", None)
+    # No SQLSTATE: the connection failed or broke (psycopg's own OperationalError); class 08
+    # is a connection exception, 57P0x the server shutting down or not yet accepting.
+    return state is None or state.startswith("08") or state.startswith("57P")
 
 
 def alembic_config(url: str) -> Config:

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from proxy.access import Access
     from proxy.cache.tiers import TieredCache
     from proxy.shield.counters import ShieldCounters
+    from proxy.store_health import StoreHealth
     from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.metrics")
@@ -204,6 +205,20 @@ FAMILIES = (
         ("reason",),
         "Cache entries not written: error (a database write failed), refused (the database "
         "would not take it), low_disk.",
+    ),
+    Family(
+        "store_errors",
+        "counter",
+        ("operation",),
+        "Database operations that could not reach it (refused, timed out, locked), by "
+        "operation: read, write, binary_lookup, binary_commit, accounts; the request went on "
+        "without it.",
+    ),
+    Family(
+        "store_skipped",
+        "counter",
+        ("operation",),
+        "Database operations not tried because it was found unreachable moments before.",
     ),
     Family(
         "binary_files",
@@ -552,6 +567,13 @@ class Metrics:
         #: its ``counters`` and ``stats()`` are read at a scrape.
         self.binary: Any = None
 
+    def _health(self) -> StoreHealth | None:
+        """The database's state as this process sees it (None without a database)."""
+        if self._cache is not None:
+            return self._cache.health
+        directory = self._access.directory
+        return None if directory is None else directory.health
+
     def snapshot(self) -> Snapshot:
         """This process's figures, as :func:`add_snapshot` and the workers' files take them."""
         t, c, access = self.tally, self._counters, self._access
@@ -603,6 +625,10 @@ class Metrics:
         snap["upstream_circuit_state"] = circuits
         snap["upstream_queue_length"] = queues
         snap["service_token_renewals"] = renewals
+        health = self._health()
+        if health is not None:
+            snap["store_errors"] = dict(health.errors)
+            snap["store_skipped"] = dict(health.skipped)
         cache = self._cache
         if cache is not None:
             writer = cache.writer

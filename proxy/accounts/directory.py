@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from proxy.accounts.keys import key_id_of, key_matches
 from proxy.accounts.registry import Registry, UserRecord
+from proxy.store_health import StoreHealth
 
 log = logging.getLogger("nbia_proxy.accounts")
 
@@ -25,8 +26,11 @@ class _Snapshot:
 class Directory:
     """Active lab users, by name and by key id; also the login authority for gateway tokens."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, health: StoreHealth | None = None) -> None:
         self.registry = registry
+        #: The database's state: while it is unreachable the snapshot stays in force, and a
+        #: key it does not hold cannot be told apart from one added since (see Access.check).
+        self.health = health if health is not None else StoreHealth()
         self._snapshot = _Snapshot()
         self.version = 0  # moves with every load: answers derived before may be stale
 

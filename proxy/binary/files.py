@@ -64,7 +64,8 @@ from proxy.cache.policy import CacheKey, glob_to_like
 from proxy.cache.store import ENVIRONMENT_ERRORS, storable
 from proxy.cache.writer import FailureLog
 from proxy.config import Settings
-from proxy.db import describe_failure
+from proxy.db import describe_failure, is_unreachable
+from proxy.store_health import StoreHealth
 
 log = logging.getLogger("nbia_proxy.binary")
 
@@ -351,6 +352,9 @@ class BinaryStore:
         self._busy: dict[str, _Busy] = {}  # digest -> open readers and fills (this process)
         self._touched: dict[str, float] = {}
         self._touched_at = clock()
+        #: The database's state (shared with the metadata cache when the gateway builds it):
+        #: while it is unreachable, lookups are misses and downloads are relayed, not kept.
+        self.health = StoreHealth()
         self._write_log = FailureLog("binary cache cannot write, downloads are relayed", clock)
         self._read_log = FailureLog("binary cache cannot read its database", clock)
 
@@ -450,14 +454,20 @@ class BinaryStore:
 
         A row whose file is gone or has the wrong size is dropped (and such a file removed).
         """
+        if self.health.skipping("binary_lookup"):
+            return None  # relayed: a kept file is never served without its row
         try:
             with self.engine.connect() as connection:
                 row = connection.execute(
                     select(BinaryFile).where(BinaryFile.digest == digest)
                 ).first()
         except ENVIRONMENT_ERRORS as exc:
-            self._read_log.failed(describe_failure(exc))
+            if is_unreachable(exc):
+                self.health.failed("binary_lookup", exc)
+            else:
+                self._read_log.failed(describe_failure(exc))
             return None
+        self.health.succeeded()
         if row is None:
             return None
         path = self.path_for(digest, row.sha256)
@@ -527,7 +537,20 @@ class BinaryStore:
         cannot fit under the cap is not written at all. Fills in flight are not counted in the
         total until they are committed (each is held under the cap by itself).
         """
-        if expected_size is not None and not self.make_room(expected_size, keep=key.digest):
+        if self.health.skipping("binary_commit"):
+            # Its row could not be written: relayed without keeping a file nothing would name.
+            fill = Fill(self, key, None, -1)
+            fill.broken = f"database unreachable: {self.health.reason}"
+            return fill
+        try:
+            room = expected_size is None or self.make_room(expected_size, keep=key.digest)
+        except ENVIRONMENT_ERRORS as exc:
+            self._write_failed(exc)
+            fill = Fill(self, key, None, -1)
+            fill.broken = describe_failure(exc)
+            return fill
+        if not room:
+            assert expected_size is not None
             fill = Fill(self, key, None, -1)
             if expected_size > self.max_bytes:
                 self._count_too_large()
@@ -740,6 +763,7 @@ class BinaryStore:
         if old is not None and old != sha256:
             _unlink(self.path_for(key.digest, old))  # its readers keep their open file
         self._write_log.succeeded()
+        self.health.succeeded()
         return Kept(
             digest=key.digest,
             path=path,
@@ -845,7 +869,10 @@ class BinaryStore:
         with self._lock:
             self.counters.write_failures += 1
             self.counters.last_failure = reason
-        self._write_log.failed(reason)
+        if is_unreachable(exc):
+            self.health.failed("binary_commit", exc)  # one line per outage, for every path
+        else:
+            self._write_log.failed(reason)
 
     def _count_too_large(self) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ from cachetools import LRUCache
 from proxy.cache.policy import CacheKey
 from proxy.cache.store import CacheStore, EndpointStats, Entry
 from proxy.cache.writer import Housekeeping, Writer
+from proxy.store_health import StoreHealth
 
 
 @dataclass(slots=True)
@@ -53,10 +54,13 @@ class TieredCache:
         store: CacheStore,
         settings: CacheSettings,
         clock: Callable[[], float] = time.time,
+        health: StoreHealth | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
+        #: Whether the database answers; while it does not, lookups are misses (see lookup).
+        self.health = health if health is not None else StoreHealth()
         #: Why the database could not be used at start (the gateway then relays uncached).
         self.unavailable: str | None = None
         self._memory: LRUCache[str, _Held] = LRUCache(
@@ -83,6 +87,7 @@ class TieredCache:
             self._take_bookkeeping,
             clock,
             on_written=self._written.extend,
+            health=self.health,
         )
 
     def start(self) -> None:
@@ -102,13 +107,31 @@ class TieredCache:
         return held.entry
 
     async def lookup(self, digest: str) -> Entry | None:
-        """The stored answer for ``digest`` (fresh or not), or None."""
+        """The stored answer for ``digest`` (fresh or not), or None.
+
+        The database is a cache, not a dependency: when it cannot be read within
+        ``health.timeout_seconds`` (or fails, or is known to be unreachable) the memory copy,
+        however old, is the answer, and without one the lookup is a miss.
+        """
         entry = self.from_memory(digest)
         if entry is not None:
             return entry
+        health = self.health
+        if health.skipping("read"):
+            return self._held_copy(digest)
         loop = asyncio.get_running_loop()
         began = self._settle()
-        entry = await loop.run_in_executor(self._readers, self.store.get, digest)
+        try:
+            # The bound holds whatever the driver does (a lock, a dead connection); the read
+            # itself may go on in its thread, and its answer is dropped.
+            entry = await asyncio.wait_for(
+                loop.run_in_executor(self._readers, self.store.get, digest),
+                health.timeout_seconds,
+            )
+        except Exception as exc:  # noqa: BLE001 -- any failure of a cache read is a miss
+            health.failed("read", exc)
+            return self._held_copy(digest)
+        health.succeeded()
         now = self._settle()
         if entry is not None:
             self._remember(entry, stored_at=now)
@@ -125,6 +148,11 @@ class TieredCache:
             return held.entry
         self._memory.pop(digest, None)  # purged since it was stored (by another process)
         return None
+
+    def _held_copy(self, digest: str) -> Entry | None:
+        """The memory copy, unchecked (the database cannot be asked)."""
+        held = self._memory.get(digest)
+        return None if held is None else held.entry
 
     def store_entry(self, key: CacheKey, entry: Entry) -> None:
         """Keep ``entry`` in memory now and in the database soon."""

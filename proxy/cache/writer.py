@@ -23,7 +23,8 @@ from typing import Any
 
 from proxy.cache.policy import CacheKey
 from proxy.cache.store import CacheStore, Entry
-from proxy.db import describe_failure
+from proxy.db import describe_failure, is_unreachable
+from proxy.store_health import StoreHealth
 
 log = logging.getLogger("nbia_proxy.cache")
 
@@ -105,12 +106,15 @@ class Writer:
         collect: Callable[[], tuple[set[str], dict[str, list[int]]]],
         clock: Callable[[], float] = time.time,
         on_written: Callable[[list[Entry]], None] = lambda entries: None,
+        health: StoreHealth | None = None,
     ) -> None:
         self._store = store
         self._housekeeping = housekeeping
         self._collect = collect  # takes the served keys and counter deltas gathered so far
         self._on_written = on_written
         self._clock = clock
+        # An unreachable database is logged and counted there, once, not as write failures.
+        self._health = health if health is not None else StoreHealth()
         self._queue: queue.SimpleQueue[tuple[CacheKey, Entry] | _Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="nbia-proxy-writer", daemon=True)
         self.total_bytes = 0
@@ -118,6 +122,7 @@ class Writer:
         self.errors = 0  # database writes and jobs that failed
         self.refused = 0  # entries the database would not take (the rest of their batch was)
         self.skipped_low_disk = 0  # entries not written because the disk was nearly full
+        self.skipped_unreachable = 0  # entries dropped while the database was unreachable
         self.evicted = 0  # entries evicted to stay under the cap
         self._failures = FailureLog("cache write failed", clock)
         self._refusals = FailureLog("cache entry refused by the database", clock)
@@ -187,7 +192,11 @@ class Writer:
             batch.append(item)
         # Later puts of the same key win, as they would one by one.
         latest = {key.digest: (key, entry) for key, entry in batch}
-        if self._room_for(sum(entry.size for _, entry in latest.values())):
+        if self._health.skipping("write"):
+            # Dropped, not kept for later: the answers were sent, and a queue that grows for
+            # the length of an outage would hold the memory of every miss relayed meanwhile.
+            self.skipped_unreachable += len(latest)
+        elif self._room_for(sum(entry.size for _, entry in latest.values())):
             self._store_batch(latest)
         else:
             self.skipped_low_disk += len(latest)
@@ -205,6 +214,7 @@ class Writer:
         stored = self._guard(lambda: self._store.put_many(latest.values()))
         if stored is None:
             return
+        self._health.succeeded()
         self._failures.succeeded()
         self.total_bytes += stored.added_bytes
         self.written += len(latest) - len(stored.refused)
@@ -243,8 +253,7 @@ class Writer:
         try:
             job.future.set_result(job.call())
         except Exception as exc:  # handed to whoever waits on the future
-            self.errors += 1
-            self._failures.failed(describe_failure(exc))
+            self._failed(exc)
             job.future.set_exception(exc)
 
     def record_bookkeeping(self) -> None:
@@ -256,6 +265,8 @@ class Writer:
             self._store.add_counts(counts)
 
     def _tidy(self) -> None:
+        if self._health.skipping("write"):
+            return  # the next one, once the database answers
         self._failures.report_due()
         self._refusals.report_due()
         self.record_bookkeeping()
@@ -279,6 +290,12 @@ class Writer:
         try:
             return call()
         except Exception as exc:
-            self.errors += 1
-            self._failures.failed(describe_failure(exc))
+            self._failed(exc)
             return None
+
+    def _failed(self, exc: Exception) -> None:
+        if is_unreachable(exc):
+            self._health.failed("write", exc)
+            return
+        self.errors += 1
+        self._failures.failed(describe_failure(exc))
