@@ -293,12 +293,17 @@ def _lifespan(
             # Sweeps what interrupted fills left; a store that cannot write relays (counted).
             await asyncio.to_thread(store.start)
         refresher = None
+        health = cache.health if cache is not None else None
+        if access.directory is not None:
+            health = access.directory.health
         if access.registry is not None:
             access.tokens.use_secret(await asyncio.to_thread(token_key, settings, access.registry))
             if access.directory is not None:
                 await asyncio.to_thread(access.directory.load)
             refresher = asyncio.create_task(
-                _refresh_accounts(access, access.registry, settings.accounts_refresh_seconds)
+                _refresh_accounts(
+                    access, access.registry, settings.accounts_refresh_seconds, health
+                )
             )
         sharing = None
         if metrics is not None and metrics.sharing is not None:
@@ -355,7 +360,9 @@ def _reopen_on_sighup(audit_log: AuditLog) -> bool:
     return True
 
 
-async def _refresh_accounts(access: Access, registry: Registry, every: float) -> None:
+async def _refresh_accounts(
+    access: Access, registry: Registry, every: float, health: StoreHealth | None
+) -> None:
     """Share ended sessions with other replicas and pick up theirs and any user changes."""
     while True:
         await asyncio.sleep(every)
@@ -371,10 +378,10 @@ async def _refresh_accounts(access: Access, registry: Registry, every: float) ->
             # The previous snapshot stays in force; the next round tries again, and sessions
             # not yet written are kept for it.
             access.tokens.keep_unwritten(ended)
-            if access.directory is not None and is_unreachable(exc):
-                access.directory.health.failed("accounts", exc)  # logged once per outage
+            if health is not None and is_unreachable(exc):
+                health.failed("accounts", exc)  # logged once per outage, no traceback
             else:
                 log.exception("could not re-read the lab accounts")
         else:
-            if access.directory is not None:
-                access.directory.health.succeeded()
+            if health is not None:
+                health.succeeded()

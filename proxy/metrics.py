@@ -650,6 +650,12 @@ class Metrics:
             await asyncio.to_thread(self._add_shared, own, total)
         add_snapshot(total, own)
         cache = self._cache
+        health = self._health()
+        if health is not None and health.reason is not None:
+            # Figures kept in the database are left out while it is unreachable (the outage
+            # is logged once, and shown by nbia_proxy_store_errors_total).
+            total["build_info"] = {__version__: 1}
+            return exposition(total)
         if cache is not None and cache.unavailable is None:
             try:
                 rows = await cache.stats()

@@ -42,6 +42,10 @@ class StoreHealth:
         self.outages = 0
         self._since = 0.0
         self._retry_at = 0.0
+        # A flapping database is not a flood of lines: an outage that starts within a minute
+        # of the last one logged is counted, not logged (nor is its end).
+        self._logged_at: float | None = None
+        self._announced = False
 
     @property
     def state(self) -> str:
@@ -74,10 +78,14 @@ class StoreHealth:
             self.reason = reason
             now = self._clock()
             self._retry_at = now + self.retry_seconds
+            announce = first and (self._logged_at is None or now - self._logged_at >= 60.0)
             if first:
                 self.outages += 1
                 self._since = now
-        if first:
+                self._announced = announce
+            if announce:
+                self._logged_at = now
+        if announce:
             log.warning(
                 "the database is unreachable (%s, during a %s): relaying without it (misses "
                 "forwarded, writes skipped) and trying again every %g s; logged once until it "

@@ -1,0 +1,315 @@
+"""The database is a cache, not a dependency: while it is unreachable requests are relayed.
+
+PostgreSQL is reached through a TCP relay the test cuts (connections closed and new ones
+refused) or stalls (connections accepted, nothing forwarded: what a dead host or a partition
+looks like); SQLite is "locked" by making its reads wait, as a reader behind a lock waits out
+its busy timeout. During the outage misses are relayed with the upstream's bodies, memory
+copies are still hits, series zips are relayed, the outage is logged once and counted, and
+afterwards the cache works again: MISS, then HIT, and the answer reaches the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event, make_url
+
+from proxy.cache.tiers import TieredCache
+from proxy.db import migrate
+from tests.databases import database
+from tests.fake_nbia import FakeServer
+from tests.gateway_server import GatewayServer, make_settings
+from tests.test_failsafe_access import accounts_settings, add_user, bearer
+
+S = "/nbia-api/services"
+OUTAGE = "the database is unreachable"
+
+
+class Relay:
+    """A TCP relay to ``target`` on a free loopback port, run by asyncio in a thread.
+
+    ``cut()`` closes every relayed connection and closes new ones at once; ``stall()`` keeps
+    new connections open without forwarding anything; ``restore()`` relays again.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.mode = "relay"
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Relay:
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def cut(self) -> None:
+        self._switch("cut")
+
+    def stall(self) -> None:
+        self._switch("stall")
+
+    def restore(self) -> None:
+        self._switch("relay")
+
+    def _switch(self, mode: str) -> None:
+        done = threading.Event()
+
+        def switch() -> None:
+            self.mode = mode
+            if mode != "relay":
+                for writer in list(self._writers):
+                    writer.close()
+                self._writers.clear()
+            done.set()
+
+        self._loop.call_soon_threadsafe(switch)
+        done.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "cut":
+            writer.close()
+            return
+        self._writers.add(writer)
+        if self.mode == "stall":
+            return  # held open, never answered, until a cut or the end
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.add(up_writer)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path) -> Iterator[str]:
+    with database("postgresql", tmp_path) as url:
+        migrate(url)
+        yield url
+
+
+@pytest.fixture
+def relay(postgres_url: str) -> Iterator[Relay]:
+    real = make_url(postgres_url)
+    with Relay(real.host or "127.0.0.1", real.port or 5432) as running:
+        yield running
+
+
+def relayed(url: str, relay: Relay) -> str:
+    return make_url(url).set(host="127.0.0.1", port=relay.port).render_as_string(False)
+
+
+def get(gw: GatewayServer, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.get(gw.url + path, timeout=60, **kwargs)
+
+
+def direct(fake: FakeServer, path: str) -> bytes:
+    """What the upstream itself answers."""
+    return httpx.get(fake.url + path, timeout=60).content
+
+
+def cache_of(gw: GatewayServer) -> TieredCache:
+    cache = gw.app.cache
+    assert cache is not None
+    return cache
+
+
+def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if OUTAGE in r.getMessage()]
+
+
+def series_path(fake: FakeServer) -> str:
+    uid = next(s.uid for s in fake.app.dataset.series if s.collection == "4D-Lung")
+    return f"{S}/v4/getImage?SeriesInstanceUID={uid}"
+
+
+def during_outage(gw: GatewayServer, nbia: FakeServer, warm: str) -> None:
+    """Misses relayed with the upstream's bodies, the warm copy a hit, a series zip relayed."""
+    cache = cache_of(gw)
+    for collection in ("TCGA-KIRC", "LIDC-IDRI", "4D-Lung"):
+        path = f"{S}/v4/getSeries?Collection={collection}"
+        answer = get(gw, path)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-cache"] == "MISS"
+        assert answer.content == direct(nbia, path)
+    hit = get(gw, warm)
+    assert hit.status_code == 200 and hit.headers["x-cache"] == "HIT"
+    zipped = get(gw, series_path(nbia))
+    assert zipped.status_code == 200
+    assert zipped.content == direct(nbia, series_path(nbia))
+    health = cache.health
+    assert health.state == "unreachable"
+    # Every read of the database during the outage failed within the bound or was skipped:
+    # none of the four lookups found an answer there, and none failed the request.
+    assert health.errors.get("read", 0) + health.skipped.get("read", 0) >= 4
+    body = get(gw, "/healthz").json()
+    assert body["database"] == "unreachable"
+    stats = get(gw, "/_proxy/cache/stats")
+    assert stats.status_code == 200
+    assert stats.json()["database"]["state"] == "unreachable"
+    assert "nbia_proxy_store_errors_total" in get(gw, "/metrics").text
+
+
+def after_outage(gw: GatewayServer, restore: Any) -> None:
+    """Back to normal: the database answers again, a new key is MISS then HIT, and stored."""
+    cache = cache_of(gw)
+    restore()
+    path = f"{S}/v4/getSeries?Collection=RIDER Lung CT"
+    for attempt in range(200):  # until a request has tried the database again
+        probe = get(gw, f"{S}/v4/getBodyPartValues?Collection=probe{attempt}")
+        assert probe.status_code == 200
+        if cache.health.state == "ok":
+            break
+        threading.Event().wait(0.05)
+    assert cache.health.state == "ok"
+    first, second = get(gw, path), get(gw, path)
+    assert first.headers["x-cache"] == "MISS" and second.headers["x-cache"] == "HIT"
+    cache.writer.flush()
+    digest = next(iter(cache._memory.keys()))  # noqa: SLF001 -- any entry will do
+    assert cache.store.get(digest) is not None or cache.writer.written > 0
+    assert get(gw, "/healthz").json()["database"] == "ok"
+
+
+@pytest.mark.parametrize("failure", ["cut", "stall"])
+def test_postgresql_unreachable_misses_are_relayed_hits_still_hit_one_log_line(
+    failure: str,
+    tmp_path: Path,
+    postgres_url: str,
+    relay: Relay,
+    nbia_upstream: FakeServer,
+    nlst_upstream: FakeServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = make_settings(
+        tmp_path,
+        nbia_upstream.url,
+        nlst_upstream.url,
+        database_url=relayed(postgres_url, relay),
+        # Every lookup asks the database: the memory copy must stand in while it cannot.
+        cache_recheck_seconds=0,
+        database_timeout_seconds=0.5,
+        database_retry_seconds=0.2,
+    )
+    warm = f"{S}/v4/getCollectionValues"
+    with GatewayServer(settings) as gw:
+        assert get(gw, warm).headers["x-cache"] == "MISS"
+        assert get(gw, warm).headers["x-cache"] == "HIT"
+        cache_of(gw).writer.flush()
+        relay.cut() if failure == "cut" else relay.stall()
+        during_outage(gw, nbia_upstream, warm)
+        after_outage(gw, relay.restore)
+    lines = outage_lines(caplog)
+    assert len(lines) == 1, lines
+    assert "Traceback" not in caplog.text
+
+
+def test_sqlite_locked_misses_are_relayed_within_the_bound(
+    tmp_path: Path,
+    nbia_upstream: FakeServer,
+    nlst_upstream: FakeServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = make_settings(
+        tmp_path,
+        nbia_upstream.url,
+        nlst_upstream.url,
+        cache_recheck_seconds=0,
+        database_timeout_seconds=0.3,
+        database_retry_seconds=0.2,
+    )
+    unlocked = threading.Event()
+    unlocked.set()
+
+    def behind_the_lock(*_: Any) -> None:
+        # A reader of a locked file waits out SQLite's busy timeout (30 s), then fails.
+        if not unlocked.wait(30):
+            raise sqlite3.OperationalError("database is locked")
+
+    warm = f"{S}/v4/getCollectionValues"
+    with GatewayServer(settings) as gw:
+        cache = cache_of(gw)
+        event.listen(cache.store.engine, "before_cursor_execute", behind_the_lock)
+        try:
+            assert get(gw, warm).headers["x-cache"] == "MISS"
+            assert get(gw, warm).headers["x-cache"] == "HIT"
+            cache.writer.flush()
+            unlocked.clear()
+            during_outage(gw, nbia_upstream, warm)
+            assert "no answer within 0.3 s" in str(cache.health.reason)
+            after_outage(gw, unlocked.set)
+        finally:
+            unlocked.set()
+    lines = outage_lines(caplog)
+    assert len(lines) == 1, lines
+
+
+def test_accounts_known_keys_work_unknown_ones_get_503_while_the_database_is_down(
+    tmp_path: Path,
+    postgres_url: str,
+    relay: Relay,
+    nbia_upstream: FakeServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data_dir = tmp_path / "data"
+    url = relayed(postgres_url, relay)
+    key = add_user(data_dir, "ada", capsys, url=url)
+    settings = accounts_settings(
+        data_dir, nbia_upstream, database_url=url, database_timeout_seconds=0.5
+    )
+    path = f"{S}/v4/getSeries?Collection=TCGA-KIRC"
+    with GatewayServer(settings) as gw:
+        assert get(gw, path, headers=bearer(key)).status_code == 200
+        relay.cut()
+        cache = cache_of(gw)
+        for _ in range(200):  # the accounts refresher (every 0.2 s) finds the outage
+            if cache.health.state == "unreachable":
+                break
+            threading.Event().wait(0.05)
+        assert cache.health.state == "unreachable"
+        other = f"{S}/v4/getSeries?Collection=LIDC-IDRI"
+        known = get(gw, other, headers=bearer(key))
+        assert known.status_code == 200 and known.headers["x-cache"] == "MISS"
+        unknown = get(gw, path, headers=bearer("nbp_" + "x" * 40))
+        assert unknown.status_code == 503
+        assert "accounts database is unreachable" in unknown.json()["error"]
+        relay.restore()
+        for _ in range(200):
+            if cache.health.state == "ok":
+                break
+            threading.Event().wait(0.05)
+        assert get(gw, path, headers=bearer("nbp_" + "x" * 40)).status_code == 401
