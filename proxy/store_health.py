@@ -104,7 +104,9 @@ class StoreHealth:
                 return
             self.reason = None
             lasted = self._clock() - self._since
-        log.warning("the database answers again after %.1f s unreachable: caching resumes", lasted)
+            announced, self._announced = self._announced, False
+        if announced:
+            log.info("the database answers again after %.1f s unreachable: caching resumes", lasted)
 
     def document(self) -> dict[str, object]:
         """The state for /healthz and the cache stats."""

@@ -22,9 +22,12 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import event, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from proxy.cache.tiers import TieredCache
-from proxy.db import migrate
+from proxy.db import is_unreachable, migrate
+from proxy.store_health import StoreHealth
 from tests.databases import database
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings
@@ -201,6 +204,16 @@ def after_outage(gw: GatewayServer, restore: Any) -> None:
     digest = next(iter(cache._memory.keys()))  # noqa: SLF001 -- any entry will do
     assert cache.store.get(digest) is not None or cache.writer.written > 0
     assert get(gw, "/healthz").json()["database"] == "ok"
+    # No download of the outage was kept without its row: every kept file is named by one.
+    series = gw.app.series
+    assert series is not None
+    binaries = series.store
+    named = {binaries.path_for(digest, sha256) for digest, sha256 in binaries._rows()}  # noqa: SLF001
+    root = binaries.directory
+    kept = {
+        p for p in root.rglob("*") if p.is_file() and p.name[0] != "." and ".part-" not in p.name
+    }
+    assert kept <= named
 
 
 @pytest.mark.parametrize("failure", ["cut", "stall"])
@@ -313,3 +326,60 @@ def test_accounts_known_keys_work_unknown_ones_get_503_while_the_database_is_dow
                 break
             threading.Event().wait(0.05)
         assert get(gw, path, headers=bearer("nbp_" + "x" * 40)).status_code == 401
+
+
+# --- the policy alone (no sockets) -------------------------------------------------------------
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def locked() -> OperationalError:
+    return OperationalError("SELECT 1", {}, sqlite3.OperationalError("database is locked"))
+
+
+def test_an_outage_skips_the_database_between_attempts_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    clock = Ticks()
+    health = StoreHealth(timeout_seconds=0.5, retry_seconds=1.0, clock=clock)
+    assert not health.skipping("read") and health.state == "ok"
+    health.failed("read", locked())
+    assert health.state == "unreachable" and health.reason == "database is locked"
+    assert health.skipping("read") and health.skipping("write")
+    clock.now += 1.0
+    assert not health.skipping("read")  # one attempt after the pause...
+    assert health.skipping("read")  # ...and the others still skip while it runs
+    health.failed("read", TimeoutError())
+    assert "no answer within 0.5 s" in str(health.reason)
+    health.succeeded()
+    assert health.state == "ok" and not health.skipping("read")
+    assert health.errors == {"read": 2} and health.skipped == {"read": 2, "write": 1}
+    clock.now += 5.0  # flapping within a minute: counted, not logged again
+    health.failed("write", locked())
+    health.succeeded()
+    clock.now += 60.0
+    health.failed("write", locked())
+    lines = outage_lines(caplog)
+    assert len(lines) == 2 and health.outages == 3, lines
+    ends = [r for r in caplog.records if "answers again after" in r.getMessage()]
+    assert len(ends) == 1
+
+
+def test_what_counts_as_unreachable() -> None:
+    assert is_unreachable(locked())
+    assert is_unreachable(PoolTimeout("QueuePool limit reached"))
+    assert is_unreachable(TimeoutError())
+    full = OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+    full.orig.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[union-attr]
+    assert not is_unreachable(full)  # the writer reports a full disk on its own
+    readonly = sqlite3.OperationalError("attempt to write a readonly database")
+    readonly.sqlite_errorcode = sqlite3.SQLITE_READONLY  # type: ignore[attr-defined]
+    assert not is_unreachable(OperationalError("INSERT", {}, readonly))
+    assert not is_unreachable(ValueError("not a database error"))
