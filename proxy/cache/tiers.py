@@ -88,6 +88,10 @@ class TieredCache:
             clock,
             on_written=self._written.extend,
             health=self.health,
+            # A copy whose write was dropped is settled like a written one: once the database
+            # answers again, its miss there drops the copy (and the next request stores it),
+            # rather than the copy outliving a purge made elsewhere.
+            on_dropped=self._written.extend,
         )
 
     def start(self) -> None:

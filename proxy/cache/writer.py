@@ -107,11 +107,13 @@ class Writer:
         clock: Callable[[], float] = time.time,
         on_written: Callable[[list[Entry]], None] = lambda entries: None,
         health: StoreHealth | None = None,
+        on_dropped: Callable[[list[Entry]], None] = lambda entries: None,
     ) -> None:
         self._store = store
         self._housekeeping = housekeeping
         self._collect = collect  # takes the served keys and counter deltas gathered so far
         self._on_written = on_written
+        self._on_dropped = on_dropped  # entries given up while the database was unreachable
         self._clock = clock
         # An unreachable database is logged and counted there, once, not as write failures.
         self._health = health if health is not None else StoreHealth()
@@ -196,6 +198,7 @@ class Writer:
             # Dropped, not kept for later: the answers were sent, and a queue that grows for
             # the length of an outage would hold the memory of every miss relayed meanwhile.
             self.skipped_unreachable += len(latest)
+            self._on_dropped([entry for _, entry in latest.values()])
         elif self._room_for(sum(entry.size for _, entry in latest.values())):
             self._store_batch(latest)
         else:
@@ -213,6 +216,9 @@ class Writer:
     def _store_batch(self, latest: dict[str, tuple[CacheKey, Entry]]) -> None:
         stored = self._guard(lambda: self._store.put_many(latest.values()))
         if stored is None:
+            if self._health.reason is not None:  # lost to the outage, as if skipped
+                self.skipped_unreachable += len(latest)
+                self._on_dropped([entry for _, entry in latest.values()])
             return
         self._health.succeeded()
         self._failures.succeeded()
