@@ -347,7 +347,10 @@ def control_app(
         """Poll the update feeds now (every upstream, or ``upstream=NAME``) and say what was
         purged; an upstream another process is polling at the moment answers ``busy``."""
         if feeds is None:
-            raise StarletteHTTPException(404, "the update feeds are off (update_poll_seconds)")
+            return JSONResponse(
+                {"error": "the update feeds are off (update_poll_seconds, offline, cache)"},
+                status_code=404,
+            )
         names = list(feeds.states)
         for name, value in request.query_params.multi_items():
             if name != "upstream":
