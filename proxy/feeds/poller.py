@@ -6,8 +6,9 @@ Every ``update_poll_seconds`` (when due by the position the replicas share, see
 service token (``v4/getUpdatedSeries`` where v2 is not served), and, for each collection the
 cache holds, ``v4/NewPatientsInCollection`` and ``v4/NewStudiesInPatientCollection``. Its
 requests go through the upstream's shield (breaker, queue, rate, retries) like a client's, one
-at a time, so a poll takes one of the upstream's slots at most and never holds a request up for
-longer than that. A failed poll backs off (30 s doubling, capped) and shows in the stats.
+at a time and each after the clients already queued for the upstream, so a poll takes one of
+the upstream's slots at most. A failed poll backs off (30 s doubling, capped) and shows in the
+stats.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+from proxy.db import describe_failure
 from proxy.endpoints import TokenUse
 from proxy.errors import GatewayError
 from proxy.feeds.ledger import Ledger, Position
-from proxy.feeds.plan import Form, feed_date, next_poll_at, purge_plan, window_start
+from proxy.feeds.plan import (
+    Form,
+    backoff_seconds,
+    feed_date,
+    next_poll_at,
+    purge_plan,
+    window_start,
+)
 from proxy.forwarding import OutgoingRequest, open_shielded
 from proxy.shield.retry import RetryPolicy
 from proxy.streaming import read_bounded
@@ -47,6 +56,8 @@ _NO_V2 = frozenset({401, 403, 404, 405})
 #: The wait before a starting gateway's first look at the feeds: it serves first, and replicas
 #: started together find the position the first of them wrote.
 FIRST_POLL_SECONDS = 60.0
+#: How long a feed request waits for the clients queued for the upstream to go first.
+YIELD_SECONDS = 60.0
 #: The outcomes a poll is counted under (``nbia_proxy_feed_polls_total{outcome}``).
 OUTCOMES = ("ok", "failed", "busy", "not_due")
 
@@ -165,18 +176,20 @@ class FeedPoller:
                     files += dropped
                     file_bytes += dropped_bytes
             await asyncio.to_thread(self.ledger.succeeded, name, started, plan.seen, form)
-        except (FeedError, GatewayError, OSError) as exc:
-            reason = str(exc) if isinstance(exc, FeedError) else _describe(exc)
+        except Exception as exc:  # the upstream, the answer or the database: back off
+            reason = _describe(exc)
             log.warning("update feeds of %s: poll failed (%s); backing off", name, reason)
-            await asyncio.to_thread(self.ledger.failed, name, started, reason)
-            failed = await asyncio.to_thread(self.ledger.read, name)
-            due = next_poll_at(
-                failed.last_success, failed.last_attempt, failed.failures, self.interval
-            )
+            failures = position.failures + 1
+            try:
+                await asyncio.to_thread(self.ledger.failed, name, started, reason)
+                failures = (await asyncio.to_thread(self.ledger.read, name)).failures
+            except Exception as recording:  # the database itself: this process backs off alone
+                log.warning("update feeds of %s: %s", name, describe_failure(recording))
+            due = started + backoff_seconds(failures, self.interval)
             return {
                 "outcome": "failed",
                 "error": reason,
-                "failures": failed.failures,
+                "failures": failures,
                 "next_poll_at": due,
             }
         if plan.changed:
@@ -264,6 +277,7 @@ class FeedPoller:
         self, upstream: Upstream, path: str, query: str, token_use: TokenUse
     ) -> tuple[int, list[dict[str, Any]]]:
         """One feed request through the shield: its status and, for a 200, its JSON rows."""
+        await _after_clients(upstream)
         request = OutgoingRequest(
             "GET",
             _SERVICES + path.encode(),
@@ -284,6 +298,15 @@ class FeedPoller:
                 await body.response.aclose()
             raise FeedError(f"{path} answered more than {FEED_MAX_BYTES} bytes")
         return 200, _rows(body, encoding, path)
+
+
+async def _after_clients(upstream: Upstream) -> None:
+    """Let the clients queued for the upstream go first (the poll is the least urgent
+    request there is), for up to a minute: then it queues like anyone."""
+    for _ in range(int(YIELD_SECONDS / 0.1)):
+        if upstream.limiter.waiting == 0:
+            return
+        await asyncio.sleep(0.1)
 
 
 def _rows(body: bytes, encoding: str, path: str) -> list[dict[str, Any]]:
@@ -309,5 +332,9 @@ def _when(seconds: float | None) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    message = getattr(exc, "message", None)
-    return str(message or exc or type(exc).__name__)[:300]
+    """A failed poll's reason, for the log and the stats (the gateway's words: no secrets)."""
+    if isinstance(exc, FeedError):
+        return str(exc)
+    if isinstance(exc, GatewayError):
+        return str(getattr(exc, "message", "") or type(exc).__name__)[:300]
+    return describe_failure(exc)
