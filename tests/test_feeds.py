@@ -4,8 +4,9 @@ lock and its back-off."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +365,36 @@ def test_two_gateways_on_one_postgresql_poll_once(
                 shown = _feeds(first, upstream)["last_success"]
                 assert shown == _feeds(second, upstream)["last_success"] is not None
             assert len(nbia_upstream.app.requests_to("getUpdatedSeries")) == 2
+
+
+def test_a_poll_in_progress_elsewhere_is_not_repeated(
+    tmp_path: Path, nbia_upstream: FakeServer, no_background_polls: None
+) -> None:
+    """Even a forced poll (the control endpoint) waits its turn: the lock, not the position."""
+    with database("postgresql", tmp_path) as url:
+        migrate(url)
+        first = GatewayServer(_settings(tmp_path / "a", nbia_upstream, database_url=url))
+        second = GatewayServer(_settings(tmp_path / "b", nbia_upstream, database_url=url))
+        with first, second:
+            gate = nbia_upstream.app.hold("getUpdatedSeries")
+            results: list[dict[str, Any]] = []
+            polling = threading.Thread(target=lambda: results.append(_poll(first)))
+            polling.start()
+            try:
+                _wait_for(lambda: bool(nbia_upstream.app.requests_to("getUpdatedSeries")))
+                assert _poll(second)["outcome"] == "busy"
+            finally:
+                gate.set()
+                polling.join(60)
+            assert results and results[0]["outcome"] == "ok", results
+            assert len(nbia_upstream.app.requests_to("getUpdatedSeries")) == 1
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 60  # generous: a wait for the other thread, not a speed check
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never came true"
+        time.sleep(0.02)
 
 
 def _first_rounds(gateways: list[GatewayServer], upstream: str) -> list[str]:

@@ -62,6 +62,7 @@ class FakeNBIA:
         self.name = name
         self.dataset = build_dataset(name)
         self._original: tuple[list[Series], list[Study]] | None = None
+        self._holds: list[tuple[str, threading.Event]] = []
         self.images = ImageStore(self.dataset)
         self.images.set_big_zip_bytes(big_zip_bytes)
         self.tables = Tables(self.dataset, self.images)
@@ -95,6 +96,10 @@ class FakeNBIA:
         self._body_cuts: list[list[Any]] = []
         self._huge = []
         self.restore_dataset()
+        with self._lock:
+            for _, gate in self._holds:
+                gate.set()  # nothing stays held for the next test
+            self._holds = []
 
     # --- update feeds ---------------------------------------------------------------
 
@@ -127,6 +132,13 @@ class FakeNBIA:
                             study, description=study_description
                         )
             return new
+
+    def hold(self, path_contains: str) -> threading.Event:
+        """Hold every matching request (after logging it) until the returned event is set."""
+        gate = threading.Event()
+        with self._lock:
+            self._holds.append((path_contains, gate))
+        return gate
 
     def restore_dataset(self) -> None:
         """Undo :meth:`mark_updated` (the dataset as built)."""
@@ -344,6 +356,9 @@ class FakeNBIA:
         )
         with self._lock:
             self.requests.append(log)
+            gates = [gate for part, gate in self._holds if part in log.path]
+        for gate in gates:
+            await asyncio.to_thread(gate.wait, 60)  # a test's hold, never for ever
 
         if self.faults.take_drop(log.path):
             await _abort(send)
