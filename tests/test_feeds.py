@@ -165,6 +165,50 @@ def _series(fake: FakeServer, collection: str) -> Series:
     return next(s for s in fake.app.dataset.series if s.collection == collection and not s.big)
 
 
+def test_the_fakes_feeds_compare_release_days_as_nbia_does(nbia_upstream: FakeServer) -> None:
+    series = _series(nbia_upstream, "4D-Lung")
+    day = dt.date(2026, 6, 15)
+    nbia_upstream.app.mark_updated(series.uid, released=day, description="NEW")
+    base = f"{nbia_upstream.url}/nbia-api/services"
+
+    def uids(path: str, **params: str) -> set[str]:
+        answer = httpx.get(f"{base}/{path}", params=params)
+        assert answer.status_code == 200, answer.text
+        rows = answer.json() if answer.content else []  # NBIA's "none" is an empty body
+        return {row.get("SeriesInstanceUID") or row.get("PatientId") for row in rows}
+
+    # getUpdatedSeries: released after fromDate (">"), v4 and v2 dates differ.
+    assert series.uid in uids("v4/getUpdatedSeries", fromDate="06-14-2026")
+    assert series.uid not in uids("v4/getUpdatedSeries", fromDate="06-15-2026")
+    token = httpx.post(
+        f"{nbia_upstream.url}/nbia-api/oauth/token",
+        data={"username": "nbia_guest", "password": "", "grant_type": "password"},
+    ).json()["access_token"]
+    answer = httpx.get(
+        f"{base}/v2/getUpdatedSeries",
+        params={"fromDate": "14/06/2026"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert [row["SeriesInstanceUID"] for row in answer.json()] == [series.uid]
+    # The patient and study feeds: on or after fromDate (">=").
+    assert uids("v4/NewPatientsInCollection", Collection="4D-Lung", fromDate="06-15-2026") == {
+        series.patient_id
+    }
+    studies = httpx.get(
+        f"{base}/v4/NewStudiesInPatientCollection",
+        params={"Collection": "4D-Lung", "fromDate": "06-15-2026"},
+    ).json()
+    assert [row["StudyInstanceUID"] for row in studies] == [series.study_uid]
+    # v1: Date, yyyy/MM/dd, required.
+    assert uids("v1/NewPatientsInCollection", Collection="4D-Lung", Date="2026/06/14") == {
+        series.patient_id
+    }
+    missing = httpx.get(f"{base}/v1/NewPatientsInCollection", params={"Collection": "4D-Lung"})
+    assert missing.status_code == 400
+    nbia_upstream.app.reset()
+    assert series.uid not in uids("v4/getUpdatedSeries", fromDate="06-14-2026")
+
+
 def _get(gateway: GatewayServer, path: str) -> httpx.Response:
     answer = httpx.get(f"{gateway.url}/nbia-api/services/{path}", timeout=30)
     assert answer.status_code == 200, answer.text
