@@ -161,6 +161,8 @@ class TieredCache:
         """Delete ``upstream``'s entries tagged with any of ``tags``, everywhere (the update
         feeds' purge); returns (entries, bytes) removed."""
         wanted = list(tags)
+        if not wanted:
+            return 0, 0  # the usual poll: nothing changed, the memory tier stays warm
         future = self.writer.submit(lambda: self.store.purge_tagged(upstream, wanted))
         result: tuple[int, int] = await asyncio.wrap_future(future)
         self._memory.clear()
