@@ -29,9 +29,12 @@ from proxy.config import Settings
 from proxy.control import control_app
 from proxy.datadir import keep_private, prepare, sqlite_file
 from proxy.db import database_url, describe_failure, is_current, make_engine, migrate
+from proxy.feeds.ledger import Ledger
+from proxy.feeds.poller import FeedPoller
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
+from proxy.shield.retry import RetryPolicy
 from proxy.upstream import Upstream, upstream_configs
 
 log = logging.getLogger("nbia_proxy.app")
@@ -61,11 +64,13 @@ def create_app(
         gateway.relay_uncached()
 
     audit_log = build_audit_log(settings)
+    feeds = build_feeds(settings, upstreams, cache, binaries, cache_clock)
     metrics = build_metrics(settings, counters, upstreams, access, cache)
     if metrics is not None:
         metrics.binary = binaries
+        metrics.feeds = feeds
     lifespan = _lifespan(
-        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries
+        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries, feeds
     )
     control = control_app(
         upstreams,
@@ -77,6 +82,7 @@ def create_app(
         metrics,
         binaries,
         lambda: gateway.series,
+        feeds,
     )
     gateway = Gateway(
         settings,
@@ -103,6 +109,28 @@ def build_binaries(
     url = database_url(settings.database_url, settings.data_dir)
     return BinaryStore(
         make_engine(url), directory_for(settings), settings.binary_cache_max_bytes, clock=clock
+    )
+
+
+def build_feeds(
+    settings: Settings,
+    upstreams: list[Upstream],
+    cache: TieredCache | None,
+    binaries: BinaryStore | None,
+    clock: Callable[[], float] = time.time,
+) -> FeedPoller | None:
+    """The update-feed poller (not yet started): None when off, offline or without a cache."""
+    if cache is None or settings.offline or settings.update_poll_seconds <= 0:
+        return None
+    return FeedPoller(
+        upstreams,
+        cache,
+        binaries,
+        Ledger(cache.store.engine),
+        interval=settings.update_poll_seconds,
+        token_on_v4=settings.token_on_v4,
+        retry=RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds),
+        clock=clock,
     )
 
 
@@ -248,6 +276,7 @@ def _lifespan(
     audit_log: AuditLog,
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
+    feeds: FeedPoller | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -279,9 +308,16 @@ def _lifespan(
         sharing = None
         if metrics is not None and metrics.sharing is not None:
             sharing = asyncio.create_task(metrics.share())
+        polling = None
+        if feeds is not None and cache is not None and cache.unavailable is None:
+            polling = asyncio.create_task(feeds.run())
         try:
             yield
         finally:
+            if polling is not None:
+                polling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await polling
             if sharing is not None:
                 sharing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

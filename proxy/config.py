@@ -310,6 +310,13 @@ class Settings(BaseSettings):
     cache_recheck_seconds: float = Field(
         5.0, ge=0, description="Age after which a memory copy is checked against the database."
     )
+    update_poll_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How often NBIA's update feeds (getUpdatedSeries, NewPatientsInCollection, "
+        "NewStudiesInPatientCollection) are asked what changed, to purge it (0: never; needs "
+        "the cache).",
+    )
 
     @field_validator("upstream", "nlst_upstream")
     @classmethod

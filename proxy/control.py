@@ -37,6 +37,7 @@ from proxy.upstream import Upstream
 if TYPE_CHECKING:
     from proxy.binary.files import BinaryStats, BinaryStore
     from proxy.binary.serving import SeriesCache
+    from proxy.feeds.poller import FeedPoller
 
 
 def stats_document(rows: list[EndpointStats], extra: dict[str, Any]) -> dict[str, Any]:
@@ -259,9 +260,11 @@ def control_app(
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
     series: Callable[[], SeriesCache | None] | None = None,
+    feeds: FeedPoller | None = None,
 ) -> FastAPI:
-    """The control endpoints; ``binaries`` is the series cache's store (None when off) and
-    ``series`` gives the running series cache (None while it is off), for its live figures."""
+    """The control endpoints; ``binaries`` is the series cache's store (None when off),
+    ``series`` gives the running series cache (None while it is off), for its live figures,
+    and ``feeds`` is the update-feed poller (None when off)."""
     app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
 
     @app.exception_handler(StarletteHTTPException)
@@ -319,6 +322,8 @@ def control_app(
                 totals = await asyncio.to_thread(binaries.stats)
                 running = None if series is None else series()
                 extra["binaries"] = binaries_document(totals, running)
+            if feeds is not None:
+                extra["feeds"] = await feeds.document()
         except Exception as exc:
             raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
         return stats_document(rows, extra)
@@ -338,6 +343,37 @@ def control_app(
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return Response(await metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    @app.post("/_proxy/feeds/poll", response_model=None)
+    async def feeds_poll(request: Request) -> dict[str, Any] | JSONResponse:
+        """Poll the update feeds now (every upstream, or ``upstream=NAME``) and say what was
+        purged; an upstream another process is polling at the moment answers ``busy``."""
+        if feeds is None:
+            return JSONResponse(
+                {"error": "the update feeds are off (update_poll_seconds, offline, cache)"},
+                status_code=404,
+            )
+        names = list(feeds.states)
+        for name, value in request.query_params.multi_items():
+            if name != "upstream":
+                return JSONResponse(
+                    {"error": f"unknown parameter {name[:40]}: the accepted one is upstream"},
+                    status_code=400,
+                )
+            if value not in feeds.states:
+                return JSONResponse(
+                    {"error": f"no upstream {value[:40]!r}: give one of {', '.join(names)}"},
+                    status_code=400,
+                )
+            names = [value]
+        if cache is None or cache.unavailable is not None:
+            raise StarletteHTTPException(503, "the cache is unavailable")
+        polled = {}
+        for name in names:
+            result = dict(await feeds.poll(name, force=True))
+            result.pop("next_poll_at", None)
+            polled[name] = result
+        return {"upstreams": polled}
 
     @app.delete("/_proxy/cache", response_model=None)
     async def cache_purge(request: Request) -> dict[str, int] | JSONResponse:

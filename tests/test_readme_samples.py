@@ -246,6 +246,18 @@ def gateway_routes(gateway: GatewayServer) -> set[tuple[str, str]]:
     }
 
 
+@pytest.fixture
+def gateway(
+    tmp_path: Path, nbia_upstream: FakeServer, nlst_upstream: FakeServer
+) -> Iterator[GatewayServer]:
+    """conftest's gateway with the update feeds on, as by default: the README polls them."""
+    settings = make_settings(
+        tmp_path, nbia_upstream.url, nlst_upstream.url, update_poll_seconds=3600
+    )
+    with GatewayServer(settings) as server:
+        yield server
+
+
 @pytest.mark.parametrize("words", curl_commands(), ids=" ".join)
 def test_curl_sample_is_routed_and_safe(words: list[str], gateway: GatewayServer) -> None:
     curl = curl_parser().parse_args(words[1:])
