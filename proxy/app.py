@@ -32,6 +32,7 @@ from proxy.db import database_url, describe_failure, is_current, make_engine, mi
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
+from proxy.status import StatusBoard
 from proxy.upstream import Upstream, upstream_configs
 
 log = logging.getLogger("nbia_proxy.app")
@@ -64,8 +65,9 @@ def create_app(
     metrics = build_metrics(settings, counters, upstreams, access, cache)
     if metrics is not None:
         metrics.binary = binaries
+    board = StatusBoard(tally=counters.tally if metrics is not None else None)
     lifespan = _lifespan(
-        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries
+        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries, board
     )
     control = control_app(
         upstreams,
@@ -77,6 +79,7 @@ def create_app(
         metrics,
         binaries,
         lambda: gateway.series,
+        board,
     )
     gateway = Gateway(
         settings,
@@ -88,6 +91,7 @@ def create_app(
         audit_log,
         metrics=bool(metrics),
         binaries=binaries,
+        transfers=board.transfers,
     )
     if gateway.series is not None:
         gateway.series.fills.on_failure = counters.tally.validation_failed
@@ -248,6 +252,7 @@ def _lifespan(
     audit_log: AuditLog,
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
+    board: StatusBoard | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -279,9 +284,20 @@ def _lifespan(
         sharing = None
         if metrics is not None and metrics.sharing is not None:
             sharing = asyncio.create_task(metrics.share())
+        sampling = None
+        if board is not None:
+            board.watch_logs()
+            board.sample()  # the first minute starts now
+            sampling = asyncio.create_task(board.sample_every())
         try:
             yield
         finally:
+            if sampling is not None:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
+            if board is not None:
+                board.unwatch_logs()
             if sharing is not None:
                 sharing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
