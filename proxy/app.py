@@ -12,8 +12,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
+import swagger_ui_bundle  # type: ignore[import-untyped]
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import make_url
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.access import Access
 from proxy.accounts.directory import Directory
@@ -81,6 +85,7 @@ def create_app(
         lambda: gateway.series,
         board,
     )
+    add_offline_docs(control)
     gateway = Gateway(
         settings,
         upstreams,
@@ -96,6 +101,42 @@ def create_app(
     if gateway.series is not None:
         gateway.series.fills.on_failure = counters.tally.validation_failed
     return gateway
+
+
+#: Where /docs takes swagger-ui's files from (served by the gateway: no CDN).
+DOCS_ASSETS = "/docs/assets/"
+_DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """``/docs``, FastAPI's swagger-ui page, with its script, style and icon served by the
+    gateway from the ``swagger-ui-bundle`` package: a lab gateway may have no internet, and
+    the page must not load code from a third party into an admin's browser."""
+    directory = Path(swagger_ui_bundle.swagger_ui_path)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        assert app.openapi_url is not None
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - control endpoints",
+            swagger_js_url=DOCS_ASSETS + "swagger-ui-bundle.js",
+            swagger_css_url=DOCS_ASSETS + "swagger-ui.css",
+            swagger_favicon_url=DOCS_ASSETS + "favicon-32x32.png",
+        )
+
+    @app.get(DOCS_ASSETS + "{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        media_type = _DOCS_FILES.get(name)  # these three only: never a path from the request
+        if media_type is None:
+            raise StarletteHTTPException(404)
+        return FileResponse(
+            directory / name, media_type=media_type, headers={"cache-control": "max-age=86400"}
+        )
 
 
 def build_binaries(

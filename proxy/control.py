@@ -265,7 +265,10 @@ def control_app(
     """The control endpoints; ``binaries`` is the series cache's store (None when off),
     ``series`` gives the running series cache (None while it is off), for its live figures,
     and ``board`` keeps what the status page shows between requests."""
-    app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
+    # /docs is added by proxy.app with its assets served from here; ReDoc only loads from a CDN.
+    app = FastAPI(
+        title="nbia-proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     status_board = board or StatusBoard()
 
     @app.exception_handler(StarletteHTTPException)
