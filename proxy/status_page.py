@@ -79,12 +79,13 @@ def _upstreams(upstreams: list[UpstreamStatus], now: float) -> str:
     for u in upstreams:
         state = f'<span class="{"ok" if u.state == "ok" else "bad"}">{e(u.state)}</span>'
         token = u.token
-        expiry = "-"
+        expiry = "no token yet" if token.state == "none" else "-"
         if token.expires_at is not None and token.expires_in_seconds is not None:
             stamp = time.strftime("%H:%M:%S UTC", time.gmtime(token.expires_at))
             expiry = f"{e(stamp)} (in {int(token.expires_in_seconds)} s)"
         token_class = "bad" if token.state in ("failing", "expired") else "ok"
-        token_cell = f'<span class="{token_class}">{e(token.state)}</span>, expires {expiry}'
+        token_cell = f'<span class="{token_class}">{e(token.state)}</span>'
+        token_cell += f", {expiry}" if token.expires_at is None else f", expires {expiry}"
         if token.last_failure:
             token_cell += f"<br>last failure: {e(token.last_failure)}"
         error = "-"
