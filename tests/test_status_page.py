@@ -7,6 +7,7 @@ a slow download under way.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
@@ -14,15 +15,20 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from selenium.webdriver.common.by import By
 
 from proxy.accounts.registry import Registry
 from proxy.db import database_url, make_engine, migrate
+from proxy.errors import ServiceTokenError
+from proxy.service_token import ServiceToken
 from proxy.status import (
     Alert,
     CacheStatus,
@@ -40,6 +46,7 @@ from proxy.status import (
     alerts_for,
     named_series,
     rates_of,
+    upstream_status,
 )
 from proxy.status_page import render
 from tests.browser import chromium, off_the_machine, requested_urls, screenshot
@@ -375,3 +382,49 @@ def test_the_status_page_in_a_browser(gw: GatewayServer, nbia_upstream: FakeServ
     assert other in downloads_text and "anonymous" in downloads_text
     assert scripts == [] and refresh_seconds == "10"
     assert off_the_machine(urls) == [] and urls[0] == gw.url + "/_proxy/"  # (and its favicon)
+
+
+def _token_for(handler: Any, clock: list[float]) -> ServiceToken:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return ServiceToken(
+        client=client,
+        token_url="https://nbia.example/nbia-api/oauth/token",
+        upstream="nbia",
+        username="svc",
+        password=SecretStr("svc-pw-Zq81"),
+        client_id="nbia",
+        refresh_margin_seconds=60,
+        clock=lambda: clock[0],
+    )
+
+
+def test_the_service_token_says_its_state_and_expiry_never_the_token() -> None:
+    clock = [1000.0]
+    answers = [httpx.Response(200, json={"access_token": "tok-Secret1", "expires_in": 300})]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return answers.pop(0) if answers else httpx.Response(401, json={"error": "no"})
+
+    token = _token_for(handler, clock)
+    assert (token.state(), token.expires_in()) == ("none", None)
+    asyncio.run(token.get())
+    assert (token.state(), token.expires_in()) == ("valid", 300)
+    clock[0] += 250  # within the refresh margin
+    assert token.state() == "renewing"
+    clock[0] += 100
+    assert token.state() == "expired" and token.expires_in() == -50
+    with pytest.raises(ServiceTokenError):
+        asyncio.run(token.get())  # the login is refused now
+    assert token.state() == "failing" and token.last_failure_at is not None
+    assert token.last_failure == (
+        "upstream nbia.example refused the service account login (status 401)"
+    )
+    status = upstream_status(SimpleNamespace(  # type: ignore[arg-type]
+        name="nbia", base_url=httpx.URL("https://nbia.example/"), config=SimpleNamespace(mount=""),
+        breaker=SimpleNamespace(is_open=False, unreachable=False, state="closed", failures=0,
+                                last_failure=None, last_failure_at=None),
+        limiter=SimpleNamespace(waiting=0), token=token,
+    ), now=5000.0)  # fmt: skip
+    assert status.token.state == "failing" and status.token.expires_in_seconds == -50
+    shown = json.dumps(asdict(status)) + render(replace(_hostile_snapshot(), upstreams=[status]))
+    assert "tok-Secret1" not in shown and "svc-pw-Zq81" not in shown
