@@ -347,8 +347,14 @@ def named_series(query: bytes) -> str:
     with contextlib.suppress(ValueError):
         for name, value in pairs(query):
             if name.lower() in _SERIES_PARAMS:
-                return value
+                return printable(value)
     return "-"
+
+
+def printable(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, as valid UTF-8: bytes a client sent that are not
+    (kept by the query parser as lone surrogates) would make the JSON and the page fail."""
+    return text[:limit].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class ErrorRing(logging.Handler):
@@ -366,7 +372,7 @@ class ErrorRing(logging.Handler):
         if record.exc_info and record.exc_info[0] is not None:
             message += f" ({record.exc_info[0].__name__})"
         self.records.append(
-            LoggedError(record.created, record.levelname, record.name, message[:MESSAGE_CHARS])
+            LoggedError(record.created, record.levelname, record.name, printable(message))
         )
 
 

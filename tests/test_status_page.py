@@ -136,6 +136,9 @@ def test_a_downloads_series_is_read_from_its_query() -> None:
     assert named_series(b"seriesuid=4.5") == "4.5"
     assert named_series(b"Collection=LIDC") == "-"
     assert named_series(b"%ff%fe=\xff") == "-"
+    # Not UTF-8: shown with replacement characters (else the JSON and the page would fail).
+    assert named_series(b"SeriesInstanceUID=1.2%ff") == "1.2\ufffd"
+    assert named_series(b"SeriesInstanceUID=" + b"9" * 900) == "9" * 500
 
 
 def _token(state: str = "valid", failure: str | None = None) -> TokenStatus:
