@@ -245,7 +245,9 @@ def run_migrations(settings: Settings) -> str:
 
 
 def _plain(settings: Settings) -> dict[str, Any]:
-    values = settings.model_dump(mode="json", exclude={"password_file", "metrics_token_file"})
+    # The files were read already (their secrets are in the values): not read again.
+    read = {"password_file", "nlst_password_file", "metrics_token_file", "database_password_file"}
+    values = settings.model_dump(mode="json", exclude=read)
     for name in ("password", "nlst_password", "metrics_token"):
         secret = getattr(settings, name)
         values[name] = secret.get_secret_value() if isinstance(secret, SecretStr) else None

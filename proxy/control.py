@@ -120,6 +120,8 @@ def binaries_document(totals: BinaryStats, series: SeriesCache | None = None) ->
                 "fills_started": live["fills_started"],
                 "fills_joined": live["fills_joined"],
                 "fills_kept": live["fills_kept"],
+                "fills_alone": live["fills_alone"],
+                "fills_stopped_alone": live["fills_stopped_alone"],
                 "validation_failures": live["validation_failures"],
                 "write_failures": counters.write_failures,
                 "too_large": counters.too_large,

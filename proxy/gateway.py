@@ -121,6 +121,7 @@ class Gateway:
                 token_on_v4=settings.token_on_v4,
                 background=settings.binary_fill_in_background,
                 max_error_bytes=settings.max_cached_body_bytes,
+                max_background_fills=settings.binary_max_background_fills,
             )
         )
         # Longest mount first, so /nlst/... is not taken by the root mount.
@@ -285,8 +286,9 @@ class Gateway:
             return
         if endpoint is None or endpoint.payload.is_binary:
             # A download holds one of its user's slots (accounts mode), so one user's many
-            # threads queue behind each other instead of in front of everyone else.
-            async with self.access.limits.download(principal.name):
+            # threads queue behind each other instead of in front of everyone else. A fill the
+            # client leaves going on alone takes the slot over until it ends.
+            async with self.access.limits.download(principal.name) as slot:
                 if endpoint is not None and self.series is not None:
                     await self.series.serve(
                         upstream,
@@ -296,6 +298,7 @@ class Gateway:
                         receive,
                         send,
                         lambda: self._relay(upstream, path, endpoint, request, receive, send),
+                        slot,
                     )
                     return
                 await self._relay(upstream, path, endpoint, request, receive, send)

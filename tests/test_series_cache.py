@@ -261,7 +261,8 @@ def test_ranges_and_head_on_a_kept_file(gw: GatewayServer, nbia_upstream: FakeSe
 
 def test_a_range_on_a_fill_in_progress(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
     uid = _series(nbia_upstream)
-    nbia_upstream.app.slow(seconds_between_chunks=0.02, path_contains="getImage")
+    # Five chunks: slow enough that the range arrives before the fill ends on a loaded machine.
+    nbia_upstream.app.slow(seconds_between_chunks=0.25, path_contains="getImage")
     url = gw.url + _zip_path(uid)
     with httpx.Client(timeout=60) as first, first.stream("GET", url) as started:
         chunks = started.iter_raw()
