@@ -66,6 +66,9 @@ RECENT_SECONDS = 3600.0
 DISK_FREE_SHARE = 0.10
 #: How long the series-to-collection map read from cached getSeries answers is reused.
 SERIES_MAP_SECONDS = 60.0
+#: How long the cache's figures read from its database are reused: a page left open reloads
+#: every REFRESH_SECONDS, and counting a large cache by collection is a scan of its tables.
+CACHE_FIGURES_SECONDS = 15.0
 #: Where kept downloads of series not found in any cached getSeries answer are counted.
 UNKNOWN_COLLECTION = "(collection not known)"
 
@@ -558,6 +561,7 @@ class StatusBoard:
     tally: Tally | None = None
     clock: Callable[[], float] = time.time
     _series_map: tuple[float, dict[str, set[str]]] | None = None
+    _cache_figures: tuple[float, CacheStatus] | None = None
 
     def sample(self) -> None:
         """Close the per-minute tallies up to now."""
@@ -595,7 +599,7 @@ class StatusBoard:
         """The state of the gateway now (the database and the disks are read in a thread)."""
         now = self.clock()
         ups = [upstream_status(u, now) for u in upstreams]
-        cache_status = await self._cache_status(cache, binaries, now)
+        cache_status = await self._recent_cache_status(cache, binaries, now)
         disks = await asyncio.to_thread(self._disks, settings, binaries)
         skipped = 0 if cache is None else cache.writer.skipped_low_disk
         downloads = sorted(
@@ -628,6 +632,18 @@ class StatusBoard:
         if binaries is not None:
             found.append(disk_of("binary_dir", binaries.directory, reserve))
         return [d for d in found if d is not None]
+
+    async def _recent_cache_status(
+        self, cache: TieredCache | None, binaries: BinaryStore | None, now: float
+    ) -> CacheStatus:
+        """The cache's figures, read again once they are CACHE_FIGURES_SECONDS old."""
+        known = self._cache_figures
+        if known is not None and now - known[0] < CACHE_FIGURES_SECONDS and cache is not None:
+            if cache.unavailable is None and known[1].available:
+                return known[1]
+        found = await self._cache_status(cache, binaries, now)
+        self._cache_figures = (now, found) if found.available else None
+        return found
 
     async def _cache_status(
         self, cache: TieredCache | None, binaries: BinaryStore | None, now: float

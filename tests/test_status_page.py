@@ -30,6 +30,7 @@ from proxy.db import database_url, make_engine, migrate
 from proxy.errors import ServiceTokenError
 from proxy.service_token import ServiceToken
 from proxy.status import (
+    CACHE_FIGURES_SECONDS,
     Alert,
     CacheStatus,
     ClassFigures,
@@ -41,6 +42,7 @@ from proxy.status import (
     MinuteTally,
     Rates,
     Snapshot,
+    StatusBoard,
     TokenStatus,
     UpstreamStatus,
     alerts_for,
@@ -431,3 +433,31 @@ def test_the_service_token_says_its_state_and_expiry_never_the_token() -> None:
     assert status.token.state == "failing" and status.token.expires_in_seconds == -50
     shown = json.dumps(asdict(status)) + render(replace(_hostile_snapshot(), upstreams=[status]))
     assert "tok-Secret1" not in shown and "svc-pw-Zq81" not in shown
+
+
+def test_the_cache_figures_are_read_again_only_once_they_are_old() -> None:
+    """A page left open reloads every 10 s: the scan of the cache tables is reused for 15 s
+    (and never while the cache is unavailable, nor an unavailable reading)."""
+    board = StatusBoard()
+    reads: list[float] = []
+    available = [True]
+
+    async def read(cache: Any, binaries: Any, now: float) -> CacheStatus:
+        reads.append(now)
+        return _cache(available=available[0], reason=None if available[0] else "down")
+
+    board._cache_status = read  # type: ignore[method-assign]
+    cache = SimpleNamespace(unavailable=None)
+
+    def at(now: float) -> CacheStatus:
+        return asyncio.run(board._recent_cache_status(cache, None, now))  # type: ignore[arg-type]
+
+    at(1000.0)
+    at(1000.0 + CACHE_FIGURES_SECONDS - 1)
+    assert reads == [1000.0]
+    at(1000.0 + CACHE_FIGURES_SECONDS)
+    assert reads == [1000.0, 1000.0 + CACHE_FIGURES_SECONDS]
+    available[0] = False
+    at(2000.0)
+    at(2001.0)  # an unavailable reading is not kept
+    assert reads[-2:] == [2000.0, 2001.0]
