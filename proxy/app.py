@@ -12,8 +12,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
+import swagger_ui_bundle  # type: ignore[import-untyped]
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import make_url
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.access import Access
 from proxy.accounts.directory import Directory
@@ -35,6 +39,7 @@ from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
 from proxy.shield.retry import RetryPolicy
+from proxy.status import StatusBoard
 from proxy.upstream import Upstream, upstream_configs
 
 log = logging.getLogger("nbia_proxy.app")
@@ -69,8 +74,18 @@ def create_app(
     if metrics is not None:
         metrics.binary = binaries
         metrics.feeds = feeds
+    board = StatusBoard(tally=counters.tally if metrics is not None else None)
     lifespan = _lifespan(
-        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries, feeds
+        settings,
+        upstreams,
+        cache,
+        access,
+        relay_uncached,
+        audit_log,
+        metrics,
+        binaries,
+        feeds,
+        board,
     )
     control = control_app(
         upstreams,
@@ -83,7 +98,9 @@ def create_app(
         binaries,
         lambda: gateway.series,
         feeds,
+        board,
     )
+    add_offline_docs(control)
     gateway = Gateway(
         settings,
         upstreams,
@@ -94,10 +111,47 @@ def create_app(
         audit_log,
         metrics=bool(metrics),
         binaries=binaries,
+        transfers=board.transfers,
     )
     if gateway.series is not None:
         gateway.series.fills.on_failure = counters.tally.validation_failed
     return gateway
+
+
+#: Where /docs takes swagger-ui's files from (served by the gateway: no CDN).
+DOCS_ASSETS = "/docs/assets/"
+_DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """``/docs``, FastAPI's swagger-ui page, with its script, style and icon served by the
+    gateway from the ``swagger-ui-bundle`` package: a lab gateway may have no internet, and
+    the page must not load code from a third party into an admin's browser."""
+    directory = Path(swagger_ui_bundle.swagger_ui_path)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        assert app.openapi_url is not None
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - control endpoints",
+            swagger_js_url=DOCS_ASSETS + "swagger-ui-bundle.js",
+            swagger_css_url=DOCS_ASSETS + "swagger-ui.css",
+            swagger_favicon_url=DOCS_ASSETS + "favicon-32x32.png",
+        )
+
+    @app.get(DOCS_ASSETS + "{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        media_type = _DOCS_FILES.get(name)  # these three only: never a path from the request
+        if media_type is None:
+            raise StarletteHTTPException(404)
+        return FileResponse(
+            directory / name, media_type=media_type, headers={"cache-control": "max-age=86400"}
+        )
 
 
 def build_binaries(
@@ -277,6 +331,7 @@ def _lifespan(
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
     feeds: FeedPoller | None = None,
+    board: StatusBoard | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -311,6 +366,11 @@ def _lifespan(
         polling = None
         if feeds is not None and cache is not None and cache.unavailable is None:
             polling = asyncio.create_task(feeds.run())
+        sampling = None
+        if board is not None:
+            board.watch_logs()
+            board.sample()  # the first minute starts now
+            sampling = asyncio.create_task(board.sample_every())
         try:
             yield
         finally:
@@ -318,6 +378,12 @@ def _lifespan(
                 polling.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await polling
+            if sampling is not None:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
+            if board is not None:
+                board.unwatch_logs()
             if sharing is not None:
                 sharing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

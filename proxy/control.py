@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -32,6 +32,9 @@ from proxy.db import SCHEMA_HEAD, database_url, describe_failure, is_disk_full, 
 from proxy.errors import ClientError
 from proxy.metrics import METRICS_PATH, Metrics, bearer_matches
 from proxy.shield.counters import ShieldCounters
+from proxy.status import Snapshot as StatusSnapshot
+from proxy.status import StatusBoard
+from proxy.status_page import CONTENT_SECURITY_POLICY, render
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -261,11 +264,17 @@ def control_app(
     binaries: BinaryStore | None = None,
     series: Callable[[], SeriesCache | None] | None = None,
     feeds: FeedPoller | None = None,
+    board: StatusBoard | None = None,
 ) -> FastAPI:
     """The control endpoints; ``binaries`` is the series cache's store (None when off),
     ``series`` gives the running series cache (None while it is off), for its live figures,
-    and ``feeds`` is the update-feed poller (None when off)."""
-    app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
+    ``feeds`` is the update-feed poller (None when off) and ``board`` keeps what the status
+    page shows between requests."""
+    # /docs is added by proxy.app with its assets served from here; ReDoc only loads from a CDN.
+    app = FastAPI(
+        title="nbia-proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    status_board = board or StatusBoard()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -327,6 +336,28 @@ def control_app(
         except Exception as exc:
             raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
         return stats_document(rows, extra)
+
+    async def snapshot() -> StatusSnapshot:
+        running = None if series is None else series()
+        return await status_board.gather(settings, upstreams, access, cache, binaries, running)
+
+    @app.get("/_proxy/status")
+    async def status_json() -> dict[str, Any]:
+        """The status page's figures as JSON (see README, Status page); times are Unix
+        seconds."""
+        return asdict(await snapshot())
+
+    @app.get("/_proxy/", response_class=HTMLResponse)
+    async def status_page() -> HTMLResponse:
+        """The status page: upstreams, request rates, cache, downloads, errors, warnings."""
+        return HTMLResponse(
+            render(await snapshot()),
+            headers={
+                "content-security-policy": CONTENT_SECURITY_POLICY,
+                "cache-control": "no-store",
+                "x-content-type-options": "nosniff",
+            },
+        )
 
     @app.get(METRICS_PATH, include_in_schema=False)
     async def metrics_page(request: Request) -> Response:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class Filling:
 
     def __init__(self, key: CacheKey) -> None:
         self.key = key
+        self.started = time.monotonic()  # for the status page's download rate
         self.head: Head | None = None
         self.error: BaseException | None = None  # before the head: the request's error
         self.failed: FillFailed | None = None  # after the head
@@ -456,6 +458,10 @@ class Fills:
     def alone(self) -> int:
         """Fills going on without any reader."""
         return len(self._alone)
+
+    def active(self) -> list[Filling]:
+        """The fills in progress (for the status page)."""
+        return list(self._fills.values())
 
     def start(self, job: FillJob, attempt: int = 0) -> Filling:
         """Start the fill for ``job``'s key (a task of its own: no client can cancel it)."""
