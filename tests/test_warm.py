@@ -372,3 +372,31 @@ def test_rate_limit_spaces_chunks_by_the_rate() -> None:
     for _ in range(3):
         limit.take(500, Stop())
     assert waits == [0.5, 1.0, 1.5]  # no time passed: each chunk waits for its slot
+
+
+def test_the_fake_bulk_collection_streams_valid_zips() -> None:
+    """The bench's collection: zips made image by image as they are sent, the same bytes as a
+    zip written to a file, and listed with their sizes."""
+    import io
+    import zipfile
+
+    from tests.fake_nbia import FakeNBIA
+    from tests.fake_nbia.dicom import ZipLayout
+
+    fake = FakeNBIA(bulk_series=3, bulk_series_bytes=2 * 1024 * 1024)
+    bulk = [s for s in fake.dataset.series if s.collection == "Bulk-CT"]
+    assert len(bulk) == 3 and len({s.uid for s in bulk}) == 3
+    layout = ZipLayout(new_names=True)
+    streamed = fake.images.zip_for(bulk[0].uid, layout)
+    assert not isinstance(streamed, bytes | Path)
+    pieces = list(streamed.pieces(64 * 1024))
+    assert max(len(p) for p in pieces) <= 64 * 1024
+    data = b"".join(pieces)
+    whole = io.BytesIO()
+    fake.images._write_zip(bulk[0], layout, whole, None)
+    assert data == whole.getvalue()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        names = [n for n in archive.namelist() if n.endswith(".dcm")]
+    size, count = fake.images.series_size(bulk[0].uid)
+    assert count == len(names) == 4 and size > 2_000_000

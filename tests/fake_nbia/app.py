@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 from . import routes_images, routes_legacy, routes_v4  # noqa: F401  (register routes)
 from .dataset import build_dataset
 from .faults import CutMode, Faults, SlowRule, ZipFaultKind
-from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore
+from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore, StreamedZip, bulk_instances_for
 from .responses import (
     SERVER_ERROR,
     ApiError,
@@ -56,9 +56,15 @@ class SharedList:
 class FakeNBIA:
     """A fake NBIA server (one host: 'nbia' or 'nlst'); an ASGI application."""
 
-    def __init__(self, name: str = "nbia", big_zip_bytes: int = DEFAULT_BIG_ZIP_BYTES) -> None:
+    def __init__(
+        self,
+        name: str = "nbia",
+        big_zip_bytes: int = DEFAULT_BIG_ZIP_BYTES,
+        bulk_series: int = 0,
+        bulk_series_bytes: int = 0,
+    ) -> None:
         self.name = name
-        self.dataset = build_dataset(name)
+        self.dataset = build_dataset(name, bulk_series, bulk_instances_for(bulk_series_bytes))
         self.images = ImageStore(self.dataset)
         self.images.set_big_zip_bytes(big_zip_bytes)
         self.tables = Tables(self.dataset, self.images)
@@ -455,9 +461,9 @@ def _head_bytes(scope: Scope) -> int:
     return line + sum(len(n) + len(v) + 4 for n, v in scope["headers"]) + 2
 
 
-def _chunks(body: bytes | Path | HugeJson, size: int) -> Any:
+def _chunks(body: bytes | Path | HugeJson | StreamedZip, size: int) -> Any:
     """Yield `body` in pieces of `size` (a Path is read lazily, a HugeJson made on the way)."""
-    if isinstance(body, HugeJson):
+    if isinstance(body, HugeJson | StreamedZip):
         yield from body.pieces(size)
         return
     if isinstance(body, bytes):
