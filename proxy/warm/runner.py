@@ -409,6 +409,7 @@ def record(
         "cohort": source,
         "collections": result.collections,
         "complete": result.ready,
+        "seconds": round(result.seconds, 1),
         "series": [{"series_instance_uid": uid, "zips": zips} for uid, zips in by_series.items()],
         "total_bytes": sum(o.size or 0 for o in result.outcomes if o.status in ("ready", "kept")),
     }
