@@ -10,7 +10,8 @@ Bulk-CT`` runs as its own process with its in-process gateway on a fresh data di
 runs it. Figures per run: wall time, upstream bytes and throughput, upstream requests per
 series (all, and image downloads alone). The second run should make no image request at all.
 The baseline, in the same run: the same zips downloaded straight from the fake, as many at
-once, without gateway or cache (what the fake's generation and the loopback allow).
+once, by a process of its own as the warm is (the fake holds this one's GIL), without gateway
+or cache: what the fake's generation and the loopback allow.
 """
 
 from __future__ import annotations
@@ -47,7 +48,18 @@ def warm_once(url: str, data_dir: Path, record: Path, concurrency: int) -> tuple
 
 
 def direct(url: str, series: list[str], concurrency: int) -> tuple[float, int]:
-    """The baseline: every zip straight from the fake; wall time and bytes."""
+    """The baseline: every zip straight from the fake, by another process; wall time, bytes."""
+    command = [sys.executable, "-m", "bench.warm", "--direct-from", url,
+               "--concurrency", str(concurrency)]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=ROOT, input="\n".join(series), capture_output=True, text=True, check=True
+    )
+    size, seconds = done.stdout.split()  # timed there: the process's start-up is left out
+    return float(seconds), int(size)
+
+
+def download_all(url: str, series: list[str], concurrency: int) -> int:
+    """Every zip of ``series`` from ``url``, ``concurrency`` at once; the bytes."""
 
     def one(uid: str) -> int:
         size = 0
@@ -59,10 +71,8 @@ def direct(url: str, series: list[str], concurrency: int) -> tuple[float, int]:
                 size += len(chunk)
         return size
 
-    started = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
-        total = sum(pool.map(one, series))
-    return time.monotonic() - started, total
+        return sum(pool.map(one, series))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=52, help="series in the collection")
     parser.add_argument("--series-mb", type=float, default=21.0, help="MiB per series zip")
     parser.add_argument("--concurrency", type=int, default=2, help="warm --concurrency")
+    parser.add_argument("--direct-from", metavar="URL", help=argparse.SUPPRESS)  # the baseline
     args = parser.parse_args(argv)
+    if args.direct_from:
+        series = sys.stdin.read().split()
+        started = time.monotonic()
+        size = download_all(args.direct_from, series, args.concurrency)
+        print(size, time.monotonic() - started)
+        return 0
 
     started = time.monotonic()
     fake = FakeNBIA(bulk_series=args.series, bulk_series_bytes=int(args.series_mb * 1024**2))

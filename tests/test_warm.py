@@ -400,3 +400,31 @@ def test_the_fake_bulk_collection_streams_valid_zips() -> None:
         names = [n for n in archive.namelist() if n.endswith(".dcm")]
     size, count = fake.images.series_size(bulk[0].uid)
     assert count == len(names) == 4 and size > 2_000_000
+
+
+def test_a_gateway_with_lab_accounts_takes_the_key_from_the_environment(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    nbia_upstream: FakeServer,
+    tmp_path: Path,
+) -> None:
+    from proxy.accounts.registry import Registry
+    from proxy.db import database_url, make_engine, migrate
+
+    data_dir = tmp_path / "lab"
+    migrate(database_url(None, data_dir))
+    engine = make_engine(database_url(None, data_dir))
+    key = Registry(engine).add("alice")
+    engine.dispose()
+    settings = make_settings(data_dir, nbia_upstream.url, access="accounts")
+    uids = _series(nbia_upstream, "TCGA-KIRC")[:1]
+    args = ["warm", "--series", *uids, "--record", str(tmp_path / "r.json")]
+    monkeypatch.delenv("NBIA_PROXY_API_KEY", raising=False)
+    with GatewayServer(settings) as gateway:
+        assert main([*args, "--gateway", gateway.url]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "NBIA_PROXY_API_KEY" in err, err
+        monkeypatch.setenv("NBIA_PROXY_API_KEY", key)
+        assert main([*args, "--gateway", gateway.url]) == 0, capsys.readouterr()
+    assert key not in (tmp_path / "r.json").read_text()
+    assert _images(nbia_upstream) == 1

@@ -66,17 +66,12 @@ def series_of_collection(engine: Engine, cohort: Cohort) -> list[str]:
 
 
 def variant_of(endpoint: str, params: str) -> str | None:
-    """Which :data:`~proxy.warm.plan.VARIANTS` a kept download's request was."""
-    names = {
-        name for name, _ in (pair.partition("=")[::2] for pair in params.lstrip("?").split("&"))
-    }
-    query = dict(pair.partition("=")[::2] for pair in params.lstrip("?").split("&"))
+    """Which :data:`~proxy.warm.plan.VARIANTS` a kept download's request was (``params`` is
+    the canonical ``?query`` of :func:`proxy.cache.policy.make_key`)."""
+    pairs = (pair.partition("=") for pair in params.lstrip("?").split("&") if pair)
+    others = {name: value for name, _, value in pairs if name != "SeriesInstanceUID"}
     for variant, (name, extra) in VARIANTS.items():
-        if endpoint.rpartition("/")[2] != name:
-            continue
-        if all(query.get(k) == v for k, v in extra) and names - {"SeriesInstanceUID"} == {
-            k for k, _ in extra
-        }:
+        if endpoint.rpartition("/")[2] == name and others == dict(extra):
             return variant
     return None
 
