@@ -543,6 +543,13 @@ def _add_warm_parser(commands: Any) -> None:
         allow_abbrev=False,
     )
     _add_cohort_flags(warm, series=True)
+    warm.add_argument(
+        "--nlst",
+        dest="cohort_nlst",
+        action="store_true",
+        help='the cohort is on the NLST server (tcia-utils api_url="nlst"): warm it through '
+        "the gateway's /nlst mount",
+    )
     warm.add_argument("--metadata-only", action="store_true", help="lists and metadata, no zips")
     warm.add_argument(
         "--check",

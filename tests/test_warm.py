@@ -428,3 +428,34 @@ def test_a_gateway_with_lab_accounts_takes_the_key_from_the_environment(
         assert main([*args, "--gateway", gateway.url]) == 0, capsys.readouterr()
     assert key not in (tmp_path / "r.json").read_text()
     assert _images(nbia_upstream) == 1
+
+
+def test_warm_nlst_goes_through_the_nlst_mount(
+    capsys: pytest.CaptureFixture[str],
+    nbia_upstream: FakeServer,
+    nlst_upstream: FakeServer,
+    tmp_path: Path,
+) -> None:
+    flags = _flags(nbia_upstream, tmp_path / "data")
+    flags[flags.index("--nlst-upstream") + 1] = nlst_upstream.url
+    args = ["warm", "--nlst", "--collection", "NLST", "--record", str(tmp_path / "r.json")]
+    for _ in range(2):
+        assert main([*args, *flags]) == 0, capsys.readouterr()
+    count = len(_series(nlst_upstream, "NLST"))
+    assert f"({count} already kept, 0 fetched" in capsys.readouterr().out
+    assert _images(nlst_upstream) == count and _images(nbia_upstream) == 0
+
+
+def test_a_gateway_that_keeps_no_zips_is_said_so(
+    capsys: pytest.CaptureFixture[str], nbia_upstream: FakeServer, tmp_path: Path
+) -> None:
+    uid = _series(nbia_upstream, "TCGA-KIRC")[0]
+    flags = [*_flags(nbia_upstream, tmp_path / "data"), "--no-binary-cache-enabled"]
+    assert main(["warm", "--series", uid, *flags]) == 2
+    assert "series cache, which is off here" in capsys.readouterr().err
+    settings = make_settings(tmp_path / "data", nbia_upstream.url, binary_cache_enabled=False)
+    with GatewayServer(settings) as gateway:
+        args = ["warm", "--series", uid, "--gateway", gateway.url]
+        assert main([*args, "--record", str(tmp_path / "r.json")]) == 1
+    out = capsys.readouterr().out
+    assert f"  {uid}: the gateway does not keep this zip (X-Cache: BYPASS)" in out, out

@@ -61,6 +61,13 @@ def warm(args: argparse.Namespace, settings: Settings, base: str | None, key: st
         settings.warm_concurrency,
         settings.warm_max_rate,
     )
+    if base is None and not settings.cache_enabled:
+        raise CommandError("warm fills the cache, which is off here (cache_enabled)")
+    if base is None and not settings.binary_cache_enabled and not args.metadata_only:
+        raise CommandError(
+            "warm keeps zips in the series cache, which is off here (binary_cache_enabled): "
+            "turn it on, or give --metadata-only"
+        )
     record_path = args.record or Path.cwd() / f"nbia-warm-{_slug(cohort, args)}.json"
     _check_writable(record_path)
     gateway: AbstractContextManager[str] = (
@@ -68,9 +75,9 @@ def warm(args: argparse.Namespace, settings: Settings, base: str | None, key: st
     )
     display = runner.stdout_display()
     try:
-        with gateway as url, runner.client_for(url, key) as client:
+        with gateway as url, runner.client_for(url + _mount(args), key) as client:
             try:
-                runner.check_gateway(client)
+                runner.check_gateway(client, url)
             except runner.GatewayUnreachable as exc:
                 raise CommandError(
                     f"no gateway answers at {url} ({exc}): start it (nbia-proxy serve) or "
@@ -86,6 +93,8 @@ def warm(args: argparse.Namespace, settings: Settings, base: str | None, key: st
         raise CommandError(f"the gateway at {base} refused the API key ({exc.status})") from None
     except runner.GatewayUnreachable as exc:
         raise CommandError(str(exc), FAILURE) from None
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop was under way
+        raise CommandError("stopped (Ctrl-C) before the summary", INTERRUPTED) from None
     for line in runner.summary(result):
         display.line(line)
     document = runner.record(
@@ -138,6 +147,11 @@ def listing(args: argparse.Namespace, settings: Settings, check: bool = False) -
     if not check:
         return 0
     return 0 if states and ready == len(states) else FAILURE
+
+
+def _mount(args: argparse.Namespace) -> str:
+    """The gateway's mount for the cohort's server: ``/nlst`` for NLST, else its root."""
+    return "/nlst" if getattr(args, "cohort_nlst", False) else ""
 
 
 def _verdict(cohort: Cohort, total: int, ready: int) -> str:

@@ -238,8 +238,15 @@ class Warmer:
                     answer.read()
                     outcome.reason = _status_reason(answer)
                     return outcome
-                if answer.headers.get("x-cache") == "HIT":
+                cache = answer.headers.get("x-cache", "")
+                if cache == "HIT":
                     return _kept_outcome(outcome, answer)
+                if cache != "MISS":  # relayed, not kept: warming it would be for nothing
+                    outcome.reason = (
+                        f"the gateway does not keep this zip (X-Cache: {cache or 'none'}): "
+                        "is its series cache on (binary_cache_enabled)?"
+                    )
+                    return outcome
                 for chunk in answer.iter_bytes(CHUNK_BYTES):
                     if self.stop.is_set():
                         raise Stopped
@@ -477,10 +484,11 @@ def client_for(base: str, key: str | None, timeout: float = READ_TIMEOUT_SECONDS
     return httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(30.0, read=timeout))
 
 
-def check_gateway(client: httpx.Client) -> None:
-    """Raise :class:`GatewayUnreachable` unless an nbia-proxy gateway answers ``/healthz``."""
+def check_gateway(client: httpx.Client, root: str) -> None:
+    """Raise :class:`GatewayUnreachable` unless an nbia-proxy gateway answers ``/healthz``
+    at ``root`` (its base URL; the client's may be its ``/nlst`` mount)."""
     try:
-        answer = client.get("/healthz", timeout=10.0)
+        answer = client.get(root + "/healthz", timeout=10.0)
     except httpx.HTTPError as exc:
         raise GatewayUnreachable(_transport_reason(exc)) from None
     if answer.status_code >= 500 or answer.status_code == 404:
