@@ -459,3 +459,32 @@ def test_a_gateway_that_keeps_no_zips_is_said_so(
         assert main([*args, "--record", str(tmp_path / "r.json")]) == 1
     out = capsys.readouterr().out
     assert f"  {uid}: the gateway does not keep this zip (X-Cache: BYPASS)" in out, out
+
+
+def test_the_lab_users_request_rate_is_waited_out(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    nbia_upstream: FakeServer,
+    tmp_path: Path,
+) -> None:
+    """A gateway that answers 429 past the user's rate: warm waits (Retry-After) and goes on."""
+    from proxy.accounts.registry import Registry
+    from proxy.db import database_url, make_engine, migrate
+
+    data_dir = tmp_path / "lab"
+    migrate(database_url(None, data_dir))
+    engine = make_engine(database_url(None, data_dir))
+    monkeypatch.setenv("NBIA_PROXY_API_KEY", Registry(engine).add("alice"))
+    engine.dispose()
+    settings = make_settings(
+        data_dir, nbia_upstream.url, access="accounts", user_rate_per_second=2.0
+    )
+    uids = _series(nbia_upstream, "TCGA-KIRC")
+    with GatewayServer(settings) as gateway:
+        args = ["warm", "--series", *uids, "--gateway", gateway.url]
+        code = main([*args, "--record", str(tmp_path / "r.json")])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        refused = [line for line in gateway.audit_lines() if line.get("status") == 429]
+    assert refused, "the rate was never reached: the test shows nothing"
+    assert _images(nbia_upstream) == len(uids)

@@ -36,6 +36,11 @@ READ_TIMEOUT_SECONDS = 300.0
 #: How often the terminal line is redrawn.
 REDRAW_SECONDS = 0.5
 CHUNK_BYTES = 256 * 1024
+#: Answers worth waiting for: the lab user's request rate (429), a gateway whose upstream queue
+#: is full or whose upstream is resting (503). Both say how long in Retry-After.
+RETRY_STATUSES = frozenset({429, 503})
+RETRIES = 4
+MAX_RETRY_WAIT_SECONDS = 60.0
 
 Status = Literal["ready", "kept", "failed", "skipped"]
 
@@ -171,15 +176,22 @@ class Warmer:
     # --- metadata ---------------------------------------------------------
 
     def fetch(self, request: Request) -> httpx.Response | None:
-        """A metadata request; None (and a failure noted) when it is not a 200."""
-        try:
-            if request.method == "POST":
-                answer = self.client.post(request.path, data=dict(request.form))
-            else:
-                answer = self.client.get(request.path, params=request.query)
-        except httpx.HTTPError as exc:
-            self._fail(request.describe(), _transport_reason(exc))
-            return None
+        """A metadata request; None (and a failure noted) when it is not a 200 (after waiting
+        out 429s and 503s)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                if request.method == "POST":
+                    answer = self.client.post(request.path, data=dict(request.form))
+                else:
+                    answer = self.client.get(request.path, params=request.query)
+            except httpx.HTTPError as exc:
+                self._fail(request.describe(), _transport_reason(exc))
+                return None
+            wait = retry_wait(answer, attempt)
+            if wait is None:
+                break
+            if self.stop.wait(wait):
+                raise Stopped
         if answer.status_code in (401, 403):
             raise Refused(answer.status_code)
         if answer.status_code != 200:
@@ -230,37 +242,46 @@ class Warmer:
         """One zip through the gateway: kept already (HIT: not read), or fetched now."""
         assert request.series is not None and request.variant is not None
         outcome = Outcome(request.series, request.variant, "failed")
-        digest = hashlib.sha256()
-        size = 0
         try:
-            with self.client.stream("GET", request.path, params=request.query) as answer:
-                if answer.status_code != 200:
+            for attempt in range(RETRIES + 1):
+                with self.client.stream("GET", request.path, params=request.query) as answer:
+                    wait = retry_wait(answer, attempt)
+                    if wait is None:
+                        return self._receive(answer, outcome, state)
                     answer.read()
-                    outcome.reason = _status_reason(answer)
-                    return outcome
-                cache = answer.headers.get("x-cache", "")
-                if cache == "HIT":
-                    return _kept_outcome(outcome, answer)
-                if cache != "MISS":  # relayed, not kept: warming it would be for nothing
-                    outcome.reason = (
-                        f"the gateway does not keep this zip (X-Cache: {cache or 'none'}): "
-                        "is its series cache on (binary_cache_enabled)?"
-                    )
-                    return outcome
-                for chunk in answer.iter_bytes(CHUNK_BYTES):
-                    if self.stop.is_set():
-                        raise Stopped
-                    self.limit.take(len(chunk), self.stop)
-                    digest.update(chunk)
-                    size += len(chunk)
-                    with self._lock:
-                        state.fetched_bytes += len(chunk)
+                if self.stop.wait(wait):
+                    raise Stopped
         except Stopped:
             outcome.status, outcome.reason = "skipped", "stopped before the download ended"
-            return outcome
         except httpx.HTTPError as exc:
             outcome.reason = _transport_reason(exc)
+        return outcome
+
+    def _receive(self, answer: httpx.Response, outcome: Outcome, state: progress.State) -> Outcome:
+        """Read a download's answer (not a HIT's body) into ``outcome``."""
+        if answer.status_code != 200:
+            answer.read()
+            outcome.reason = _status_reason(answer)
             return outcome
+        cache = answer.headers.get("x-cache", "")
+        if cache == "HIT":
+            return _kept_outcome(outcome, answer)
+        if cache != "MISS":  # relayed, not kept: warming it would be for nothing
+            outcome.reason = (
+                f"the gateway does not keep this zip (X-Cache: {cache or 'none'}): "
+                "is its series cache on (binary_cache_enabled)?"
+            )
+            return outcome
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in answer.iter_bytes(CHUNK_BYTES):
+            if self.stop.is_set():
+                raise Stopped
+            self.limit.take(len(chunk), self.stop)
+            digest.update(chunk)
+            size += len(chunk)
+            with self._lock:
+                state.fetched_bytes += len(chunk)
         outcome.status = "ready"
         outcome.size, outcome.sha256, outcome.fetched_at = size, digest.hexdigest(), time.time()
         return outcome
@@ -440,6 +461,16 @@ def _file_source(path: Path) -> dict[str, Any]:
 
 def _iso(stamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+def retry_wait(answer: httpx.Response, attempt: int) -> float | None:
+    """Seconds to wait before asking again after ``answer`` (the ``attempt``-th retry, from
+    0), or None when it is an answer to keep: not a 429 or 503, or retried enough."""
+    if answer.status_code not in RETRY_STATUSES or attempt >= RETRIES:
+        return None
+    value = answer.headers.get("retry-after", "").strip()
+    seconds = float(value) if value.isdigit() else float(2**attempt)
+    return min(seconds, MAX_RETRY_WAIT_SECONDS)
 
 
 def _kept_outcome(outcome: Outcome, answer: httpx.Response) -> Outcome:
