@@ -140,16 +140,22 @@ def series_by_collection(engine: Engine) -> dict[str, set[str]]:
     Run it before a metadata purge by collection: that purge drops the very answers read here.
     """
     found: dict[str, set[str]] = {}
+    for item in cached_series_rows(engine):
+        uid, collection = item.get("SeriesInstanceUID"), item.get("Collection")
+        if isinstance(uid, str) and isinstance(collection, str):
+            found.setdefault(collection, set()).add(uid)
+    return found
+
+
+def cached_series_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every row of every cached getSeries answer (blocking; repeats included)."""
     query = select(CacheEntry.body, CacheEntry.headers).where(
         CacheEntry.endpoint.like("%getSeries"), CacheEntry.status == 200
     )
     with Session(engine) as session:
-        for body, headers in session.execute(query):
-            for item in _json_list(body, headers):
-                uid, collection = item.get("SeriesInstanceUID"), item.get("Collection")
-                if isinstance(uid, str) and isinstance(collection, str):
-                    found.setdefault(collection, set()).add(uid)
-    return found
+        return [
+            item for body, headers in session.execute(query) for item in _json_list(body, headers)
+        ]
 
 
 def _json_list(body: bytes, headers: str) -> list[dict[str, Any]]:

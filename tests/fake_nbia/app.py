@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 from . import routes_images, routes_legacy, routes_v4  # noqa: F401  (register routes)
 from .dataset import Series, Study, build_dataset
 from .faults import CutMode, Faults, SlowRule, ZipFaultKind
-from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore
+from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore, StreamedZip, bulk_instances_for
 from .responses import (
     SERVER_ERROR,
     ApiError,
@@ -58,9 +58,15 @@ class SharedList:
 class FakeNBIA:
     """A fake NBIA server (one host: 'nbia' or 'nlst'); an ASGI application."""
 
-    def __init__(self, name: str = "nbia", big_zip_bytes: int = DEFAULT_BIG_ZIP_BYTES) -> None:
+    def __init__(
+        self,
+        name: str = "nbia",
+        big_zip_bytes: int = DEFAULT_BIG_ZIP_BYTES,
+        bulk_series: int = 0,
+        bulk_series_bytes: int = 0,
+    ) -> None:
         self.name = name
-        self.dataset = build_dataset(name)
+        self.dataset = build_dataset(name, bulk_series, bulk_instances_for(bulk_series_bytes))
         self._original: tuple[list[Series], list[Study]] | None = None
         self._holds: list[tuple[str, threading.Event]] = []
         self.images = ImageStore(self.dataset)
@@ -513,9 +519,9 @@ def _head_bytes(scope: Scope) -> int:
     return line + sum(len(n) + len(v) + 4 for n, v in scope["headers"]) + 2
 
 
-def _chunks(body: bytes | Path | HugeJson, size: int) -> Any:
+def _chunks(body: bytes | Path | HugeJson | StreamedZip, size: int) -> Any:
     """Yield `body` in pieces of `size` (a Path is read lazily, a HugeJson made on the way)."""
-    if isinstance(body, HugeJson):
+    if isinstance(body, HugeJson | StreamedZip):
         yield from body.pieces(size)
         return
     if isinstance(body, bytes):
