@@ -89,6 +89,21 @@ def kept_file(data_dir: Path) -> Path:
         time.sleep(0.1)
 
 
+def start_nginx(binary: str, tmp: Path, upstream: str, kept: Path) -> tuple[Process, str]:
+    """nginx (:data:`NGINX_CONF`): the kept file by ``sendfile``, the rest relayed unbuffered
+    (its own configuration: :func:`bench.common.start_nginx` has one ``location`` only)."""
+    port = common.free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            user=getpass.getuser(), tmp=tmp, port=port, upstream=upstream, kept=kept
+        )  # fmt: skip
+    )
+    process = common.launch([binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
+    common.wait_for_port(port, timeout=30, process=process)
+    return process, f"http://127.0.0.1:{port}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the series zip")
@@ -114,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             _, size = curl(gateway_url + path)  # the first fill: keeps the zip
             kept = kept_file(data)
             assert kept.stat().st_size == size, "the zip was not kept (see the gateway's log)"
-            nginx, nginx_url = common.start_nginx(
-                nginx_binary, NGINX_CONF, tmp, upstream=upstream, kept=kept, user=getpass.getuser()
-            )
+            nginx, nginx_url = start_nginx(nginx_binary, tmp, upstream, kept)
             processes.append(nginx)
             # The gateway without the series cache: what relaying alone costs (the baseline).
             relay, relay_url = common.start_gateway(
