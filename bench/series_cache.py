@@ -12,7 +12,8 @@ measures, interleaved so that machine noise hits both sides alike:
   again) vs nginx relaying the upstream with ``proxy_buffering off``;
 * the same download through a gateway without the series cache (``relay-only``: what relaying
   alone costs here);
-* the gateway's peak RSS (VmHWM) over both;
+* the gateway's peak RSS (VmHWM) over both, its schema migrated beforehand as
+  ``deploy/nbia-proxy.service`` does (a start that migrates loads Alembic: about 8 MB more);
 * 20 concurrent cold requests for one series through a second gateway whose upstream is an
   nginx relay that logs each request: how many reached the upstream.
 """
@@ -89,6 +90,12 @@ def kept_file(data_dir: Path) -> Path:
         time.sleep(0.1)
 
 
+def migrate(data_dir: Path) -> None:
+    """``nbia-proxy migrate``: the serving process then never loads Alembic (as deployed)."""
+    command = [sys.executable, "-m", "proxy", "migrate", "--data-dir", str(data_dir)]
+    subprocess.run(command, check=True, capture_output=True)
+
+
 def start_nginx(binary: str, tmp: Path, upstream: str, kept: Path) -> tuple[Process, str]:
     """nginx (:data:`NGINX_CONF`): the kept file by ``sendfile``, the rest relayed unbuffered
     (its own configuration: :func:`bench.common.start_nginx` has one ``location`` only)."""
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             processes.append(fake)
             upstream, uid = values["url"], values["big_series_uid"]
             data = tmp / "data"
+            migrate(data)
+            migrate(tmp / "data-relay")
             gateway, gateway_url = common.start_gateway(upstream, data)
             processes.append(gateway)
             rss_start, _ = peak_rss_mb(gateway.pid)
