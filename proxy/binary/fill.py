@@ -511,6 +511,7 @@ class Fills:
         fill = await asyncio.to_thread(self.store.open_fill, job.key, length)
         filling.open_file(fill)
         writer = _Writer(fill, check, filling)
+        committing: asyncio.Future[Kept | None] | None = None
         try:
             async for chunk in answer.aiter_raw():
                 if not chunk:
@@ -538,7 +539,8 @@ class Fills:
                 content_disposition=_header(headers, b"content-disposition"),
                 validation=verdict.level,
             )
-            kept = await asyncio.to_thread(fill.commit, meta)
+            committing = asyncio.ensure_future(asyncio.to_thread(fill.commit, meta))
+            kept = await asyncio.shield(committing)
             if kept is not None:
                 self.counters.kept += 1
                 self._recent[kept.digest] = kept
@@ -551,6 +553,11 @@ class Fills:
             if sizes is not None:
                 sizes.cancel()
             await writer.stop()
+            if committing is not None:
+                # The file is the commit thread's until it returns (a cancelled await does not
+                # stop it): closing its descriptor under its fsync failed the commit (EBADF),
+                # or could have hit another file opened under the same number meanwhile.
+                await asyncio.wait([committing])
             await asyncio.to_thread(fill.discard)
             raise
 
