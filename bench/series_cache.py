@@ -14,8 +14,8 @@ measures, interleaved so that machine noise hits both sides alike:
   alone costs here);
 * the gateway's peak RSS (VmHWM) over both, its schema migrated beforehand as
   ``deploy/nbia-proxy.service`` does (a start that migrates loads Alembic: about 8 MB more);
-* 20 concurrent cold requests for one series through a second gateway whose upstream is an
-  nginx relay that logs each request: how many reached the upstream.
+* 20 concurrent cold requests (``--concurrent``) for one series through a second gateway whose
+  upstream is an nginx relay that logs each request: how many reached the upstream.
 """
 
 from __future__ import annotations
@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the series zip")
     parser.add_argument("--rounds", type=int, default=3, help="downloads per path")
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=20,
+        help="cold requests at once for the upstream count (0: skip; 20 GB of transfer at 1 GB)",
+    )
     args = parser.parse_args(argv)
     nginx_binary = common.find_nginx()
     if nginx_binary is None:
@@ -173,17 +179,20 @@ def main(argv: list[str] | None = None) -> int:
                 f" (at start {rss_start:.0f} MB; relay-only gateway peak: {relay_peak:.0f} MB)"
             )
 
-            # 20 concurrent cold requests, counted at an nginx relay in front of the upstream.
+            if not args.concurrent:
+                return 0
+            # Concurrent cold requests, counted at an nginx relay in front of the upstream.
             second, second_url = common.start_gateway(nginx_url, tmp / "data2")
             processes.append(second)
             log = tmp / "access.log"
             before = log.read_text().count("getImage") if log.exists() else 0
-            with ThreadPoolExecutor(20) as pool:
-                sizes = list(pool.map(lambda _: download(second_url + path)[1], range(20)))
+            n = args.concurrent
+            with ThreadPoolExecutor(n) as pool:
+                sizes = list(pool.map(lambda _: download(second_url + path)[1], range(n)))
             after = log.read_text().count("getImage")
             print(
-                f"20 concurrent cold requests: {after - before} upstream request(s), "
-                f"{sum(s == size for s in sizes)}/20 complete answers"
+                f"{n} concurrent cold requests: {after - before} upstream request(s), "
+                f"{sum(s == size for s in sizes)}/{n} complete answers"
             )
         finally:
             common.stop_processes(processes)
