@@ -12,9 +12,10 @@ measures, interleaved so that machine noise hits both sides alike:
   again) vs nginx relaying the upstream with ``proxy_buffering off``;
 * the same download through a gateway without the series cache (``relay-only``: what relaying
   alone costs here);
-* the gateway's peak RSS (VmHWM) over both;
-* 20 concurrent cold requests for one series through a second gateway whose upstream is an
-  nginx relay that logs each request: how many reached the upstream.
+* the gateway's peak RSS (VmHWM) over both, its schema migrated beforehand as
+  ``deploy/nbia-proxy.service`` does (a start that migrates loads Alembic: about 8 MB more);
+* 20 concurrent cold requests (``--concurrent``) for one series through a second gateway whose
+  upstream is an nginx relay that logs each request: how many reached the upstream.
 """
 
 from __future__ import annotations
@@ -89,10 +90,37 @@ def kept_file(data_dir: Path) -> Path:
         time.sleep(0.1)
 
 
+def migrate(data_dir: Path) -> None:
+    """``nbia-proxy migrate``: the serving process then never loads Alembic (as deployed)."""
+    command = [sys.executable, "-m", "proxy", "migrate", "--data-dir", str(data_dir)]
+    subprocess.run(command, check=True, capture_output=True)
+
+
+def start_nginx(binary: str, tmp: Path, upstream: str, kept: Path) -> tuple[Process, str]:
+    """nginx (:data:`NGINX_CONF`): the kept file by ``sendfile``, the rest relayed unbuffered
+    (its own configuration: :func:`bench.common.start_nginx` has one ``location`` only)."""
+    port = common.free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            user=getpass.getuser(), tmp=tmp, port=port, upstream=upstream, kept=kept
+        )  # fmt: skip
+    )
+    process = common.launch([binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
+    common.wait_for_port(port, timeout=30, process=process)
+    return process, f"http://127.0.0.1:{port}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the series zip")
     parser.add_argument("--rounds", type=int, default=3, help="downloads per path")
+    parser.add_argument(
+        "--concurrent",
+        type=int,
+        default=20,
+        help="cold requests at once for the upstream count (0: skip; 20 GB of transfer at 1 GB)",
+    )
     args = parser.parse_args(argv)
     nginx_binary = common.find_nginx()
     if nginx_binary is None:
@@ -107,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             processes.append(fake)
             upstream, uid = values["url"], values["big_series_uid"]
             data = tmp / "data"
+            migrate(data)
+            migrate(tmp / "data-relay")
             gateway, gateway_url = common.start_gateway(upstream, data)
             processes.append(gateway)
             rss_start, _ = peak_rss_mb(gateway.pid)
@@ -114,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             _, size = curl(gateway_url + path)  # the first fill: keeps the zip
             kept = kept_file(data)
             assert kept.stat().st_size == size, "the zip was not kept (see the gateway's log)"
-            nginx, nginx_url = common.start_nginx(
-                nginx_binary, NGINX_CONF, tmp, upstream=upstream, kept=kept, user=getpass.getuser()
-            )
+            nginx, nginx_url = start_nginx(nginx_binary, tmp, upstream, kept)
             processes.append(nginx)
             # The gateway without the series cache: what relaying alone costs (the baseline).
             relay, relay_url = common.start_gateway(
@@ -151,17 +179,20 @@ def main(argv: list[str] | None = None) -> int:
                 f" (at start {rss_start:.0f} MB; relay-only gateway peak: {relay_peak:.0f} MB)"
             )
 
-            # 20 concurrent cold requests, counted at an nginx relay in front of the upstream.
+            if not args.concurrent:
+                return 0
+            # Concurrent cold requests, counted at an nginx relay in front of the upstream.
             second, second_url = common.start_gateway(nginx_url, tmp / "data2")
             processes.append(second)
             log = tmp / "access.log"
             before = log.read_text().count("getImage") if log.exists() else 0
-            with ThreadPoolExecutor(20) as pool:
-                sizes = list(pool.map(lambda _: download(second_url + path)[1], range(20)))
+            n = args.concurrent
+            with ThreadPoolExecutor(n) as pool:
+                sizes = list(pool.map(lambda _: download(second_url + path)[1], range(n)))
             after = log.read_text().count("getImage")
             print(
-                f"20 concurrent cold requests: {after - before} upstream request(s), "
-                f"{sum(s == size for s in sizes)}/20 complete answers"
+                f"{n} concurrent cold requests: {after - before} upstream request(s), "
+                f"{sum(s == size for s in sizes)}/{n} complete answers"
             )
         finally:
             common.stop_processes(processes)

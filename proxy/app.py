@@ -12,8 +12,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
+import swagger_ui_bundle  # type: ignore[import-untyped]
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import make_url
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.access import Access
 from proxy.accounts.directory import Directory
@@ -36,9 +40,13 @@ from proxy.db import (
     make_engine,
     migrate,
 )
+from proxy.feeds.ledger import Ledger
+from proxy.feeds.poller import FeedPoller
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
+from proxy.shield.retry import RetryPolicy
+from proxy.status import StatusBoard
 from proxy.store_health import StoreHealth
 from proxy.upstream import Upstream, upstream_configs
 
@@ -72,11 +80,23 @@ def create_app(
         gateway.relay_uncached()
 
     audit_log = build_audit_log(settings)
+    feeds = build_feeds(settings, upstreams, cache, binaries, cache_clock)
     metrics = build_metrics(settings, counters, upstreams, access, cache)
     if metrics is not None:
         metrics.binary = binaries
+        metrics.feeds = feeds
+    board = StatusBoard(tally=counters.tally if metrics is not None else None)
     lifespan = _lifespan(
-        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries
+        settings,
+        upstreams,
+        cache,
+        access,
+        relay_uncached,
+        audit_log,
+        metrics,
+        binaries,
+        feeds,
+        board,
     )
     control = control_app(
         upstreams,
@@ -88,7 +108,10 @@ def create_app(
         metrics,
         binaries,
         lambda: gateway.series,
+        feeds,
+        board,
     )
+    add_offline_docs(control)
     gateway = Gateway(
         settings,
         upstreams,
@@ -99,10 +122,47 @@ def create_app(
         audit_log,
         metrics=bool(metrics),
         binaries=binaries,
+        transfers=board.transfers,
     )
     if gateway.series is not None:
         gateway.series.fills.on_failure = counters.tally.validation_failed
     return gateway
+
+
+#: Where /docs takes swagger-ui's files from (served by the gateway: no CDN).
+DOCS_ASSETS = "/docs/assets/"
+_DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """``/docs``, FastAPI's swagger-ui page, with its script, style and icon served by the
+    gateway from the ``swagger-ui-bundle`` package: a lab gateway may have no internet, and
+    the page must not load code from a third party into an admin's browser."""
+    directory = Path(swagger_ui_bundle.swagger_ui_path)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        assert app.openapi_url is not None
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - control endpoints",
+            swagger_js_url=DOCS_ASSETS + "swagger-ui-bundle.js",
+            swagger_css_url=DOCS_ASSETS + "swagger-ui.css",
+            swagger_favicon_url=DOCS_ASSETS + "favicon-32x32.png",
+        )
+
+    @app.get(DOCS_ASSETS + "{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        media_type = _DOCS_FILES.get(name)  # these three only: never a path from the request
+        if media_type is None:
+            raise StarletteHTTPException(404)
+        return FileResponse(
+            directory / name, media_type=media_type, headers={"cache-control": "max-age=86400"}
+        )
 
 
 def build_binaries(
@@ -121,6 +181,28 @@ def build_binaries(
     if health is not None:
         store.health = health
     return store
+
+
+def build_feeds(
+    settings: Settings,
+    upstreams: list[Upstream],
+    cache: TieredCache | None,
+    binaries: BinaryStore | None,
+    clock: Callable[[], float] = time.time,
+) -> FeedPoller | None:
+    """The update-feed poller (not yet started): None when off, offline or without a cache."""
+    if cache is None or settings.offline or settings.update_poll_seconds <= 0:
+        return None
+    return FeedPoller(
+        upstreams,
+        cache,
+        binaries,
+        Ledger(cache.store.engine),
+        interval=settings.update_poll_seconds,
+        token_on_v4=settings.token_on_v4,
+        retry=RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds),
+        clock=clock,
+    )
 
 
 def build_metrics(
@@ -272,6 +354,8 @@ def _lifespan(
     audit_log: AuditLog,
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
+    feeds: FeedPoller | None = None,
+    board: StatusBoard | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -308,9 +392,27 @@ def _lifespan(
         sharing = None
         if metrics is not None and metrics.sharing is not None:
             sharing = asyncio.create_task(metrics.share())
+        polling = None
+        if feeds is not None and cache is not None and cache.unavailable is None:
+            polling = asyncio.create_task(feeds.run())
+        sampling = None
+        if board is not None:
+            board.watch_logs()
+            board.sample()  # the first minute starts now
+            sampling = asyncio.create_task(board.sample_every())
         try:
             yield
         finally:
+            if polling is not None:
+                polling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await polling
+            if sampling is not None:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
+            if board is not None:
+                board.unwatch_logs()
             if sharing is not None:
                 sharing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -247,6 +247,19 @@ class Settings(BaseSettings):
         description="Cap on the kept binaries' total size, lowered at start to what the disk "
         "can hold; least recently used files go first.",
     )
+    warm_concurrency: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description="Series zips `nbia-proxy warm` downloads at once (modest, so a warm run "
+        "never crowds out the lab).",
+    )
+    warm_max_rate: int = Field(
+        0,
+        ge=0,
+        description="Bytes per second `nbia-proxy warm` fetches at most, over all its "
+        "downloads; 0: no limit.",
+    )
     cache_ttl: dict[str, float] = Field(
         default_factory=dict,
         description='Lifetimes by endpoint pattern, e.g. {"v4/getSeries": 3600}; '
@@ -324,6 +337,13 @@ class Settings(BaseSettings):
         le=300,
         description="While the database is unreachable, how long requests go on without "
         "trying it between two attempts.",
+    )
+    update_poll_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How often NBIA's update feeds (getUpdatedSeries, NewPatientsInCollection, "
+        "NewStudiesInPatientCollection) are asked what changed, to purge it (0: never; needs "
+        "the cache).",
     )
 
     @field_validator("upstream", "nlst_upstream")

@@ -52,6 +52,7 @@ from proxy.shield.coalescer import Coalescer
 from proxy.shield.counters import ShieldCounters
 from proxy.shield.policy import ShieldPolicy
 from proxy.shield.retry import RetryPolicy
+from proxy.status import Transfers
 from proxy.streaming import read_bounded, relay_stream, uncached_marks
 from proxy.token_endpoints import answer_local, local_endpoint
 from proxy.upstream import Upstream
@@ -78,6 +79,7 @@ class Gateway:
         *,
         metrics: bool = False,
         binaries: BinaryStore | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         counters = counters or ShieldCounters()
         self.settings = settings
@@ -127,6 +129,8 @@ class Gateway:
         self.access = access
         self.control_app = control_app
         self.shortcut_hits = 0  # hits answered by proxy.hit_protocol without ASGI
+        #: The downloads in progress, for the status page.
+        self.transfers = transfers or Transfers()
 
     def relay_uncached(self) -> None:
         """Stop using the cache (its database is unusable): every request then takes the
@@ -171,6 +175,7 @@ class Gateway:
                 )
             return
         progress = audit.Progress()
+        transfer = self._transfer(admitted, scope, path, progress)
         try:
             await self._exchange(upstream, path, admitted, scope, receive, progress.watch(send))
         except StreamBroken:
@@ -184,6 +189,8 @@ class Gateway:
             progress.broken = True  # cancelled (at shutdown)
             raise
         finally:
+            if transfer is not None:
+                self.transfers.end(transfer)
             if self.observed:
                 user = self.access.audit_name(admitted, scope["headers"]) if self.audit.on else ""
                 self._record(
@@ -196,6 +203,16 @@ class Gateway:
                     progress.outcome(ABORTED in scope),
                     below_mount=path,
                 )
+
+    def _transfer(
+        self, admitted: Principal, scope: Scope, path: str, progress: audit.Progress
+    ) -> int | None:
+        """Note a binary download for the status page (None for anything else)."""
+        endpoint = lookup(path)
+        if endpoint is None or not endpoint.payload.is_binary:
+            return None
+        user = self.access.audit_name(admitted, scope["headers"])
+        return self.transfers.begin(user, _client(scope), path, scope["query_string"], progress)
 
     def _route(self, path: str) -> tuple[Upstream, str] | None:
         """The upstream whose mount ``path`` is below, and the path below the mount."""

@@ -243,6 +243,20 @@ FAMILIES = (
         "md5_mismatch, count_mismatch, size_mismatch, ...: proxy.binary.verdict).",
     ),
     Family(
+        "feed_polls",
+        "counter",
+        ("upstream", "outcome"),
+        "Update-feed polls, by outcome: ok, failed, busy (another process was polling), "
+        "not_due (another replica had polled).",
+    ),
+    Family(
+        "feed_last_success_timestamp_seconds",
+        "gauge",
+        ("upstream",),
+        "When the last successful update-feed poll of the upstream began (Unix time, any replica).",
+        shared=True,
+    ),
+    Family(
         "access_refusals",
         "counter",
         ("reason",),
@@ -566,6 +580,8 @@ class Metrics:
         #: The binary store (a :class:`proxy.binary.files.BinaryStore`), once the app has one:
         #: its ``counters`` and ``stats()`` are read at a scrape.
         self.binary: Any = None
+        #: The update-feed poller (a :class:`proxy.feeds.poller.FeedPoller`), when polling.
+        self.feeds: Any = None
 
     def _health(self) -> StoreHealth | None:
         """The database's state as this process sees it (None without a database)."""
@@ -611,6 +627,12 @@ class Metrics:
                 "write_failure": kept.write_failures,
                 "too_large": kept.too_large,
                 "no_room": kept.no_room,
+            }
+        if self.feeds is not None:
+            snap["feed_polls"] = {
+                _SEP.join((name, outcome)): count
+                for name, state in self.feeds.states.items()
+                for outcome, count in state.polls.items()
             }
         circuits: dict[str, Any] = {}
         queues: dict[str, Any] = {}
@@ -672,6 +694,15 @@ class Metrics:
             else:
                 total["binary_files"] = {"": kept.files}
                 total["binary_bytes"] = {"": kept.bytes}
+        if self.feeds is not None:
+            try:
+                positions = await asyncio.to_thread(self.feeds.positions)
+            except Exception as exc:
+                log.warning("metrics: update feed positions unavailable: %s", exc)
+            else:
+                total["feed_last_success_timestamp_seconds"] = {
+                    p.upstream: p.last_success for p in positions if p.last_success is not None
+                }
         total["build_info"] = {__version__: 1}
         return exposition(total)
 

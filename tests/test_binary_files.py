@@ -38,7 +38,7 @@ from proxy.binary.files import (
     directory_for,
 )
 from proxy.binary.ranges import plan
-from proxy.binary.sendfile import ShortFile, send_range
+from proxy.binary.sendfile import ShortFile, read_at, send_range
 from proxy.binary.tables import BinaryFile, BinaryTag
 from proxy.cache.policy import CacheKey
 from proxy.cli import build_parser, settings_from_args
@@ -762,3 +762,23 @@ def test_a_file_shorter_than_promised_raises(tmp_path: Path) -> None:
     path.write_bytes(b"x" * 1000)
     with pytest.raises(ShortFile):
         asyncio.run(_receive_sent(path, 0, 2000))
+
+
+def test_read_at_reads_a_range_and_stops_at_the_end(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    path = tmp_path / "kept"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+
+        async def reads() -> list[bytes]:
+            pieces = [await read_at(fd, 100_000, at) for at in (0, 123_456, 250_000, 300_000)]
+            return [bytes(piece) for piece in pieces]
+
+        whole, middle, tail, beyond = asyncio.run(reads())
+    finally:
+        os.close(fd)
+    assert whole == data[:100_000]
+    assert middle == data[123_456:223_456]
+    assert tail == data[250_000:]  # fewer bytes at the end of the file, not padding
+    assert beyond == b""

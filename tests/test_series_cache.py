@@ -455,6 +455,12 @@ def test_two_gateways_on_one_data_dir_serve_each_others_kept_files(
     uid = _series(nbia_upstream)
     with make_gateway() as one, make_gateway() as two:
         first = get(one, _zip_path(uid))
+        # The last byte reaches the client once the zip is checked; the file is renamed into
+        # place and its row written just after. Wait (no clock bound) until the fill has ended,
+        # else the other gateway rightly finds nothing kept yet.
+        assert one.app.series is not None
+        while one.app.series.fills.in_progress:
+            threading.Event().wait(0.05)
         second = get(two, _zip_path(uid))
     assert (second.headers["x-cache"], second.content) == ("HIT", first.content)
     assert _count(nbia_upstream, "/v4/getImage") == 1
@@ -481,3 +487,40 @@ def test_kill_9_during_a_fill_leaves_nothing_that_is_served(
         again = httpx.get(gateway.url + _zip_path(uid), timeout=60)
         assert again.headers["x-cache"] == "MISS"
         zipfile.ZipFile(io.BytesIO(again.content)).testzip()
+
+
+def test_a_fill_stopped_while_it_commits_leaves_the_file_to_the_commit(
+    monkeypatch: pytest.MonkeyPatch, gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    """A stop (the gateway shutting down) while the kept file's fsync runs in its thread: the
+    file is not closed and removed under that thread (its fsync then failed with EBADF)."""
+    from proxy.binary import files
+
+    fsyncing, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if not fsyncing.is_set():
+            fsyncing.set()
+            release.wait(30)
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", slow_fsync)
+    uid = _series(nbia_upstream)
+    answer = get(gw, _zip_path(uid))  # the end is released before the fsync
+    assert answer.status_code == 200 and fsyncing.wait(30)
+    series = gw.app.series
+    assert series is not None
+    (filling,) = series.fills._fills.values()
+    assert filling.task is not None
+    filling.task.get_loop().call_soon_threadsafe(filling.task.cancel)
+    pause = threading.Event()
+    pause.wait(0.5)  # the cancelled fill has had its chance to close the file
+    release.set()
+    for _ in range(600):  # until the fill has ended (not a time limit on it: 30 s to fail)
+        if filling.task.done():
+            break
+        pause.wait(0.05)
+    assert filling.task.done()
+    assert series.store.counters.write_failures == 0
+    assert [p.read_bytes() for p in _kept_files(gw)] == [answer.content]

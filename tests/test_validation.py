@@ -9,7 +9,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +20,27 @@ from proxy.binary.imagecheck import DicomCheck, JpegCheck
 from proxy.binary.verdict import Check, Verdict
 from proxy.binary.zipcheck import Md5Policy, ZipCheck
 from tests.fake_nbia.dicom import make_jpeg
+
+
+@pytest.fixture(scope="module", params=["fast", "zlib"], autouse=True)
+def inflate_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every check twice: with the CRC-32 and inflater in use (ISA-L when installed) and with
+    zlib's, the fallback where isal has no wheel."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "zlib":
+            patch.setattr(zipcheck, "crc32", zlib.crc32)
+            patch.setattr(zipcheck, "new_inflater", lambda: zlib.decompressobj(-zlib.MAX_WBITS))
+            patch.setattr(zipcheck, "INFLATE_ERRORS", (zlib.error,))
+        yield request.param
+
+
+def test_the_fast_backend_is_isal(inflate_backend: str) -> None:
+    """isal is a dependency: the check runs on ISA-L, not on zlib's slower CRC-32 and inflate."""
+    from isal import isal_zlib
+
+    if inflate_backend == "fast":
+        assert zipcheck.crc32 is isal_zlib.crc32
+        assert type(zipcheck.new_inflater()) is type(isal_zlib.decompressobj(-15))
 
 
 class _Pipe(io.RawIOBase):

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ import httpx
 
 from proxy.binary.decision import go_on_alone
 from proxy.binary.files import BinaryStore, Fill, Kept, Meta
+from proxy.binary.sendfile import read_at
 from proxy.binary.verdict import Check, Verdict
 from proxy.cache.policy import CacheKey
 from proxy.endpoints import Endpoint
@@ -49,11 +51,14 @@ from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.binary.fill")
 
-#: Bytes of recent chunks held in memory for the readers that keep up.
-WINDOW_BYTES = 4 * 1024 * 1024
+#: Bytes of recent chunks held in memory for the readers that keep up (the bytes not yet on
+#: disk are held too, whatever this says; readers further behind read the file).
+WINDOW_BYTES = 2 * 1024 * 1024
 #: Bytes received but not yet on disk (or, when the file broke, not yet read by the slowest
-#: reader) before the fill stops reading the upstream for a while.
-BACKLOG_BYTES = 8 * 1024 * 1024
+#: reader) before the fill stops reading the upstream for a while. Two batches: the one the
+#: writer threads are on and the next; more only adds RSS (an 8 MiB backlog cost about 3 MB
+#: of peak RSS and was no faster: the fill's speed is the threads' CPU, not its buffering).
+BACKLOG_BYTES = 2 * 1024 * 1024
 #: Bytes handed to the writer threads at once.
 BATCH_BYTES = 1024 * 1024
 #: Kept files remembered per process for requests that raced their fill's commit.
@@ -125,6 +130,7 @@ class Filling:
 
     def __init__(self, key: CacheKey) -> None:
         self.key = key
+        self.started = time.monotonic()  # for the status page's download rate
         self.head: Head | None = None
         self.error: BaseException | None = None  # before the head: the request's error
         self.failed: FillFailed | None = None  # after the head
@@ -200,7 +206,7 @@ class Filling:
             raise self.failed
         return self.released >= end
 
-    async def read(self, reader: int, offset: int, limit: int = READ_BYTES) -> bytes:
+    async def read(self, reader: int, offset: int, limit: int = READ_BYTES) -> bytes | bytearray:
         """Up to ``limit`` bytes from ``offset`` once they are released; b"" at the end (only
         after a good verdict). Raises :class:`FillFailed` when the fill failed."""
         while True:
@@ -217,7 +223,7 @@ class Filling:
                 return b""
             await self._wait()
 
-    async def _take(self, offset: int, count: int) -> bytes:
+    async def _take(self, offset: int, count: int) -> bytes | bytearray:
         if offset >= self._window_start:
             return self._from_window(offset, count)
         if self._read_fd < 0 or offset >= self.written:
@@ -225,7 +231,7 @@ class Filling:
             # is a reader that joined after the window moved on.
             raise FillFailed("reader_lagged", "the reader fell behind a download that is not kept")
         count = min(count, self.written - offset)
-        return await asyncio.to_thread(os.pread, self._read_fd, count, offset)
+        return await read_at(self._read_fd, count, offset)
 
     def _from_window(self, offset: int, count: int) -> bytes:
         """Bytes from the one chunk holding ``offset`` (no copy when a reader takes a whole
@@ -457,6 +463,10 @@ class Fills:
         """Fills going on without any reader."""
         return len(self._alone)
 
+    def active(self) -> list[Filling]:
+        """The fills in progress (for the status page)."""
+        return list(self._fills.values())
+
     def start(self, job: FillJob, attempt: int = 0) -> Filling:
         """Start the fill for ``job``'s key (a task of its own: no client can cancel it)."""
         filling = Filling(job.key)
@@ -574,6 +584,7 @@ class Fills:
         fill = await asyncio.to_thread(self.store.open_fill, job.key, length)
         filling.open_file(fill)
         writer = _Writer(fill, check, filling)
+        committing: asyncio.Future[Kept | None] | None = None
         try:
             async for chunk in answer.aiter_raw():
                 if not chunk:
@@ -601,7 +612,8 @@ class Fills:
                 content_disposition=_header(headers, b"content-disposition"),
                 validation=verdict.level,
             )
-            kept = await asyncio.to_thread(fill.commit, meta)
+            committing = asyncio.ensure_future(asyncio.to_thread(fill.commit, meta))
+            kept = await asyncio.shield(committing)
             if kept is not None:
                 self.counters.kept += 1
                 self._recent[kept.digest] = kept
@@ -614,6 +626,11 @@ class Fills:
             if sizes is not None:
                 sizes.cancel()
             await writer.stop()
+            if committing is not None:
+                # The file is the commit thread's until it returns (a cancelled await does not
+                # stop it): closing its descriptor under its fsync failed the commit (EBADF),
+                # or could have hit another file opened under the same number meanwhile.
+                await asyncio.wait([committing])
             await asyncio.to_thread(fill.discard)
             raise
 

@@ -9,6 +9,7 @@ to the transport first, then call :func:`send_range`.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import BinaryIO
 
 
@@ -28,3 +29,19 @@ async def send_range(
     sent = await loop.sendfile(transport, file, start, length, fallback=True)
     if sent != length:
         raise ShortFile(f"sent {sent} of {length} bytes from offset {start}")
+
+
+async def read_at(fd: int, count: int, offset: int) -> bytearray:
+    """Up to ``count`` bytes of ``fd`` from ``offset`` (fewer at its end), read in a worker
+    thread into a buffer allocated here, on the event loop's thread.
+
+    ``asyncio.to_thread(os.pread, ...)`` allocates each buffer in the worker thread, and glibc
+    gives each thread its own malloc arena: the freed megabytes stay in as many arenas as the
+    pool has threads (about 12 MB of RSS for a download served at 2 MiB a read). Allocated
+    here, they come from, and go back to, the loop thread's heap only.
+    """
+    buffer = bytearray(count)
+    read = await asyncio.to_thread(os.preadv, fd, [buffer], offset)
+    if read < count:
+        del buffer[read:]
+    return buffer

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
@@ -25,6 +24,7 @@ from proxy.binary.files import BinaryStore, Kept, Reading
 from proxy.binary.fill import FillFailed, Filling, FillJob, Fills, Head, Held, SizeSource
 from proxy.binary.imagecheck import DicomCheck, JpegCheck
 from proxy.binary.ranges import parse, plan
+from proxy.binary.sendfile import read_at
 from proxy.binary.verdict import Check
 from proxy.binary.zipcheck import Md5Policy, ZipCheck
 from proxy.cache.policy import pairs
@@ -220,9 +220,7 @@ class SeriesCache:
             async def pump() -> None:
                 offset, remaining = answer.start, answer.length
                 while remaining:
-                    data = await asyncio.to_thread(
-                        os.pread, fd, min(HIT_READ_BYTES, remaining), offset
-                    )
+                    data = await read_at(fd, min(HIT_READ_BYTES, remaining), offset)
                     if not data:
                         raise StreamBroken("the kept file ended early")
                     offset += len(data)

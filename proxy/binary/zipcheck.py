@@ -22,8 +22,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 from proxy.binary.verdict import EntryDigest, Level, Reason, Verdict
 
@@ -69,6 +70,45 @@ FLAG_UTF8 = 0x800
 STORED = 0
 DEFLATED = 8
 ZIP64_EXTRA = 0x0001
+
+
+class Inflater(Protocol):
+    """A raw-deflate stream being inflated (``zlib.decompressobj``'s surface that is used)."""
+
+    @property
+    def eof(self) -> bool: ...
+    @property
+    def unconsumed_tail(self) -> bytes: ...
+    @property
+    def unused_data(self) -> bytes: ...
+    def decompress(self, data: bytes | memoryview, max_length: int = ..., /) -> bytes: ...
+
+
+def _zlib_inflater() -> Inflater:
+    return zlib.decompressobj(-zlib.MAX_WBITS)
+
+
+Crc32 = Callable[[bytes | memoryview, int], int]
+crc32: Crc32 = zlib.crc32
+new_inflater: Callable[[], Inflater] = _zlib_inflater
+#: What corrupt deflate data raises.
+INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error,)
+try:
+    # ISA-L computes the same CRC-32 about 4 times faster than zlib (PCLMULQDQ) and inflates
+    # about 1.4 times faster (bench.validation): the check was the cold download's largest
+    # cost after the file's sha256.
+    from isal import isal_zlib
+except ImportError:  # pragma: no cover -- a platform without isal's wheels: zlib does it all
+    pass
+else:
+    crc32 = isal_zlib.crc32
+
+    def _isal_inflater() -> Inflater:
+        return isal_zlib.decompressobj(-zlib.MAX_WBITS)
+
+    new_inflater = _isal_inflater
+    # (its stubs type the class as an instance)
+    INFLATE_ERRORS = (zlib.error, cast(type[Exception], isal_zlib.error))
 
 
 class _Fail(Exception):
@@ -171,7 +211,7 @@ class ZipCheck:
         # the entry whose data is streaming, and how
         self._current: _Entry | None = None
         self._md5: hashlib._Hash | None = None
-        self._inflate: zlib._Decompress | None = None
+        self._inflate: Inflater | None = None
         self._remaining = 0  # compressed bytes still due (entries of known size)
         self._scan_hold = b""  # stored entry of unknown size: bytes that may start a descriptor
         self._cd_start = -1
@@ -206,7 +246,7 @@ class ZipCheck:
             self._consume(memoryview(chunk))
         except _Fail as fail:
             self._fail(fail)
-        except zlib.error as err:
+        except INFLATE_ERRORS as err:
             self._fail(_Fail("bad_zip", f"deflate data is corrupt: {err}"))
 
     def finish(self) -> Verdict:
@@ -327,7 +367,7 @@ class ZipCheck:
         self._current = entry
         known = not flags & FLAG_DESCRIPTOR
         if method == DEFLATED:
-            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            self._inflate = new_inflater()
             self._remaining = csize if known else -1
         elif known:
             if csize != size:
@@ -430,7 +470,7 @@ class ZipCheck:
         entry = self._current_entry()
         n = len(piece)
         entry.size += n
-        entry.crc = zlib.crc32(piece, entry.crc)
+        entry.crc = crc32(piece, entry.crc)
         self._total_bytes += n
         if self._total_bytes > self._max_bytes:
             raise _Fail("limit_exceeded", f"more than {self._max_bytes} uncompressed bytes")

@@ -87,6 +87,9 @@ class Breaker:
     #: The last failure in a row (for /healthz), and whether it was a failure to connect.
     last_error: str | None = None
     unreachable: bool = False
+    #: The last failure ever and its wall-clock time (for the status page; kept after recovery).
+    last_failure: str | None = None
+    last_failure_at: float | None = None
 
     @property
     def state(self) -> str:
@@ -140,6 +143,7 @@ class Breaker:
         """The upstream failed: one more in a row, opening the circuit at the threshold."""
         self.failures += 1
         self.last_error = reason
+        self.last_failure, self.last_failure_at = reason, time.time()
         self.unreachable = unreachable
         if self.probing or self.failures >= self.threshold:
             if self.opened_at is None:
