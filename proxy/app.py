@@ -32,6 +32,15 @@ from proxy.db import database_url, describe_failure, is_current, make_engine, mi
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
+from proxy.shield.shared import (
+    BreakerSync,
+    Leases,
+    SharedAccounts,
+    SharedFills,
+    SharedFlights,
+    SharedLimits,
+    SharedStore,
+)
 from proxy.upstream import Upstream, upstream_configs
 
 log = logging.getLogger("nbia_proxy.app")
@@ -64,8 +73,9 @@ def create_app(
     metrics = build_metrics(settings, counters, upstreams, access, cache)
     if metrics is not None:
         metrics.binary = binaries
+    shared = build_shared(settings, counters, upstreams, access)
     lifespan = _lifespan(
-        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries
+        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries, shared
     )
     control = control_app(
         upstreams,
@@ -91,7 +101,51 @@ def create_app(
     )
     if gateway.series is not None:
         gateway.series.fills.on_failure = counters.tally.validation_failed
+    if shared is not None:
+        lease = settings.shared_lease_seconds
+        if gateway.cached is not None:
+            flights = SharedFlights(Leases(shared.store, "flight", lease))
+            gateway.cached.shield.coalescer.across = flights
+        if gateway.series is not None:
+            gateway.series.fills.across = SharedFills(Leases(shared.store, "fill", lease))
     return gateway
+
+
+class Shared:
+    """The shared store of a deployment and the breakers that follow it."""
+
+    def __init__(self, store: SharedStore, breakers: list[tuple[BreakerSync, Upstream]]):
+        self.store = store
+        self.breakers = breakers
+
+    def start(self) -> None:
+        for sync, upstream in self.breakers:
+            sync.follow(upstream.breaker)
+
+    async def aclose(self) -> None:
+        for sync, _ in self.breakers:
+            await sync.aclose()
+        await self.store.aclose()
+
+
+def build_shared(
+    settings: Settings, counters: ShieldCounters, upstreams: list[Upstream], access: Access
+) -> Shared | None:
+    """With ``redis_url``: limits, lockouts and breakers shared through Redis (else None)."""
+    if not settings.redis_url:
+        return None
+    store = SharedStore(
+        settings.redis_url, settings.redis_prefix, settings.redis_timeout_seconds, counters
+    )
+    lease = settings.shared_lease_seconds
+    for upstream in upstreams:
+        upstream.limiter.shared = SharedLimits(
+            store, upstream.name, settings.upstream_max_concurrency, lease
+        )
+    accounts = SharedAccounts(store, lease)
+    access.limits.shared = accounts
+    access.lockout.shared = accounts
+    return Shared(store, [(BreakerSync(store, u.name), u) for u in upstreams])
 
 
 def build_binaries(
@@ -248,6 +302,7 @@ def _lifespan(
     audit_log: AuditLog,
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
+    shared: Shared | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -279,9 +334,13 @@ def _lifespan(
         sharing = None
         if metrics is not None and metrics.sharing is not None:
             sharing = asyncio.create_task(metrics.share())
+        if shared is not None:
+            shared.start()
         try:
             yield
         finally:
+            if shared is not None:
+                await shared.aclose()
             if sharing is not None:
                 sharing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

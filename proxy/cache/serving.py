@@ -8,6 +8,7 @@ requests may share one upstream request, follows the request's :class:`~proxy.ca
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 
 import httpx
@@ -226,7 +227,9 @@ class CachedAnswers:
         try:
             async with within(deadline, upstream.name):
                 if decision.action is Action.FETCH_COALESCED:
-                    flight = await self.shield.coalescer.run(fetch.key.digest, fetch.run)
+                    flight = await self.shield.coalescer.run(
+                        fetch.key.digest, fetch.run, fetch.recall, fetch.settle
+                    )
                 else:
                     flight = await fetch.run()
         except GatewayError:
@@ -276,6 +279,17 @@ class _Fetch:
         self.fit = fit
         self.wants_fresh = wants_fresh
         self.handoff = _Handoff()
+
+    async def recall(self) -> Flight | None:
+        """The fresh answer another process fetched and stored for this key, if any."""
+        entry = await self.cache.lookup(self.key.digest)
+        if entry is None or entry.expires_at <= self.cache.clock():
+            return None
+        return Answer(entry.status, entry.headers, entry.body)
+
+    async def settle(self) -> None:
+        """Until what this fetch stored is in the database (for the other processes)."""
+        await asyncio.wrap_future(self.cache.writer.submit(lambda: None))
 
     async def run(self) -> Flight:
         """Fetch, store, and return what every waiter receives."""
