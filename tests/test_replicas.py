@@ -8,6 +8,7 @@ does not answer these tests skip, unless ``NBIA_PROXY_TEST_REQUIRE_REDIS=1`` (``
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import threading
@@ -27,6 +28,8 @@ from starlette.types import Message, Receive, Scope, Send
 from bench.common import find_nginx, start_nginx, stop_processes
 from proxy.accounts.registry import Registry
 from proxy.db import make_engine, migrate
+from proxy.shield.counters import ShieldCounters
+from proxy.shield.shared import SharedAccounts, SharedLimits, SharedStore, StoreDown
 from tests.databases import database
 from tests.fake_nbia import FakeServer
 from tests.fake_nbia.app import FakeNBIA
@@ -365,3 +368,101 @@ def _wait_for(check: Callable[[], Any], seconds: float = 30.0) -> Any:
             return result
         time.sleep(0.1)
     return None
+
+
+# The primitives on their own, against the same Redis ---------------------------------------
+
+
+def _store(url: str = REDIS_URL, timeout: float = 1.0) -> SharedStore:
+    return SharedStore(url, f"nbia-proxy-test-{uuid.uuid4().hex[:12]}:", timeout, ShieldCounters())
+
+
+def _forget(store: SharedStore) -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=store.prefix + "*"):
+        client.delete(key)
+
+
+def test_a_slot_whose_holder_died_is_free_again_after_its_lease() -> None:
+    _require_redis()
+
+    async def run() -> None:
+        store = _store()
+        limits = SharedLimits(store, "nbia", cap=2, lease_seconds=1.0)
+        try:
+            held = [await limits.enter(0.0, time.monotonic() + 5) for _ in range(2)]
+            assert all(held)
+            with pytest.raises(TimeoutError):
+                await limits.enter(0.0, time.monotonic() + 0.2)  # the cap holds
+            # Still renewed while held: past the lease it is still taken.
+            await asyncio.sleep(1.2)
+            with pytest.raises(TimeoutError):
+                await limits.enter(0.0, time.monotonic() + 0.1)
+            limits._renewer.drop(str(held[0]))  # its holder dies: no more renewals
+            assert await limits.enter(0.0, time.monotonic() + 5)
+        finally:
+            _forget(store)
+            await store.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_shared_rate_and_pause() -> None:
+    _require_redis()
+
+    async def run() -> None:
+        store = _store()
+        limits = SharedLimits(store, "nbia", cap=100, lease_seconds=5.0)
+        try:
+            # 2 per second: a burst of 2, then the third waits about half a second.
+            for _ in range(2):
+                assert await limits.enter(2.0, time.monotonic() + 5)
+            with pytest.raises(TimeoutError) as raised:
+                await limits.enter(2.0, time.monotonic() + 0.1)
+            assert raised.value.args[0] == "pause" and 0.2 < raised.value.args[1] <= 0.5
+            limits.pause(3.0)
+            await asyncio.sleep(0.1)  # the pause is written in the background
+            with pytest.raises(TimeoutError) as raised:
+                await limits.enter(0.0, time.monotonic() + 1)
+            assert raised.value.args[1] > 2
+        finally:
+            _forget(store)
+            await store.aclose()
+
+    asyncio.run(run())
+
+
+def test_lockouts_grow_with_each_failure_past_the_free_ones() -> None:
+    _require_redis()
+
+    async def run() -> None:
+        store = _store()
+        accounts = SharedAccounts(store, 5.0)
+        try:
+            seen = [await accounts.failed("10.0.0.1", 2, 60, 600) for _ in range(5)]
+            assert [round(now) for _, now, _ in seen] == [0, 0, 1, 2, 4]
+            assert [new for _, _, new in seen] == [False, False, True, False, False]
+            assert seen[3][0] > 0  # locked out already when the fourth came
+            assert 3 < await accounts.locked_for("10.0.0.1") <= 4
+            assert await accounts.locked_for("10.0.0.2") == 0
+        finally:
+            _forget(store)
+            await store.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_unreachable_store_answers_store_down_at_once_and_is_counted() -> None:
+    async def run() -> None:
+        store = _store(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+        try:
+            limits = SharedLimits(store, "nbia", cap=1, lease_seconds=5.0)
+            assert await limits.enter(0.0, time.monotonic() + 5) is None  # caller's own limits
+            assert store.counters.shared_store_errors == 1
+            with pytest.raises(StoreDown):  # the next second goes straight to the fallback
+                await store.call(lambda client: client.ping())
+            assert store.counters.shared_store_errors == 1
+        finally:
+            await store.aclose()
+
+    asyncio.run(run())

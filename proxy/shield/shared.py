@@ -110,9 +110,9 @@ _ADMIT = _NOW + _BUCKET + "return take(KEYS[1], tonumber(ARGV[1]), now)\n"
 _PAUSE = (
     _NOW
     + """
-local until = now + tonumber(ARGV[1])
-if until > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], tostring(until), 'PX', tonumber(ARGV[1]))
+local ends = now + tonumber(ARGV[1])
+if ends > tonumber(redis.call('GET', KEYS[1]) or '0') then
+  redis.call('SET', KEYS[1], tostring(ends), 'PX', tonumber(ARGV[1]))
 end
 return 0
 """
