@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI
@@ -190,11 +191,17 @@ def describe(settings: Settings, upstreams: list[Upstream], audit_log: AuditLog)
     url = make_url(database_url(settings.database_url, settings.data_dir))
     uses_database = settings.cache_enabled or settings.access == "accounts"
     database = url.render_as_string(hide_password=True) if uses_database else "none"
+    shared_store = "off (limits per process)"
+    if settings.redis_url:
+        # Host and prefix only: the URL may hold a password.
+        shared_store = (
+            f"redis {urlsplit(settings.redis_url).hostname}, prefix {settings.redis_prefix}"
+        )
     return (
         f"upstreams: {mounted}; data dir {settings.data_dir.resolve()}; database {database}; "
         f"access {settings.access}; offline {'on' if settings.offline else 'off'}; "
         f"workers {settings.workers}; cache {'on' if settings.cache_enabled else 'off'}; "
-        f"audit log {audit_log.describe()}"
+        f"audit log {audit_log.describe()}; shared store {shared_store}"
     )
 
 

@@ -27,6 +27,9 @@ from starlette.types import Message, Receive, Scope, Send
 
 from bench.common import find_nginx, start_nginx, stop_processes
 from proxy.accounts.registry import Registry
+from proxy.app import build_audit_log, describe
+from proxy.audit import OFF as AUDIT_OFF
+from proxy.config import InvalidSettings, load_settings
 from proxy.db import make_engine, migrate
 from proxy.shield.counters import ShieldCounters
 from proxy.shield.shared import SharedAccounts, SharedLimits, SharedStore, StoreDown
@@ -466,3 +469,13 @@ def test_an_unreachable_store_answers_store_down_at_once_and_is_counted() -> Non
             await store.aclose()
 
     asyncio.run(run())
+
+
+def test_redis_url_is_checked_and_never_shown(tmp_path: Path) -> None:
+    with pytest.raises(InvalidSettings) as raised:
+        load_settings(redis_url="http://:hunter2@cache:6379/0")
+    assert "redis://" in str(raised.value) and "hunter2" not in str(raised.value)
+    settings = load_settings(redis_url="redis://:hunter2@cache:6379/0", data_dir=tmp_path)
+    line = describe(settings, [], build_audit_log(settings))
+    assert "shared store redis cache, prefix nbia-proxy:" in line and "hunter2" not in line
+    assert "shared store off" in describe(load_settings(data_dir=tmp_path), [], AUDIT_OFF)
