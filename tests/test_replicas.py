@@ -9,11 +9,13 @@ does not answer these tests skip, unless ``NBIA_PROXY_TEST_REQUIRE_REDIS=1`` (``
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -265,6 +267,31 @@ def test_a_cold_series_zip_over_both_replicas_is_downloaded_once(
     assert [a.status_code for a in answers] == [200] * 10
     assert len({a.content for a in answers}) == 1
     assert len(fake.app.requests_to("/v4/getImage")) == 1
+
+
+def test_a_replica_killed_during_a_fill_holds_the_others_up_no_longer_than_its_lease(
+    deploy: Callable[..., Deployment], fake: FakeServer
+) -> None:
+    fake.app.set_big_zip_bytes(400_000)  # 100 slow pieces: seconds of filling
+    fake.app.slow(seconds_between_chunks=0.05, path_contains="getImage")
+    deployment = deploy("--shared-lease-seconds", "1")
+    first, second = deployment.gateways
+    path = f"{S}/v4/getImage?SeriesInstanceUID={fake.app.big_series_uid}"
+    with ThreadPoolExecutor(2) as pool:
+        doomed = pool.submit(deployment.get, path, via=first.url)
+        assert _wait_for(lambda: fake.app.requests_to("/v4/getImage") or None)
+        waiting = pool.submit(deployment.get, path, via=second.url)
+        time.sleep(0.5)
+        # The second replica waits for the first one's fill rather than download it again.
+        assert len(fake.app.requests_to("/v4/getImage")) == 1
+        assert first.process is not None
+        first.process.kill()
+        answer = waiting.result()
+        with pytest.raises(httpx.HTTPError):
+            doomed.result()
+    assert answer.status_code == 200
+    assert zipfile.ZipFile(io.BytesIO(answer.content)).testzip() is None  # whole, not partial
+    assert len(fake.app.requests_to("/v4/getImage")) == 2  # the second replica refetched
 
 
 def test_the_breaker_opened_by_one_replica_is_seen_by_the_other_and_both_recover(
