@@ -8,7 +8,6 @@ requests may share one upstream request, follows the request's :class:`~proxy.ca
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, replace
 
 import httpx
@@ -228,7 +227,7 @@ class CachedAnswers:
             async with within(deadline, upstream.name):
                 if decision.action is Action.FETCH_COALESCED:
                     flight = await self.shield.coalescer.run(
-                        fetch.key.digest, fetch.run, fetch.recall, fetch.settle
+                        fetch.key.digest, fetch.run, fetch.recall, fetch.stored
                     )
                 else:
                     flight = await fetch.run()
@@ -279,6 +278,7 @@ class _Fetch:
         self.fit = fit
         self.wants_fresh = wants_fresh
         self.handoff = _Handoff()
+        self.kept = False  # the answer was stored
 
     async def recall(self) -> Flight | None:
         """The fresh answer another process fetched and stored for this key, if any."""
@@ -287,9 +287,9 @@ class _Fetch:
             return None
         return Answer(entry.status, entry.headers, entry.body)
 
-    async def settle(self) -> None:
-        """Until what this fetch stored is in the database (for the other processes)."""
-        await asyncio.wrap_future(self.cache.writer.submit(lambda: None))
+    def stored(self) -> bool:
+        """Whether :meth:`run` stored its answer (other processes may then read it)."""
+        return self.kept
 
     async def run(self) -> Flight:
         """Fetch, store, and return what every waiter receives."""
@@ -320,7 +320,7 @@ class _Fetch:
             return TOO_LARGE
         answer = Answer(response.status_code, for_client(response.headers.raw), body)
         if storable(answer.status, self.fit, sent_head):
-            _store(cache, self.policy, self.endpoint, key, answer)
+            self.kept = _store(cache, self.policy, self.endpoint, key, answer)
         return answer
 
 
@@ -343,7 +343,7 @@ async def _relay_too_large(
 
 def _store(
     cache: TieredCache, policy: CachePolicy, endpoint: Endpoint, key: CacheKey, answer: Answer
-) -> None:
+) -> bool:
     seconds = lifetime(
         answer.status, ttl_for(endpoint, policy.ttl_overrides), policy.negative_ttl_seconds
     )
@@ -360,3 +360,4 @@ def _store(
             now + seconds,
         )
         cache.store_entry(key, entry)
+    return seconds is not None

@@ -28,19 +28,19 @@ class Coalescer(Generic[T]):
         key: str,
         fetch: Callable[[], Awaitable[T]],
         recall: Callable[[], Awaitable[T | None]] | None = None,
-        settle: Callable[[], Awaitable[None]] | None = None,
+        stored: Callable[[], bool] | None = None,
     ) -> T:
         """Join the flight for ``key`` (starting it if there is none) and return its outcome.
 
         With :attr:`across`, a flight another process is running is joined too: ``recall``
-        reads the answer it stored, and ``settle`` (this process's fetch) waits until the
-        answer is stored for the others.
+        reads the answer it stored, and ``stored`` says whether this process's fetch stored
+        its answer (for the others to read).
         """
         flight = self._flights.get(key)
         if flight is None:
             across = self.across
-            if across is not None and recall is not None and settle is not None:
-                flight = self.start(key, lambda: across.once(key, fetch, recall, settle))
+            if across is not None and recall is not None and stored is not None:
+                flight = self.start(key, lambda: across.once(key, fetch, recall, stored))
             else:
                 flight = self.start(key, fetch)
         else:

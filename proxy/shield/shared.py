@@ -132,12 +132,21 @@ if beyond > 0 and longest > 0 then
 end
 return {before, before, 0}
 """
-# KEYS: a lease. ARGV: its holder's token, ms. Renew (or let go, ms = 0) only if still held.
+# KEYS: a lease, its "done" marker. ARGV: its holder's token, ms, marker, marker ms. Renew (or
+# let go, ms = 0, leaving the marker for the waiters) only if still held.
 _LEASE_RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2])
-else redis.call('DEL', KEYS[1]) end
+if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+redis.call('DEL', KEYS[1])
+if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[4])) end
 return 1
+"""
+
+
+# KEYS: a lease, its "done" marker. ARGV: a token, ms. {1, marker} when taken, else {0, ""}.
+_LEASE_TAKE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then return {0, ''} end
+return {1, redis.call('GET', KEYS[2]) or ''}
 """
 
 
@@ -171,6 +180,7 @@ class SharedStore:
                 ("pause", _PAUSE),
                 ("failed", _FAILED),
                 ("lease", _LEASE_RENEW),
+                ("take", _LEASE_TAKE),
             )
         }
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -396,12 +406,15 @@ class Leases:
     def key(self, name: str) -> str:
         return self.store.key(self.kind, name)
 
-    async def take(self, name: str) -> str | None:
-        """The lease's token if this process holds it now, None if another does; StoreDown."""
+    async def take(self, name: str) -> tuple[str | None, str]:
+        """The lease's token if this process holds it now (None if another does), and the
+        marker its last holder left (:meth:`keep`); :class:`StoreDown`."""
         token = uuid.uuid4().hex
         key = self.key(name)
-        taken = await self.store.call(lambda c: c.set(key, token, nx=True, px=self.lease_ms))
-        return token if taken else None
+        keys = [key, key + ":done"]
+        taken, marker = await self.store.script("take", keys, [token, self.lease_ms])
+        text = marker.decode() if isinstance(marker, bytes) else str(marker)
+        return (token if int(taken) else None), text
 
     async def held(self, name: str) -> bool:
         """Whether anyone holds the lease on ``name``; :class:`StoreDown`."""
@@ -415,25 +428,42 @@ class Leases:
             await _poll(tries + 6)  # a fetch takes a while: no need to ask every millisecond
             tries += 1
 
-    async def keep(self, name: str, token: str, work: Awaitable[T]) -> T:
-        """Await ``work`` while renewing the lease, then let it go (whatever the outcome)."""
+    async def keep(
+        self,
+        name: str,
+        token: str,
+        work: Awaitable[T],
+        marker: Callable[[], str] = lambda: "",
+    ) -> T:
+        """Await ``work`` while renewing the lease, then let it go (whatever the outcome),
+        leaving ``marker()`` for a lease time as what the waiters find (:meth:`outcome`)."""
         key = self.key(name)
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(self.lease_ms / 3000)
                 with contextlib.suppress(StoreDown):
-                    await self.store.script("lease", [key], [token, self.lease_ms])
+                    await self.store.script("lease", [key, key + ":done"], [token, self.lease_ms])
 
         renewing = asyncio.get_running_loop().create_task(renew())
         try:
             return await work
         finally:
             renewing.cancel()
-            self.release(name, token)
+            keys = [key, key + ":done"]
+            args = [token, 0, marker(), self.lease_ms]
+            self.store.spawn(self.store.script("lease", keys, args))
 
-    def release(self, name: str, token: str) -> None:
-        self.store.spawn(self.store.script("lease", [self.key(name)], [token, 0]))
+    def let_go(self, name: str, token: str) -> None:
+        """Give up the lease without having done the work (the marker stays as it was)."""
+        key = self.key(name)
+        self.store.spawn(self.store.script("lease", [key, key + ":done"], [token, 0, "", 0]))
+
+    async def outcome(self, name: str) -> str:
+        """The marker the last holder of ``name`` left ("" if none); :class:`StoreDown`."""
+        key = self.key(name) + ":done"
+        value = await self.store.call(lambda c: c.get(key))
+        return value.decode() if isinstance(value, bytes) else ""
 
 
 class SharedFlights:
@@ -449,33 +479,46 @@ class SharedFlights:
         key: str,
         fetch: Callable[[], Awaitable[T]],
         recall: Callable[[], Awaitable[T | None]],
-        settle: Callable[[], Awaitable[None]],
+        stored: Callable[[], bool],
     ) -> T:
-        """``fetch()`` unless another process is fetching ``key``: then its stored answer
+        """``fetch()`` unless another process is fetching ``key``: then the answer it stored
         (``recall()``), or a fetch of this process's own when it stored none (an error answer,
-        a holder that died). ``settle()`` runs before the lease goes: the answer is then in
-        the database for the waiters."""
+        a holder that died). ``stored()`` says whether this process's fetch stored its answer:
+        the holder does not wait for the database, the waiters do, for a lease time at most."""
         while True:
             try:
-                token = await self.leases.take(key)
+                token, outcome = await self.leases.take(key)
                 if token is None:
                     await self.leases.wait_free(key)
-                    answer = await recall()
-                    if answer is not None:
-                        self.joined += 1
-                        return answer
-                    continue  # nothing stored: try to be the one who fetches
+                    outcome = await self.leases.outcome(key)
             except StoreDown:
                 return await fetch()
+            if outcome == "stored":
+                # Fetched and stored just now by another process (which may still be writing
+                # it): its answer, not a second upstream request.
+                answer = await self._recall(recall)
+                if answer is not None:
+                    if token is not None:
+                        self.leases.let_go(key, token)
+                    self.joined += 1
+                    return answer
+            if token is None:
+                continue  # nothing stored: try to be the one who fetches
+            return await self.leases.keep(
+                key, token, fetch(), lambda: "stored" if stored() else "none"
+            )
 
-            async def fetch_and_settle() -> T:
-                result = await fetch()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.leases.lease_ms / 1000):
-                        await settle()
-                return result
-
-            return await self.leases.keep(key, token, fetch_and_settle())
+    async def _recall(self, recall: Callable[[], Awaitable[T | None]]) -> T | None:
+        """The stored answer once the holder's write is in the database (the writer commits
+        within milliseconds; a lease time at most)."""
+        deadline = time.monotonic() + self.leases.lease_ms / 1000
+        tries = 0
+        while True:
+            answer = await recall()
+            if answer is not None or time.monotonic() >= deadline:
+                return answer
+            await _poll(tries + 3)
+            tries += 1
 
 
 class SharedFills:
@@ -496,7 +539,7 @@ class SharedFills:
                 return None
             first = False
             try:
-                token = await self.leases.take(key)
+                token, _ = await self.leases.take(key)
                 if token is not None:
                     return token
                 self.waited += 1
