@@ -13,11 +13,14 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# /series-cache: the mount point of a binary_dir volume that replicas share (deploy/compose.yaml).
+# Docker gives a new named volume the owner and mode of its mount point: made here for the
+# gateway's user, or the volume would be root's and the series cache could not write.
 RUN groupadd --gid 10001 nbia \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /data nbia \
-    && mkdir /data \
-    && chown 10001:10001 /data \
-    && chmod 0700 /data
+    && mkdir /data /series-cache \
+    && chown 10001:10001 /data /series-cache \
+    && chmod 0700 /data /series-cache
 COPY --from=build /wheels /wheels
 # Only the wheels built above: --no-index fails the build if one is missing.
 RUN pip install --no-cache-dir --no-index --find-links /wheels /wheels/nbia_proxy-*.whl \

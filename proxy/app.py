@@ -13,8 +13,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import swagger_ui_bundle  # type: ignore[import-untyped]
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import make_url
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from proxy.access import Access
 from proxy.accounts.directory import Directory
@@ -30,9 +34,12 @@ from proxy.config import Settings
 from proxy.control import control_app
 from proxy.datadir import keep_private, prepare, sqlite_file
 from proxy.db import database_url, describe_failure, is_current, make_engine, migrate
+from proxy.feeds.ledger import Ledger
+from proxy.feeds.poller import FeedPoller
 from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
+from proxy.shield.retry import RetryPolicy
 from proxy.shield.shared import (
     BreakerSync,
     Leases,
@@ -42,6 +49,7 @@ from proxy.shield.shared import (
     SharedLimits,
     SharedStore,
 )
+from proxy.status import StatusBoard
 from proxy.upstream import Upstream, upstream_configs
 
 log = logging.getLogger("nbia_proxy.app")
@@ -71,12 +79,25 @@ def create_app(
         gateway.relay_uncached()
 
     audit_log = build_audit_log(settings)
+    feeds = build_feeds(settings, upstreams, cache, binaries, cache_clock)
     metrics = build_metrics(settings, counters, upstreams, access, cache)
     if metrics is not None:
         metrics.binary = binaries
+        metrics.feeds = feeds
+    board = StatusBoard(tally=counters.tally if metrics is not None else None)
     shared = build_shared(settings, counters, upstreams, access)
     lifespan = _lifespan(
-        settings, upstreams, cache, access, relay_uncached, audit_log, metrics, binaries, shared
+        settings,
+        upstreams,
+        cache,
+        access,
+        relay_uncached,
+        audit_log,
+        metrics,
+        binaries,
+        feeds,
+        board,
+        shared,
     )
     control = control_app(
         upstreams,
@@ -88,7 +109,10 @@ def create_app(
         metrics,
         binaries,
         lambda: gateway.series,
+        feeds,
+        board,
     )
+    add_offline_docs(control)
     gateway = Gateway(
         settings,
         upstreams,
@@ -99,6 +123,7 @@ def create_app(
         audit_log,
         metrics=bool(metrics),
         binaries=binaries,
+        transfers=board.transfers,
     )
     if gateway.series is not None:
         gateway.series.fills.on_failure = counters.tally.validation_failed
@@ -149,6 +174,42 @@ def build_shared(
     return Shared(store, [(BreakerSync(store, u.name), u) for u in upstreams])
 
 
+#: Where /docs takes swagger-ui's files from (served by the gateway: no CDN).
+DOCS_ASSETS = "/docs/assets/"
+_DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
+
+
+def add_offline_docs(app: FastAPI) -> None:
+    """``/docs``, FastAPI's swagger-ui page, with its script, style and icon served by the
+    gateway from the ``swagger-ui-bundle`` package: a lab gateway may have no internet, and
+    the page must not load code from a third party into an admin's browser."""
+    directory = Path(swagger_ui_bundle.swagger_ui_path)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        assert app.openapi_url is not None
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - control endpoints",
+            swagger_js_url=DOCS_ASSETS + "swagger-ui-bundle.js",
+            swagger_css_url=DOCS_ASSETS + "swagger-ui.css",
+            swagger_favicon_url=DOCS_ASSETS + "favicon-32x32.png",
+        )
+
+    @app.get(DOCS_ASSETS + "{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        media_type = _DOCS_FILES.get(name)  # these three only: never a path from the request
+        if media_type is None:
+            raise StarletteHTTPException(404)
+        return FileResponse(
+            directory / name, media_type=media_type, headers={"cache-control": "max-age=86400"}
+        )
+
+
 def build_binaries(
     settings: Settings, clock: Callable[[], float] = time.time
 ) -> BinaryStore | None:
@@ -158,6 +219,28 @@ def build_binaries(
     url = database_url(settings.database_url, settings.data_dir)
     return BinaryStore(
         make_engine(url), directory_for(settings), settings.binary_cache_max_bytes, clock=clock
+    )
+
+
+def build_feeds(
+    settings: Settings,
+    upstreams: list[Upstream],
+    cache: TieredCache | None,
+    binaries: BinaryStore | None,
+    clock: Callable[[], float] = time.time,
+) -> FeedPoller | None:
+    """The update-feed poller (not yet started): None when off, offline or without a cache."""
+    if cache is None or settings.offline or settings.update_poll_seconds <= 0:
+        return None
+    return FeedPoller(
+        upstreams,
+        cache,
+        binaries,
+        Ledger(cache.store.engine),
+        interval=settings.update_poll_seconds,
+        token_on_v4=settings.token_on_v4,
+        retry=RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds),
+        clock=clock,
     )
 
 
@@ -309,6 +392,8 @@ def _lifespan(
     audit_log: AuditLog,
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
+    feeds: FeedPoller | None = None,
+    board: StatusBoard | None = None,
     shared: Shared | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
@@ -341,6 +426,14 @@ def _lifespan(
         sharing = None
         if metrics is not None and metrics.sharing is not None:
             sharing = asyncio.create_task(metrics.share())
+        polling = None
+        if feeds is not None and cache is not None and cache.unavailable is None:
+            polling = asyncio.create_task(feeds.run())
+        sampling = None
+        if board is not None:
+            board.watch_logs()
+            board.sample()  # the first minute starts now
+            sampling = asyncio.create_task(board.sample_every())
         if shared is not None:
             shared.start()
         try:
@@ -348,6 +441,16 @@ def _lifespan(
         finally:
             if shared is not None:
                 await shared.aclose()
+            if polling is not None:
+                polling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await polling
+            if sampling is not None:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
+            if board is not None:
+                board.unwatch_logs()
             if sharing is not None:
                 sharing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

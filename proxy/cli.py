@@ -55,8 +55,10 @@ _NO_FLAG = frozenset({"password", "nlst_password", "metrics_token"})
 _SETTINGS_ENV = "NBIA_PROXY_WORKER_SETTINGS"
 #: The admin key ``cache stats --from`` sends (or ``--key-file``; never a flag value).
 _ADMIN_KEY_ENV = "NBIA_PROXY_ADMIN_KEY"
+#: The lab API key ``warm --gateway`` sends to a gateway with lab accounts (or ``--key-file``).
+_API_KEY_ENV = "NBIA_PROXY_API_KEY"
 #: Variables of the command itself, not settings (so not warned about).
-_COMMAND_VARIABLES = frozenset({ENV_PREFIX + "CONFIG", _SETTINGS_ENV, _ADMIN_KEY_ENV})
+_COMMAND_VARIABLES = frozenset({ENV_PREFIX + "CONFIG", _SETTINGS_ENV, _ADMIN_KEY_ENV, _API_KEY_ENV})
 _STATS_PATH = "/_proxy/cache/stats"
 _STATS_TIMEOUT_SECONDS = 30.0
 
@@ -122,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="only this Collection's kept files (its series as the cached getSeries list them)",
     )
     _add_settings_flags(verify)
+    _add_ls_parser(cache_commands)
     _name_commands(cache_commands)
+    _add_warm_parser(commands)
     users = commands.add_parser("users", help="lab accounts (for access = accounts)")
     user_commands = users.add_subparsers(dest="users_command", required=True)
     add = user_commands.add_parser("add", help="create a user and print their API key once")
@@ -245,7 +249,9 @@ def run_migrations(settings: Settings) -> str:
 
 
 def _plain(settings: Settings) -> dict[str, Any]:
-    values = settings.model_dump(mode="json", exclude={"password_file", "metrics_token_file"})
+    # The files were read already (their secrets are in the values): not read again.
+    read = {"password_file", "nlst_password_file", "metrics_token_file", "database_password_file"}
+    values = settings.model_dump(mode="json", exclude=read)
     for name in ("password", "nlst_password", "metrics_token"):
         secret = getattr(settings, name)
         values[name] = secret.get_secret_value() if isinstance(secret, SecretStr) else None
@@ -391,7 +397,7 @@ def _refusal(base: str, status: int, key_source: str | None) -> str:
     )
 
 
-def _gateway_base(url: str) -> str:
+def _gateway_base(url: str, flag: str = "--from") -> str:
     example = "e.g. http://127.0.0.1:8080"
     try:
         parts = urlsplit(url)
@@ -399,10 +405,10 @@ def _gateway_base(url: str) -> str:
     except ValueError:
         parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CommandError(f"--from takes the gateway's URL, starting with http://, {example}")
+        raise CommandError(f"{flag} takes the gateway's URL, starting with http://, {example}")
     path_parts = {part.lower() for part in parts.path.split("/")}
     if parts.query or parts.fragment or path_parts & {"nbia-api", "_proxy"}:
-        raise CommandError(f"--from takes the gateway's base URL, {example}")
+        raise CommandError(f"{flag} takes the gateway's base URL, {example}")
     return url.rstrip("/")
 
 
@@ -469,6 +475,167 @@ def _key_notice(name: str) -> str:
     )
 
 
+def _add_cohort_flags(parser: argparse.ArgumentParser, *, series: bool) -> None:
+    """The flags that name a cohort (``warm``; ``cache ls`` takes the first two)."""
+    from proxy.warm.plan import DEFAULT_VARIANT, VARIANTS
+
+    parser.add_argument(
+        "--collection", dest="cohort_collection", type=_cohort_value, help="a Collection name"
+    )
+    parser.add_argument(
+        "--manifest",
+        dest="cohort_manifest",
+        type=Path,
+        metavar="FILE.tcia",
+        help="an NBIA manifest, as the portal saves it",
+    )
+    if series:
+        parser.add_argument(
+            "--modality",
+            dest="cohort_modality",
+            type=_cohort_value,
+            help="with --collection: only series of this Modality, e.g. CT",
+        )
+        parser.add_argument(
+            "--body-part",
+            dest="cohort_body_part",
+            type=_cohort_value,
+            help="with --collection: only this BodyPartExamined, e.g. CHEST",
+        )
+        parser.add_argument(
+            "--series",
+            dest="cohort_series",
+            nargs="+",
+            action="extend",
+            default=[],
+            metavar="UID",
+            help="SeriesInstanceUIDs",
+        )
+        parser.add_argument(
+            "--series-file",
+            dest="cohort_series_file",
+            type=Path,
+            metavar="FILE",
+            help="a file of SeriesInstanceUIDs, one a line",
+        )
+    parser.add_argument(
+        "--variant",
+        dest="cohort_variants",
+        action="append",
+        choices=sorted(VARIANTS),
+        help=f"which zip of each series (repeatable; default {DEFAULT_VARIANT}: the one "
+        "tcia-utils downloadSeries asks for, getImage?NewFileNames=Yes; plain: getImage; "
+        "md5: getImageWithMD5Hash)",
+    )
+
+
+def _add_ls_parser(cache_commands: Any) -> None:
+    listing = cache_commands.add_parser(
+        "ls", help="what the cache holds of a collection or a manifest, series by series"
+    )
+    _add_cohort_flags(listing, series=False)
+    listing.add_argument("--json", dest="ls_json", action="store_true", help="print JSON")
+    _add_settings_flags(listing)
+
+
+def _add_warm_parser(commands: Any) -> None:
+    warm = commands.add_parser(
+        "warm",
+        help="fill the cache with a collection, a manifest or series, for offline work",
+        allow_abbrev=False,
+    )
+    _add_cohort_flags(warm, series=True)
+    warm.add_argument(
+        "--nlst",
+        dest="cohort_nlst",
+        action="store_true",
+        help='the cohort is on the NLST server (tcia-utils api_url="nlst"): warm it through '
+        "the gateway's /nlst mount",
+    )
+    warm.add_argument("--metadata-only", action="store_true", help="lists and metadata, no zips")
+    warm.add_argument(
+        "--check",
+        dest="warm_check",
+        action="store_true",
+        help="fetch nothing: list what is ready; exit 0 only if all of it is",
+    )
+    warm.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="a running gateway (default: one in this process, same settings)",
+    )
+    warm.add_argument(
+        "--key-file",
+        type=Path,
+        metavar="FILE",
+        help=f"with --gateway: file holding your lab API key (or env {_API_KEY_ENV}; never "
+        "on the command line)",
+    )
+    warm.add_argument(
+        "--record",
+        type=Path,
+        metavar="FILE",
+        help="where the cohort record goes (default ./nbia-warm-NAME.json)",
+    )
+    # Short names for the two warm settings (their long flags come with the settings).
+    warm.add_argument(
+        "--concurrency",
+        dest="warm_concurrency",
+        metavar="N",
+        help="zips downloaded at once (setting warm_concurrency)",
+    )
+    warm.add_argument(
+        "--max-rate",
+        dest="warm_max_rate",
+        metavar="BYTES_PER_S",
+        help="at most this many bytes/s from upstream (setting warm_max_rate)",
+    )
+    _add_settings_flags(warm)
+
+
+def _cohort_value(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return value
+
+
+def run_warm_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``warm``: fill the cache for a cohort through a gateway (or ``--check`` it)."""
+    from proxy.warm import command
+
+    if args.warm_check:
+        if args.gateway or args.key_file:
+            raise CommandError(
+                "warm --check reads the cache's own database (from the settings): "
+                "leave out --gateway and --key-file"
+            )
+        return command.check(args, settings)
+    key = _api_key(args.key_file) if args.gateway else None
+    if args.key_file and not args.gateway:
+        raise CommandError("--key-file goes with --gateway (the in-process gateway needs no key)")
+    if args.gateway:
+        base = _gateway_base(args.gateway, "--gateway")
+        return command.warm(args, settings, base, key)
+    check_data_dir(settings.data_dir)
+    check_database(settings)
+    return command.warm(args, settings, None, None)
+
+
+def run_cache_ls(args: argparse.Namespace, settings: Settings) -> int:
+    """``cache ls``: each series of a cohort and what the cache holds of it."""
+    from proxy.warm import command
+
+    return command.listing(args, settings)
+
+
+def _api_key(key_file: Path | None) -> str | None:
+    """A lab API key from ``--key-file`` (which wins) or the environment."""
+    if key_file is None:
+        return os.environ.get(_API_KEY_ENV, "").strip() or None
+    found = _admin_key(key_file)
+    return found[0] if found else None
+
+
 def with_default_command(argv: list[str]) -> list[str]:
     """``nbia-proxy --port 9000`` means ``nbia-proxy serve --port 9000``."""
     argv = list(argv)
@@ -512,6 +679,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             serve(settings)
         elif args.command == "migrate":
             print(f"nbia-proxy: database at {prepare_database(settings)} is up to date")
+        elif args.command == "warm":
+            return run_warm_command(args, settings)
+        elif args.command == "cache" and args.cache_command == "ls":
+            return run_cache_ls(args, settings)
         elif args.command == "cache":
             print(json.dumps(run_cache_command(args, settings), indent=2))
         elif args.command == "users":

@@ -147,6 +147,9 @@ class Settings(BaseSettings):
     nlst_password: SecretStr | None = Field(
         None, description="NLST password (default: the main password)."
     )
+    nlst_password_file: Path | None = Field(
+        None, description="File holding the NLST password (wins over `nlst_password`)."
+    )
     client_id: str = Field("nbia", description="OAuth client_id sent with the password grant.")
     token_on_v4: bool = Field(
         False, description="Also send the service token on v4 requests (v4 works anonymously)."
@@ -196,6 +199,11 @@ class Settings(BaseSettings):
         description="Cache database URL (default: SQLite in the data dir; postgresql://... "
         "for several replicas).",
     )
+    database_password_file: Path | None = Field(
+        None,
+        description="File holding the PostgreSQL password, put into database_url (wins over "
+        "a password in the URL; e.g. a container secret).",
+    )
     auto_migrate: bool = Field(
         True, description="Bring the database schema up to date when the gateway starts."
     )
@@ -221,6 +229,13 @@ class Settings(BaseSettings):
         "disconnects, so the retry is a hit (bounded by the read timeout and "
         "binary_cache_max_bytes).",
     )
+    binary_max_background_fills: int = Field(
+        4,
+        ge=0,
+        description="Fills going on without any client at once, per gateway process; a fill "
+        "whose last client leaves beyond it is cancelled and nothing kept (0: every fill stops "
+        "with its last client).",
+    )
     binary_dir: Path | None = Field(
         None,
         description="Where kept binary downloads live (default: binaries in data_dir); may be "
@@ -231,6 +246,19 @@ class Settings(BaseSettings):
         gt=0,
         description="Cap on the kept binaries' total size, lowered at start to what the disk "
         "can hold; least recently used files go first.",
+    )
+    warm_concurrency: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description="Series zips `nbia-proxy warm` downloads at once (modest, so a warm run "
+        "never crowds out the lab).",
+    )
+    warm_max_rate: int = Field(
+        0,
+        ge=0,
+        description="Bytes per second `nbia-proxy warm` fetches at most, over all its "
+        "downloads; 0: no limit.",
     )
     cache_ttl: dict[str, float] = Field(
         default_factory=dict,
@@ -318,6 +346,13 @@ class Settings(BaseSettings):
         description="Lease of an upstream slot, a metadata fetch or a series fill held in "
         "Redis, renewed while it runs: how long a replica that died blocks the others.",
     )
+    update_poll_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How often NBIA's update feeds (getUpdatedSeries, NewPatientsInCollection, "
+        "NewStudiesInPatientCollection) are asked what changed, to purge it (0: never; needs "
+        "the cache).",
+    )
 
     @field_validator("upstream", "nlst_upstream")
     @classmethod
@@ -394,6 +429,29 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _read_nlst_password_file(self) -> Settings:
+        if self.nlst_password_file is not None:
+            text = _read_secret_text("nlst_password_file", self.nlst_password_file)
+            self.nlst_password = SecretStr(text.rstrip("\r\n"))
+        return self
+
+    @model_validator(mode="after")
+    def _read_database_password_file(self) -> Settings:
+        if self.database_password_file is None:
+            return self
+        if not self.database_url or not self.database_url.lower().startswith("postgres"):
+            raise ValueError(
+                "database_password_file needs a postgresql:// database_url to put the password in"
+            )
+        from sqlalchemy.engine import make_url
+
+        text = _read_secret_text("database_password_file", self.database_password_file)
+        # URL.set quotes the characters a URL cannot hold as they are (@, :, /, %).
+        url = make_url(self.database_url).set(password=text.rstrip("\r\n"))
+        self.database_url = url.render_as_string(hide_password=False)
+        return self
+
+    @model_validator(mode="after")
     def _read_metrics_token_file(self) -> Settings:
         if self.metrics_token_file is not None:
             try:
@@ -425,6 +483,15 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Flags arrive as init kwargs; the config file is merged in load_settings, below env.
         return (init_settings, env_settings)
+
+
+def _read_secret_text(name: str, path: Path) -> str:
+    """The text of the secret file that setting ``name`` names, or a ValueError saying why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(f"{name} {path} cannot be read: {reason}") from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -32,11 +32,15 @@ from proxy.db import SCHEMA_HEAD, database_url, describe_failure, is_disk_full, 
 from proxy.errors import ClientError
 from proxy.metrics import METRICS_PATH, Metrics, bearer_matches
 from proxy.shield.counters import ShieldCounters
+from proxy.status import Snapshot as StatusSnapshot
+from proxy.status import StatusBoard
+from proxy.status_page import CONTENT_SECURITY_POLICY, render
 from proxy.upstream import Upstream
 
 if TYPE_CHECKING:
     from proxy.binary.files import BinaryStats, BinaryStore
     from proxy.binary.serving import SeriesCache
+    from proxy.feeds.poller import FeedPoller
 
 
 def stats_document(rows: list[EndpointStats], extra: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +121,8 @@ def binaries_document(totals: BinaryStats, series: SeriesCache | None = None) ->
                 "fills_started": live["fills_started"],
                 "fills_joined": live["fills_joined"],
                 "fills_kept": live["fills_kept"],
+                "fills_alone": live["fills_alone"],
+                "fills_stopped_alone": live["fills_stopped_alone"],
                 "validation_failures": live["validation_failures"],
                 "write_failures": counters.write_failures,
                 "too_large": counters.too_large,
@@ -134,16 +140,22 @@ def series_by_collection(engine: Engine) -> dict[str, set[str]]:
     Run it before a metadata purge by collection: that purge drops the very answers read here.
     """
     found: dict[str, set[str]] = {}
+    for item in cached_series_rows(engine):
+        uid, collection = item.get("SeriesInstanceUID"), item.get("Collection")
+        if isinstance(uid, str) and isinstance(collection, str):
+            found.setdefault(collection, set()).add(uid)
+    return found
+
+
+def cached_series_rows(engine: Engine) -> list[dict[str, Any]]:
+    """Every row of every cached getSeries answer (blocking; repeats included)."""
     query = select(CacheEntry.body, CacheEntry.headers).where(
         CacheEntry.endpoint.like("%getSeries"), CacheEntry.status == 200
     )
     with Session(engine) as session:
-        for body, headers in session.execute(query):
-            for item in _json_list(body, headers):
-                uid, collection = item.get("SeriesInstanceUID"), item.get("Collection")
-                if isinstance(uid, str) and isinstance(collection, str):
-                    found.setdefault(collection, set()).add(uid)
-    return found
+        return [
+            item for body, headers in session.execute(query) for item in _json_list(body, headers)
+        ]
 
 
 def _json_list(body: bytes, headers: str) -> list[dict[str, Any]]:
@@ -257,10 +269,18 @@ def control_app(
     metrics: Metrics | None = None,
     binaries: BinaryStore | None = None,
     series: Callable[[], SeriesCache | None] | None = None,
+    feeds: FeedPoller | None = None,
+    board: StatusBoard | None = None,
 ) -> FastAPI:
-    """The control endpoints; ``binaries`` is the series cache's store (None when off) and
-    ``series`` gives the running series cache (None while it is off), for its live figures."""
-    app = FastAPI(title="nbia-proxy", version=__version__, lifespan=lifespan)
+    """The control endpoints; ``binaries`` is the series cache's store (None when off),
+    ``series`` gives the running series cache (None while it is off), for its live figures,
+    ``feeds`` is the update-feed poller (None when off) and ``board`` keeps what the status
+    page shows between requests."""
+    # /docs is added by proxy.app with its assets served from here; ReDoc only loads from a CDN.
+    app = FastAPI(
+        title="nbia-proxy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    status_board = board or StatusBoard()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -317,9 +337,33 @@ def control_app(
                 totals = await asyncio.to_thread(binaries.stats)
                 running = None if series is None else series()
                 extra["binaries"] = binaries_document(totals, running)
+            if feeds is not None:
+                extra["feeds"] = await feeds.document()
         except Exception as exc:
             raise StarletteHTTPException(503, f"cache database: {describe_failure(exc)}") from exc
         return stats_document(rows, extra)
+
+    async def snapshot() -> StatusSnapshot:
+        running = None if series is None else series()
+        return await status_board.gather(settings, upstreams, access, cache, binaries, running)
+
+    @app.get("/_proxy/status")
+    async def status_json() -> dict[str, Any]:
+        """The status page's figures as JSON (see README, Status page); times are Unix
+        seconds."""
+        return asdict(await snapshot())
+
+    @app.get("/_proxy/", response_class=HTMLResponse)
+    async def status_page() -> HTMLResponse:
+        """The status page: upstreams, request rates, cache, downloads, errors, warnings."""
+        return HTMLResponse(
+            render(await snapshot()),
+            headers={
+                "content-security-policy": CONTENT_SECURITY_POLICY,
+                "cache-control": "no-store",
+                "x-content-type-options": "nosniff",
+            },
+        )
 
     @app.get(METRICS_PATH, include_in_schema=False)
     async def metrics_page(request: Request) -> Response:
@@ -336,6 +380,37 @@ def control_app(
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         return Response(await metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+    @app.post("/_proxy/feeds/poll", response_model=None)
+    async def feeds_poll(request: Request) -> dict[str, Any] | JSONResponse:
+        """Poll the update feeds now (every upstream, or ``upstream=NAME``) and say what was
+        purged; an upstream another process is polling at the moment answers ``busy``."""
+        if feeds is None:
+            return JSONResponse(
+                {"error": "the update feeds are off (update_poll_seconds, offline, cache)"},
+                status_code=404,
+            )
+        names = list(feeds.states)
+        for name, value in request.query_params.multi_items():
+            if name != "upstream":
+                return JSONResponse(
+                    {"error": f"unknown parameter {name[:40]}: the accepted one is upstream"},
+                    status_code=400,
+                )
+            if value not in feeds.states:
+                return JSONResponse(
+                    {"error": f"no upstream {value[:40]!r}: give one of {', '.join(names)}"},
+                    status_code=400,
+                )
+            names = [value]
+        if cache is None or cache.unavailable is not None:
+            raise StarletteHTTPException(503, "the cache is unavailable")
+        polled = {}
+        for name in names:
+            result = dict(await feeds.poll(name, force=True))
+            result.pop("next_poll_at", None)
+            polled[name] = result
+        return {"upstreams": polled}
 
     @app.delete("/_proxy/cache", response_model=None)
     async def cache_purge(request: Request) -> dict[str, int] | JSONResponse:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 SQLITE_FILE = "nbia-proxy.sqlite3"
 #: The newest migration in ``migrations/versions`` (a test keeps the two in step).
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 
 def database_url(configured: str | None, data_dir: Path) -> str:

@@ -52,6 +52,7 @@ from proxy.shield.coalescer import Coalescer
 from proxy.shield.counters import ShieldCounters
 from proxy.shield.policy import ShieldPolicy
 from proxy.shield.retry import RetryPolicy
+from proxy.status import Transfers
 from proxy.streaming import read_bounded, relay_stream, uncached_marks
 from proxy.token_endpoints import answer_local, local_endpoint
 from proxy.upstream import Upstream
@@ -78,6 +79,7 @@ class Gateway:
         *,
         metrics: bool = False,
         binaries: BinaryStore | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         counters = counters or ShieldCounters()
         self.settings = settings
@@ -119,6 +121,7 @@ class Gateway:
                 token_on_v4=settings.token_on_v4,
                 background=settings.binary_fill_in_background,
                 max_error_bytes=settings.max_cached_body_bytes,
+                max_background_fills=settings.binary_max_background_fills,
             )
         )
         # Longest mount first, so /nlst/... is not taken by the root mount.
@@ -126,6 +129,8 @@ class Gateway:
         self.access = access
         self.control_app = control_app
         self.shortcut_hits = 0  # hits answered by proxy.hit_protocol without ASGI
+        #: The downloads in progress, for the status page.
+        self.transfers = transfers or Transfers()
 
     def relay_uncached(self) -> None:
         """Stop using the cache (its database is unusable): every request then takes the
@@ -170,6 +175,7 @@ class Gateway:
                 )
             return
         progress = audit.Progress()
+        transfer = self._transfer(admitted, scope, path, progress)
         try:
             await self._exchange(upstream, path, admitted, scope, receive, progress.watch(send))
         except StreamBroken:
@@ -183,6 +189,8 @@ class Gateway:
             progress.broken = True  # cancelled (at shutdown)
             raise
         finally:
+            if transfer is not None:
+                self.transfers.end(transfer)
             if self.observed:
                 user = self.access.audit_name(admitted, scope["headers"]) if self.audit.on else ""
                 self._record(
@@ -195,6 +203,16 @@ class Gateway:
                     progress.outcome(ABORTED in scope),
                     below_mount=path,
                 )
+
+    def _transfer(
+        self, admitted: Principal, scope: Scope, path: str, progress: audit.Progress
+    ) -> int | None:
+        """Note a binary download for the status page (None for anything else)."""
+        endpoint = lookup(path)
+        if endpoint is None or not endpoint.payload.is_binary:
+            return None
+        user = self.access.audit_name(admitted, scope["headers"])
+        return self.transfers.begin(user, _client(scope), path, scope["query_string"], progress)
 
     def _route(self, path: str) -> tuple[Upstream, str] | None:
         """The upstream whose mount ``path`` is below, and the path below the mount."""
@@ -268,8 +286,9 @@ class Gateway:
             return
         if endpoint is None or endpoint.payload.is_binary:
             # A download holds one of its user's slots (accounts mode), so one user's many
-            # threads queue behind each other instead of in front of everyone else.
-            async with self.access.limits.download(principal.name):
+            # threads queue behind each other instead of in front of everyone else. A fill the
+            # client leaves going on alone takes the slot over until it ends.
+            async with self.access.limits.download(principal.name) as slot:
                 if endpoint is not None and self.series is not None:
                     await self.series.serve(
                         upstream,
@@ -279,6 +298,7 @@ class Gateway:
                         receive,
                         send,
                         lambda: self._relay(upstream, path, endpoint, request, receive, send),
+                        slot,
                     )
                     return
                 await self._relay(upstream, path, endpoint, request, receive, send)

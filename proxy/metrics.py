@@ -235,6 +235,20 @@ FAMILIES = (
         "md5_mismatch, count_mismatch, size_mismatch, ...: proxy.binary.verdict).",
     ),
     Family(
+        "feed_polls",
+        "counter",
+        ("upstream", "outcome"),
+        "Update-feed polls, by outcome: ok, failed, busy (another process was polling), "
+        "not_due (another replica had polled).",
+    ),
+    Family(
+        "feed_last_success_timestamp_seconds",
+        "gauge",
+        ("upstream",),
+        "When the last successful update-feed poll of the upstream began (Unix time, any replica).",
+        shared=True,
+    ),
+    Family(
         "access_refusals",
         "counter",
         ("reason",),
@@ -558,6 +572,8 @@ class Metrics:
         #: The binary store (a :class:`proxy.binary.files.BinaryStore`), once the app has one:
         #: its ``counters`` and ``stats()`` are read at a scrape.
         self.binary: Any = None
+        #: The update-feed poller (a :class:`proxy.feeds.poller.FeedPoller`), when polling.
+        self.feeds: Any = None
 
     def snapshot(self) -> Snapshot:
         """This process's figures, as :func:`add_snapshot` and the workers' files take them."""
@@ -597,6 +613,12 @@ class Metrics:
                 "write_failure": kept.write_failures,
                 "too_large": kept.too_large,
                 "no_room": kept.no_room,
+            }
+        if self.feeds is not None:
+            snap["feed_polls"] = {
+                _SEP.join((name, outcome)): count
+                for name, state in self.feeds.states.items()
+                for outcome, count in state.polls.items()
             }
         circuits: dict[str, Any] = {}
         queues: dict[str, Any] = {}
@@ -648,6 +670,15 @@ class Metrics:
             else:
                 total["binary_files"] = {"": kept.files}
                 total["binary_bytes"] = {"": kept.bytes}
+        if self.feeds is not None:
+            try:
+                positions = await asyncio.to_thread(self.feeds.positions)
+            except Exception as exc:
+                log.warning("metrics: update feed positions unavailable: %s", exc)
+            else:
+                total["feed_last_success_timestamp_seconds"] = {
+                    p.upstream: p.last_success for p in positions if p.last_success is not None
+                }
         total["build_info"] = {__version__: 1}
         return exposition(total)
 

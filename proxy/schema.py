@@ -9,7 +9,8 @@ from __future__ import annotations
 # Imported for their side effect: each module registers its tables on Base.metadata.
 import proxy.accounts.tables
 import proxy.binary.tables
-import proxy.cache.tables  # noqa: F401
+import proxy.cache.tables
+import proxy.feeds.tables  # noqa: F401
 from proxy.tables import Base
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 from pydantic import SecretStr
 
-from proxy.errors import ServiceTokenError, host_label, transport_error
+from proxy.errors import GatewayError, ServiceTokenError, host_label, transport_error
 
 log = logging.getLogger("nbia_proxy.token")
 
@@ -59,6 +59,9 @@ class ServiceToken:
         self.logins = 0
         self.renewals = 0  # tokens obtained (refreshed or by logging in)
         self.renewal_failures = 0  # attempts that got no token
+        #: Why the last attempt got no token and when (wall clock); None once one succeeds.
+        self.last_failure: str | None = None
+        self.last_failure_at: float | None = None
 
     @property
     def username(self) -> str:
@@ -88,11 +91,33 @@ class ServiceToken:
     async def _counted(self, current: _Grant | None) -> _Grant:
         try:
             grant = await self._obtain(current)
-        except Exception:  # not a cancellation
+        except Exception as exc:  # not a cancellation
             self.renewal_failures += 1
+            # The gateway's own messages name the host and the cause, never a secret.
+            reason = exc.message if isinstance(exc, GatewayError) else type(exc).__name__
+            self.last_failure, self.last_failure_at = reason, time.time()
             raise
         self.renewals += 1
+        self.last_failure = self.last_failure_at = None
         return grant
+
+    def expires_in(self) -> float | None:
+        """Seconds until the current token expires (negative once it has); None before the
+        first login. Never the token itself."""
+        grant = self._grant
+        return None if grant is None else grant.expires_at - self._clock()
+
+    def state(self) -> str:
+        """``none`` (no login yet), ``valid``, ``renewing`` (within the refresh margin),
+        ``expired``, or ``failing`` (the last renewal got no token)."""
+        if self.last_failure is not None:
+            return "failing"
+        left = self.expires_in()
+        if left is None:
+            return "none"
+        if left <= 0:
+            return "expired"
+        return "renewing" if left <= self._margin else "valid"
 
     def _is_fresh(self, grant: _Grant) -> bool:
         return self._clock() < grant.expires_at - self._margin

@@ -42,6 +42,8 @@ def make_settings(
         # The tests' caches are tiny: they must not stop writing on a machine whose disk is
         # nearly full (the default reserve is 256 MiB; its own tests set it).
         cache_min_free_disk_bytes=extra.pop("cache_min_free_disk_bytes", 1024 * 1024),
+        # No update-feed polls unless a test asks: they would show in the fakes' request logs.
+        update_poll_seconds=extra.pop("update_poll_seconds", 0),
         **extra,
     )
 

@@ -413,6 +413,33 @@ def test_per_user_downloads_queue_behind_each_other(
     assert stats["access"]["downloads_queued"] == 1  # alice's second; root never waited
 
 
+def test_a_download_left_going_on_alone_holds_its_users_slot(
+    make_lab: LabFactory, nbia_upstream: FakeServer
+) -> None:
+    """A user who starts a download and hangs up has the series cache finish it, in one of
+    their download slots: hanging up does not let them start more downloads than their share."""
+    lab = make_lab(user_max_downloads=1)
+    fake = nbia_upstream.app
+    one, two = (
+        f"{S}/v4/getImage?SeriesInstanceUID="
+        + next(s.uid for s in fake.dataset.series if s.collection == name)
+        for name in ("4D-Lung", "TCGA-KIRC")
+    )
+    fake.slow(seconds_between_chunks=0.05, path_contains="getImage")
+    alice = bearer(lab.keys["alice"])
+    assert lab.gw.app.series is not None
+    fills, limits = lab.gw.app.series.fills, lab.gw.app.access.limits
+    with httpx.Client(timeout=60) as client, client.stream("GET", lab.gw.url + one, headers=alice):
+        pass  # the head came: hang up
+    while fills.counters.background < 1:  # the fill goes on without alice
+        time.sleep(0.02)
+    assert limits.busy("alice") == 1  # ... in her slot
+    second = lab.get(two, alice)  # waits for the first fill to end
+    assert second.status_code == 200
+    assert limits.queued == 1
+    assert lab.get(one, alice).headers["x-cache"] == "HIT"
+
+
 # --- secrets ---------------------------------------------------------------------------------
 
 

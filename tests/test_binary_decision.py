@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.binary.decision import Action, Stored, decide
+from proxy.binary.decision import Action, Stored, decide, go_on_alone
 
 KEPT, FILLING, NOTHING = Stored.KEPT, Stored.FILLING, Stored.NOTHING
 
@@ -62,4 +62,51 @@ def test_decide(
         circuit_open=circuit,
         shared=shared,
     )
+    assert got is expected
+
+
+@pytest.mark.parametrize(
+    ("stored", "fresh", "offline", "circuit", "expected"),
+    [
+        # a Range never starts a download: relayed (the upstream sends what the client reads)
+        (NOTHING, False, False, False, Action.RELAY),
+        (KEPT, True, False, False, Action.RELAY),  # no-cache with a Range: not a refill either
+        # ... and is answered from what is there
+        (KEPT, False, False, False, Action.SERVE),
+        (FILLING, False, False, False, Action.JOIN),
+        (FILLING, True, False, False, Action.JOIN),
+        (NOTHING, False, True, False, Action.REFUSE_OFFLINE),
+        (NOTHING, False, False, True, Action.REFUSE_CIRCUIT),
+    ],
+)
+def test_a_range_never_starts_a_fill(
+    stored: Stored, fresh: bool, offline: bool, circuit: bool, expected: Action
+) -> None:
+    got = decide(
+        stored,
+        method="GET",
+        wants_fresh=fresh,
+        offline=offline,
+        circuit_open=circuit,
+        shared=True,
+        ranged=True,
+    )
+    assert got is expected
+
+
+@pytest.mark.parametrize(
+    ("background", "broken", "alone", "cap", "expected"),
+    [
+        (True, False, 0, 4, True),
+        (True, False, 3, 4, True),
+        (True, False, 4, 4, False),  # the cap: the fifth abandoned fill is cancelled
+        (True, False, 0, 0, False),  # 0: every fill stops with its last client
+        (True, True, 0, 4, False),  # a file that cannot be kept is not fetched for nobody
+        (False, False, 0, 4, False),  # background completion off
+    ],
+)
+def test_a_fill_goes_on_alone_only_within_the_cap(
+    background: bool, broken: bool, alone: int, cap: int, expected: bool
+) -> None:
+    got = go_on_alone(background=background, file_broken=broken, alone=alone, max_alone=cap)
     assert got is expected

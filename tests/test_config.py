@@ -211,6 +211,81 @@ def test_password_file_keeps_inner_whitespace(tmp_path: Path) -> None:
     assert settings.password.get_secret_value() == " a b "
 
 
+def test_nlst_password_file_is_read_and_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """nlst_password_file supplies the NLST password (a container secret), minus the final
+    newline, and wins over a plain nlst_password."""
+    secret_file = write(tmp_path / "nlst.txt", SECRET + "\n")
+    monkeypatch.setenv("NBIA_PROXY_NLST_PASSWORD", "the-weaker-one")
+    monkeypatch.setenv("NBIA_PROXY_NLST_PASSWORD_FILE", str(secret_file))
+    nlst = load_settings().nlst_password
+    assert nlst is not None and nlst.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg"])
+def test_database_password_file_goes_into_the_url(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, scheme: str
+) -> None:
+    """database_password_file puts the password into database_url, quoted where a URL needs
+    it, winning over one already in the URL: the URL of a compose file then holds none."""
+    from sqlalchemy.engine import make_url
+
+    password = "p@ss:w/rd%1"
+    secret_file = write(tmp_path / "db.txt", password + "\n")
+    monkeypatch.setenv("NBIA_PROXY_DATABASE_URL", f"{scheme}://nbia:old@db:5432/nbia_proxy")
+    monkeypatch.setenv("NBIA_PROXY_DATABASE_PASSWORD_FILE", str(secret_file))
+    url = make_url(load_settings().database_url or "")
+    assert (url.username, url.password, url.host, url.port) == ("nbia", password, "db", 5432)
+    assert url.database == "nbia_proxy"
+
+
+@pytest.mark.parametrize("database_url", [None, "sqlite:///x.sqlite3"])
+def test_database_password_file_needs_postgresql(
+    tmp_path: Path, database_url: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a PostgreSQL URL to put it in, the password file is a usage error naming it."""
+    secret_file = write(tmp_path / "db.txt", SECRET)
+    flags = ["--database-password-file", str(secret_file)]
+    if database_url:
+        flags += ["--database-url", database_url]
+    assert cli.main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "database_password_file" in err and "postgresql" in err
+    assert SECRET not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["nlst_password_file", "database_password_file"])
+def test_unreadable_secret_file_is_named(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret file that cannot be read is one line naming the setting and the file."""
+    flags = ["--" + name.replace("_", "-"), str(tmp_path / "nowhere.txt")]
+    flags += ["--database-url", "postgresql://nbia@db/nbia"]
+    assert cli.main(["serve", *flags]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "nowhere.txt" in err and "Traceback" not in err
+
+
+def test_workers_get_the_secrets_not_the_files(tmp_path: Path) -> None:
+    """serve --workers N hands each worker the secrets read from the files (and not the files,
+    which need not be readable twice): a worker's settings equal the parent's."""
+    db_file = write(tmp_path / "db.txt", SECRET + "-db")
+    nlst_file = write(tmp_path / "nlst.txt", SECRET + "-nlst")
+    settings = load_settings(
+        None,
+        database_url="postgresql://nbia@db/nbia",
+        database_password_file=db_file,
+        nlst_password_file=nlst_file,
+    )
+    db_file.unlink()
+    nlst_file.unlink()
+    worker = Settings(**cli._plain(settings))
+    assert worker.database_url == settings.database_url
+    assert worker.nlst_password is not None
+    assert worker.nlst_password.get_secret_value() == SECRET + "-nlst"
+
+
 def test_password_never_shows(tmp_path: Path) -> None:
     """repr(), str() and JSON dumps of the settings mask both passwords, however given."""
     secret_file = write(tmp_path / "password.txt", SECRET + "-file\n")

@@ -50,6 +50,8 @@ BLOCK = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
 #: Commands in shell blocks that are not the gateway's (installing, building, testing).
 ASSIGN = r"[A-Z_]+=.*"  # a variable set for one command: NAME=value command ...
 OTHER_TOOLS = {"python3", "pip", "docker", "bash"}
+#: The commands of "Running for a department": tests/test_deploy.py checks them against deploy/.
+OTHER_TOOLS |= {"docker-compose", "kubectl", "openssl", "touch", "sudo"}
 
 
 def blocks(language: str) -> list[str]:
@@ -185,18 +187,29 @@ def test_nbia_proxy_sample_parses_into_valid_settings(words: list[str]) -> None:
     settings_from_args(args)
 
 
-def test_nbia_proxy_samples_run(tmp_path: Path, lab: Lab) -> None:
-    """All but ``serve``, in README order, in one scratch directory (its default data dir)."""
+def test_nbia_proxy_samples_run(tmp_path: Path, lab: Lab, nbia_upstream: FakeServer) -> None:
+    """All but ``serve``, in README order, in one scratch directory (its default data dir),
+    with the fake NBIA as upstream, alice's key in ``~/.nbia-key`` and a manifest of two of
+    the fake's series in ``cohort.tcia`` (for ``warm``)."""
     home = tmp_path / "home"
     home.mkdir()
     (home / ".nbia-admin-key").write_text(lab.keys["root"] + "\n")
+    (home / ".nbia-key").write_text(lab.keys["alice"] + "\n")
+    cohort = [s.uid for s in nbia_upstream.app.dataset.series if s.collection == "TCGA-KIRC"]
+    (tmp_path / "cohort.tcia").write_text(
+        "downloadServerUrl=https://nbia.cancerimagingarchive.net/nbia-download/servlet/"
+        "DownloadServlet\nincludeAnnotation=false\nnoOfrRetry=4\n"
+        "databasketId=manifest-1.tcia\nmanifestVersion=3.0\nListOfSeriesToDownload=\n"
+        + "".join(uid + "\n" for uid in cohort[:2])
+    )
     bin_dir = tmp_path / ".venv" / "bin"  # the README says .venv/bin/nbia-proxy, or nbia-proxy
     bin_dir.mkdir(parents=True)
     (bin_dir / "nbia-proxy").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m proxy "$@"\n')
     (bin_dir / "nbia-proxy").chmod(0o755)
     environment = {k: v for k, v in os.environ.items() if not k.upper().startswith("NBIA_PROXY_")}
     environment |= {"HOME": str(home), "PATH": f"{bin_dir}:{environment['PATH']}",
-                    "PYTHONPATH": str(ROOT)}  # fmt: skip
+                    "PYTHONPATH": str(ROOT), "NBIA_PROXY_UPSTREAM": nbia_upstream.url,
+                    "NBIA_PROXY_NLST_UPSTREAM": nbia_upstream.url}  # fmt: skip
     ran = 0
     for block in blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
@@ -242,6 +255,18 @@ def gateway_routes(gateway: GatewayServer) -> set[tuple[str, str]]:
         if isinstance(route, APIRoute)
         for method in route.methods
     }
+
+
+@pytest.fixture
+def gateway(
+    tmp_path: Path, nbia_upstream: FakeServer, nlst_upstream: FakeServer
+) -> Iterator[GatewayServer]:
+    """conftest's gateway with the update feeds on, as by default: the README polls them."""
+    settings = make_settings(
+        tmp_path, nbia_upstream.url, nlst_upstream.url, update_poll_seconds=3600
+    )
+    with GatewayServer(settings) as server:
+        yield server
 
 
 @pytest.mark.parametrize("words", curl_commands(), ids=" ".join)

@@ -261,7 +261,8 @@ def test_ranges_and_head_on_a_kept_file(gw: GatewayServer, nbia_upstream: FakeSe
 
 def test_a_range_on_a_fill_in_progress(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
     uid = _series(nbia_upstream)
-    nbia_upstream.app.slow(seconds_between_chunks=0.02, path_contains="getImage")
+    # Five chunks: slow enough that the range arrives before the fill ends on a loaded machine.
+    nbia_upstream.app.slow(seconds_between_chunks=0.25, path_contains="getImage")
     url = gw.url + _zip_path(uid)
     with httpx.Client(timeout=60) as first, first.stream("GET", url) as started:
         chunks = started.iter_raw()
@@ -454,6 +455,12 @@ def test_two_gateways_on_one_data_dir_serve_each_others_kept_files(
     uid = _series(nbia_upstream)
     with make_gateway() as one, make_gateway() as two:
         first = get(one, _zip_path(uid))
+        # The last byte reaches the client once the zip is checked; the file is renamed into
+        # place and its row written just after. Wait (no clock bound) until the fill has ended,
+        # else the other gateway rightly finds nothing kept yet.
+        assert one.app.series is not None
+        while one.app.series.fills.in_progress:
+            threading.Event().wait(0.05)
         second = get(two, _zip_path(uid))
     assert (second.headers["x-cache"], second.content) == ("HIT", first.content)
     assert _count(nbia_upstream, "/v4/getImage") == 1

@@ -1,12 +1,20 @@
 """Per-user fairness: a request rate and a number of concurrent downloads per lab user, so one
-user's many-threaded bulk download cannot starve everyone else."""
+user's many-threaded bulk download cannot starve everyone else.
+
+A download slot is held by the request for its duration, or handed over (:meth:`Slot.hand_over`)
+to what outlives the request on the user's behalf: a series cache fill that goes on after its
+last client hung up holds the slot of that client until it ends, so a user cannot start more
+downloads nobody reads than they may make downloads at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from cachetools import TTLCache
 
@@ -15,6 +23,39 @@ from proxy.shield.shared import SharedAccounts, StoreDown
 
 #: Users whose buckets are held at once; past it the least recently seen one starts afresh.
 _MAX_USERS = 10_000
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class Slot:
+    """One of a user's download slots (a slot of nobody's when downloads are not limited)."""
+
+    _release: Callable[[], None] = _nothing
+    handed_over: bool = field(default=False, init=False)
+
+    def hand_over(self) -> Callable[[], None]:
+        """Keep the slot past the ``async with``; the caller must call what this returns once
+        (further calls do nothing) when whatever holds it ends."""
+        self.handed_over = True
+        release, self._release = self._release, _nothing
+        done = False
+
+        def release_once() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                release()
+
+        return release_once
+
+    def close(self) -> None:
+        """The request is done: free the slot unless it was handed over."""
+        if not self.handed_over:
+            self._release()
+            self._release = _nothing
 
 
 class UserLimits:
@@ -36,6 +77,7 @@ class UserLimits:
             _MAX_USERS, refill_seconds, timer=clock
         )
         self._downloads: dict[str, asyncio.Semaphore] = {}
+        self._held: Counter[str] = Counter()
         self.refused = 0  # requests refused for going over the rate
         self.queued = 0  # downloads that waited for one of their user's slots
         #: The deployment's buckets and slots (Redis); None, or the store down: this process's.
@@ -77,18 +119,39 @@ class UserLimits:
         return wait
 
     @asynccontextmanager
-    async def download(self, user: str) -> AsyncIterator[None]:
-        """Hold one of ``user``'s download slots for the body of the ``async with``."""
+    async def download(self, user: str) -> AsyncIterator[Slot]:
+        """Hold one of ``user``'s download slots for the body of the ``async with`` (or until
+        whoever it is handed over to releases it)."""
         if self.max_downloads <= 0:
-            yield
+            yield Slot()
             return
         if self.shared is not None:
-            async with self.shared.download(user, self.max_downloads) as held:
-                if held:
-                    yield
-                    return
+            shared_release = await self.shared.take_download(user, self.max_downloads)
+            if shared_release is not None:
+                shared_slot = Slot(shared_release)
+                try:
+                    yield shared_slot
+                finally:
+                    shared_slot.close()
+                return
         slots = self._downloads.setdefault(user, asyncio.Semaphore(self.max_downloads))
         if slots.locked():
             self.queued += 1
-        async with slots:
-            yield
+        await slots.acquire()
+        self._held[user] += 1
+
+        def release() -> None:
+            self._held[user] -= 1
+            if not self._held[user]:
+                del self._held[user]
+            slots.release()
+
+        slot = Slot(release)
+        try:
+            yield slot
+        finally:
+            slot.close()
+
+    def busy(self, user: str) -> int:
+        """``user``'s download slots held now (by requests and by what they were handed to)."""
+        return self._held.get(user, 0)

@@ -16,8 +16,11 @@ key leaves the registry at once, so the next request fetches afresh.
 
 When the last reader leaves, the fill goes on in the background (``binary_fill_in_background``)
 so that a user's retry after a dropped connection is a hit; it is bounded by the upstream read
-timeout (a stalled upstream ends it) and by ``binary_cache_max_bytes`` (a download that cannot
-be kept stops with its last reader).
+timeout (a stalled upstream ends it), by ``binary_cache_max_bytes`` (a download that cannot be
+kept stops with its last reader), by ``binary_max_background_fills`` (fills going on without any
+reader in this process; past it the fill is cancelled and nothing kept) and by the download slot
+of the user who left last, which it holds until it ends (``user_max_downloads``). Whether it goes
+on is :func:`proxy.binary.decision.go_on_alone`.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import httpx
 
+from proxy.binary.decision import go_on_alone
 from proxy.binary.files import BinaryStore, Fill, Kept, Meta
 from proxy.binary.verdict import Check, Verdict
 from proxy.cache.policy import CacheKey
@@ -61,6 +67,17 @@ READ_BYTES = 1024 * 1024
 SizeSource = Callable[[], Awaitable[tuple[int, int] | None]]
 
 
+class Held(Protocol):
+    """What a reader holds while it reads: one of its user's download slots
+    (:class:`proxy.accounts.fairness.Slot`), which a fill it leaves alone takes over."""
+
+    def hand_over(self) -> Callable[[], None]: ...
+
+
+def _nothing() -> None:
+    return None
+
+
 class FillFailed(Exception):
     """The filling failed after its head was known: readers must abort their transfers."""
 
@@ -88,6 +105,7 @@ class FillCounters:
     joined: int = 0
     kept: int = 0
     background: int = 0  # fills that went on after their last reader left
+    stopped_alone: int = 0  # fills cancelled when their last reader left (nothing kept)
     retried: int = 0  # fills started over after the upstream broke off mid-body
     failures: Counter[str] = field(default_factory=Counter)  # by reason
 
@@ -109,6 +127,7 @@ class Filling:
 
     def __init__(self, key: CacheKey) -> None:
         self.key = key
+        self.started = time.monotonic()  # for the status page's download rate
         self.head: Head | None = None
         self.error: BaseException | None = None  # before the head: the request's error
         self.failed: FillFailed | None = None  # after the head
@@ -128,7 +147,10 @@ class Filling:
         self._changed = asyncio.Event()
         self._next_reader = 0
         self.task: asyncio.Task[None] | None = None
-        self.on_idle: Callable[[Filling], None] | None = None
+        #: Told when the last reader leaves (with what that reader held) and when a reader
+        #: joins (the fill may have been going on alone).
+        self.on_idle: Callable[[Filling, Held | None], None] | None = None
+        self.on_join: Callable[[Filling], None] | None = None
 
     # readers -------------------------------------------------------------------------------
 
@@ -141,17 +163,20 @@ class Filling:
         """Register a reader (at offset 0); return its id for :meth:`read` and :meth:`leave`."""
         self._next_reader += 1
         self.readers[self._next_reader] = 0
+        if self.on_join is not None:
+            self.on_join(self)
         return self._next_reader
 
-    def leave(self, reader: int) -> None:
-        """The reader is done (or gone): the fill may go on alone or stop."""
+    def leave(self, reader: int, held: Held | None = None) -> None:
+        """The reader is done (or gone): the fill may go on alone (holding ``held``, the
+        reader's download slot) or stop."""
         self.readers.pop(reader, None)
         self._wake()
         if not self.readers:
             if self.done:
                 self._close_read_fd()
             elif self.on_idle is not None:
-                self.on_idle(self)
+                self.on_idle(self, held)
 
     async def wait_head(self) -> Head:
         """The upstream's head; raises the request's error when there is none."""
@@ -394,15 +419,20 @@ class Fills:
         *,
         background: bool,
         max_error_bytes: int,
+        max_alone: int = 4,
     ) -> None:
         self.store = store
         self.forwarding = forwarding
         self.background = background
+        self.max_alone = max_alone
         self.max_error_bytes = max_error_bytes
         self.counters = FillCounters()
         #: Told the reason of every download not kept (the metrics' validation failures).
         self.on_failure: Callable[[str], None] | None = None
         self._fills: dict[str, Filling] = {}
+        # Fills going on without any reader, each with the release of the download slot it
+        # holds (that of the user who left last).
+        self._alone: dict[Filling, Callable[[], None]] = {}
         # Files kept by the last fills: a request that looked the key up while its fill was
         # committing finds the file here rather than starting another download.
         self._recent: OrderedDict[str, Kept] = OrderedDict()
@@ -427,29 +457,71 @@ class Fills:
     def in_progress(self) -> int:
         return len(self._fills)
 
+    @property
+    def alone(self) -> int:
+        """Fills going on without any reader."""
+        return len(self._alone)
+
+    def active(self) -> list[Filling]:
+        """The fills in progress (for the status page)."""
+        return list(self._fills.values())
+
     def start(self, job: FillJob, attempt: int = 0) -> Filling:
         """Start the fill for ``job``'s key (a task of its own: no client can cancel it)."""
         filling = Filling(job.key)
         filling.on_idle = self._idle
+        filling.on_join = self._joined
         self._fills[job.key.digest] = filling
         self.counters.started += 1
         filling.task = asyncio.ensure_future(self._run(filling, job, attempt))
         return filling
 
-    def _idle(self, filling: Filling) -> None:
-        """The last reader left a fill in progress."""
-        if self.background and not filling.file_broken:
+    def _idle(self, filling: Filling, held: Held | None) -> None:
+        """The last reader left a fill in progress: it goes on alone, holding that reader's
+        download slot, or it is cancelled."""
+        if filling in self._alone or filling.checked:
+            return  # checked: every byte was released, it is being kept (fsync, row)
+        if go_on_alone(
+            background=self.background,
+            file_broken=filling.file_broken,
+            alone=len(self._alone),
+            max_alone=self.max_alone,
+        ):
+            self._alone[filling] = held.hand_over() if held is not None else _nothing
             self.counters.background += 1
             log.info("fill of %s goes on without readers", filling.key.endpoint)
             return
+        if self.background and not filling.file_broken:
+            log.warning(
+                "fill of %s stopped: %d fills already go on without readers "
+                "(binary_max_background_fills)",
+                filling.key.endpoint,
+                len(self._alone),
+            )
+        self.counters.stopped_alone += 1
         if filling.task is not None:
             filling.task.cancel()
+
+    def _joined(self, filling: Filling) -> None:
+        """A reader joined: a fill that went on alone is read again, and frees its slot."""
+        self._settle(filling)
+
+    def _settle(self, filling: Filling) -> None:
+        release = self._alone.pop(filling, None)
+        if release is not None:
+            release()
 
     def _forget(self, filling: Filling) -> None:
         if self._fills.get(filling.key.digest) is filling:
             del self._fills[filling.key.digest]
 
     async def _run(self, filling: Filling, job: FillJob, attempt: int) -> None:
+        try:
+            await self._attempt(filling, job, attempt)
+        finally:
+            self._settle(filling)  # its slot, if it went on alone
+
+    async def _attempt(self, filling: Filling, job: FillJob, attempt: int) -> None:
         upstream = job.upstream
         try:
             async with within(self.forwarding.deadline(), upstream.name):
@@ -473,6 +545,7 @@ class Fills:
         except httpx.HTTPError as exc:
             error = transport_error(exc, upstream.name, mid_body=True)
             self._failed(filling, FillFailed("upstream_broken", error.message))
+            self._settle(filling)  # before the retry counts the fills going on alone
             self._again(job, attempt)
         except FillFailed as failure:
             self._failed(filling, failure)
@@ -562,9 +635,14 @@ class Fills:
             return
         if job.key.digest in self._fills:
             return  # a client's retry has started one already
+        if not go_on_alone(
+            background=True, file_broken=False, alone=len(self._alone), max_alone=self.max_alone
+        ):
+            return  # it would have no reader: it counts against binary_max_background_fills
         self.counters.retried += 1
         log.info("download of %s broke off; starting it over", job.key.endpoint)
-        self.start(job, attempt + 1)
+        again = self.start(job, attempt + 1)
+        self._alone[again] = _nothing  # until a client's retry joins it
 
     def _failed(self, filling: Filling, failure: FillFailed) -> None:
         if filling.done:

@@ -21,8 +21,8 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Send
 
 from proxy.binary.decision import Action, Stored, decide
-from proxy.binary.files import BinaryStore, Kept
-from proxy.binary.fill import FillFailed, Filling, FillJob, Fills, Head, SizeSource
+from proxy.binary.files import BinaryStore, Kept, Reading
+from proxy.binary.fill import FillFailed, Filling, FillJob, Fills, Head, Held, SizeSource
 from proxy.binary.imagecheck import DicomCheck, JpegCheck
 from proxy.binary.ranges import parse, plan
 from proxy.binary.verdict import Check
@@ -64,6 +64,7 @@ class SeriesCache:
         token_on_v4: bool,
         background: bool,
         max_error_bytes: int,
+        max_background_fills: int = 4,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -71,7 +72,11 @@ class SeriesCache:
         self.cached = cached
         self.token_on_v4 = token_on_v4
         self.fills = Fills(
-            store, forwarding, background=background, max_error_bytes=max_error_bytes
+            store,
+            forwarding,
+            background=background,
+            max_error_bytes=max_error_bytes,
+            max_alone=max_background_fills,
         )
         self.clock = clock
         self.hits = 0
@@ -88,6 +93,8 @@ class SeriesCache:
             "fills_joined": counters.joined,
             "fills_kept": counters.kept,
             "fills_in_background": counters.background,
+            "fills_alone": self.fills.alone,
+            "fills_stopped_alone": counters.stopped_alone,
             "fills_retried": counters.retried,
             "validation_failures": dict(counters.failures),
         }
@@ -101,69 +108,91 @@ class SeriesCache:
         receive: Receive,
         send: Send,
         relay: Relay,
+        held: Held | None = None,
     ) -> None:
-        """Answer a binary download (``fit`` as classified for its GET/POST form)."""
+        """Answer a binary download (``fit`` as classified for its GET/POST form); ``held`` is
+        the client's download slot, which a fill it leaves going on alone takes over."""
         key = cache_key(upstream, endpoint, _as_read(request), self.token_on_v4)
         headers = request.headers
         wants_fresh = wants_fresh_answer(find(headers, b"cache-control"), find(headers, b"pragma"))
         filling = self.fills.current(key.digest)
-        kept = None
+        kept, opened = None, None
         if filling is None or not wants_fresh:
-            kept = await asyncio.to_thread(self.store.lookup, key.digest)
+            # A kept file asked for without no-cache is served whatever else holds: it is
+            # opened in the same thread hop as its lookup (one hop per hit, not two).
+            kept, opened = await asyncio.to_thread(self._find, key.digest, not wants_fresh)
             # A fill may have started, or ended and kept its file, during the lookup.
             filling = self.fills.current(key.digest)
             if kept is None and filling is None:
                 kept = self.fills.recently_kept(key.digest)
-        if filling is not None and filling.checked:
-            # Checked and being committed (the fsync): in a moment it is a kept file, with
-            # its size and ETag for Range, If-Range and HEAD.
-            with contextlib.suppress(FillFailed):
-                await filling.wait_done()
-            kept = filling.kept or kept  # not kept (the disk refused it): fetched afresh
-            filling = None
-        stored = Stored.KEPT if kept is not None else Stored.NOTHING
-        if filling is not None and (kept is None or wants_fresh):
-            stored = Stored.FILLING
-        check = _check_for(endpoint, request)
-        action = decide(
-            stored,
-            method=request.method,
-            wants_fresh=wants_fresh,
-            offline=self.forwarding.offline,
-            circuit_open=upstream.breaker.refusing,
-            shared=fit is Fit.EXACT and check is not None,
-        )
-        if action is Action.SERVE:
-            assert kept is not None
-            if await self._serve_kept(kept, request, receive, send):
-                return
-            action = Action.REFUSE_OFFLINE if self.forwarding.offline else Action.RELAY
-        if action is Action.REFUSE_OFFLINE:
-            raise offline_miss(upstream.name)
-        if action is Action.REFUSE_CIRCUIT:
-            upstream.breaker.before()  # raises CircuitOpen (the usual 503) while it refuses
-            action = Action.RELAY
-        if action is Action.RELAY:
-            await relay()
-            return
-        if action is Action.FILL:
-            assert check is not None
-            token = ""
-            if self.fills.across is not None:
-                token_or_none = await self.fills.across.claim(key.digest, self._settled(key))
-                if token_or_none is None:  # filled by another process meanwhile: answer anew
-                    await self.serve(upstream, endpoint, request, fit, receive, send, relay)
+        try:
+            if filling is not None and filling.checked:
+                # Checked and being committed (the fsync): in a moment it is a kept file, with
+                # its size and ETag for Range, If-Range and HEAD.
+                with contextlib.suppress(FillFailed):
+                    await filling.wait_done()
+                kept = filling.kept or kept  # not kept (the disk refused it): fetched afresh
+                filling = None
+            stored = Stored.KEPT if kept is not None else Stored.NOTHING
+            if filling is not None and (kept is None or wants_fresh):
+                stored = Stored.FILLING
+            params = pairs(request.query if request.method != "POST" else request.body)
+            check = _check_for(endpoint, params)
+            action = decide(
+                stored,
+                method=request.method,
+                wants_fresh=wants_fresh,
+                offline=self.forwarding.offline,
+                circuit_open=upstream.breaker.refusing,
+                shared=fit is Fit.EXACT and check is not None,
+                ranged=request.method == "GET" and find(headers, b"range") is not None,
+            )
+            if action is Action.SERVE:
+                assert kept is not None
+                reading = opened if opened is not None and opened.kept is kept else None
+                if await self._serve_kept(kept, request, receive, send, reading):
                     return
-                token = token_or_none
-            sizes = self._sizes(upstream, endpoint, request)
-            job = FillJob(upstream, endpoint, request, key, _factory(check), sizes)
-            filling = self.fills.start(job)
-            if self.fills.across is not None and filling.task is not None:
-                self.fills.across.hold(key.digest, token, filling.task)
-        else:
-            self.fills.counters.joined += 1
-        assert filling is not None
-        await self._read_fill(filling, request, receive, send)
+                action = Action.REFUSE_OFFLINE if self.forwarding.offline else Action.RELAY
+            if action is Action.REFUSE_OFFLINE:
+                raise offline_miss(upstream.name)
+            if action is Action.REFUSE_CIRCUIT:
+                upstream.breaker.before()  # raises CircuitOpen (the usual 503) while it refuses
+                action = Action.RELAY
+            if action is Action.RELAY:
+                await relay()
+                return
+            if action is Action.FILL:
+                assert check is not None
+                token = ""
+                if self.fills.across is not None:
+                    token_or_none = await self.fills.across.claim(key.digest, self._settled(key))
+                    if token_or_none is None:  # filled by another process meanwhile: anew
+                        await self.serve(
+                            upstream, endpoint, request, fit, receive, send, relay, held
+                        )
+                        return
+                    token = token_or_none
+                sizes = self._sizes(upstream, endpoint, request, params)
+                job = FillJob(upstream, endpoint, request, key, _factory(check), sizes)
+                filling = self.fills.start(job)
+                if self.fills.across is not None and filling.task is not None:
+                    self.fills.across.hold(key.digest, token, filling.task)
+            else:
+                self.fills.counters.joined += 1
+            assert filling is not None
+            await self._read_fill(filling, request, receive, send, held)
+        finally:
+            if opened is not None:
+                opened.close()  # unused, or served (closing twice is nothing)
+
+    def _find(self, digest: str, open_it: bool) -> tuple[Kept | None, Reading | None]:
+        """The kept file of ``digest`` and, with ``open_it``, that file opened for serving
+        (blocking: run it in a thread)."""
+        kept = self.store.lookup(digest)
+        if kept is None or not open_it:
+            return kept, None
+        reading = self.store.open_read(kept)
+        return (None, None) if reading is None else (kept, reading)
 
     def _settled(self, key: CacheKey) -> Callable[[], Awaitable[bool]]:
         """Whether ``key`` has a kept file now, or a fill of this process to join."""
@@ -178,10 +207,17 @@ class SeriesCache:
     # kept files ----------------------------------------------------------------------------
 
     async def _serve_kept(
-        self, kept: Kept, request: OutgoingRequest, receive: Receive, send: Send
+        self,
+        kept: Kept,
+        request: OutgoingRequest,
+        receive: Receive,
+        send: Send,
+        reading: Reading | None = None,
     ) -> bool:
-        """Send a kept file; False when it is gone after all (nothing sent then)."""
-        reading = await asyncio.to_thread(self.store.open_read, kept)
+        """Send a kept file (``reading``: already open); False when it is gone after all
+        (nothing sent then)."""
+        if reading is None:
+            reading = await asyncio.to_thread(self.store.open_read, kept)
         if reading is None:
             return False
         try:
@@ -224,7 +260,12 @@ class SeriesCache:
     # fills ---------------------------------------------------------------------------------
 
     async def _read_fill(
-        self, filling: Filling, request: OutgoingRequest, receive: Receive, send: Send
+        self,
+        filling: Filling,
+        request: OutgoingRequest,
+        receive: Receive,
+        send: Send,
+        held: Held | None,
     ) -> None:
         """Answer from a fill: all of it as it arrives, or (Range, If-Range, HEAD) what it
         covers once it is there."""
@@ -240,7 +281,7 @@ class SeriesCache:
                 return
             await self._stream(filling, reader, head, 0, None, 200, [], receive, send)
         finally:
-            filling.leave(reader)
+            filling.leave(reader, held)
 
     async def _partial(
         self,
@@ -309,14 +350,17 @@ class SeriesCache:
     # NBIA's numbers ------------------------------------------------------------------------
 
     def _sizes(
-        self, upstream: Upstream, endpoint: Endpoint, request: OutgoingRequest
+        self,
+        upstream: Upstream,
+        endpoint: Endpoint,
+        request: OutgoingRequest,
+        params: list[tuple[str, str]],
     ) -> SizeSource | None:
         """How to get (ObjectCount, TotalSizeInBytes) of a zip's series through the metadata
         cache, or None (not a zip, no series named, no metadata cache)."""
         cached = self.cached
         if cached is None or endpoint.payload is not Payload.BINARY_ZIP:
             return None
-        params = pairs(request.query if request.method == "GET" else request.body)
         uid = next((v for k, v in params if k.lower() == "seriesinstanceuid" and v), None)
         size_endpoint = lookup(_sibling(request.raw_path, "getSeriesSize"))
         if uid is None or size_endpoint is None:
@@ -377,12 +421,12 @@ def _sibling(raw_path: bytes, name: str) -> str:
     return f"{head}/{name}"
 
 
-def _check_for(endpoint: Endpoint, request: OutgoingRequest) -> Check | None:
-    """A fresh check for the endpoint's payload; None when it has none (then never kept)."""
+def _check_for(endpoint: Endpoint, params: list[tuple[str, str]]) -> Check | None:
+    """A fresh check for the endpoint's payload (``params``: the request's parameters); None
+    when it has none (then never kept)."""
     payload = endpoint.payload
     if payload is Payload.BINARY_ZIP:
         name = endpoint.path.rpartition("/")[2]
-        params = pairs(request.query if request.method != "POST" else request.body)
         asked = any(k.lower() == "includemd5" and v.lower() == "yes" for k, v in params)
         md5s: Md5Policy = "required" if name in _ALWAYS_MD5 or asked else "optional"
         if md5s == "optional" and name == "getImage":

@@ -56,6 +56,9 @@ _COLLECTION_PARAMS = frozenset({"collection", "collectionname"})
 _SERIES_PARAMS = frozenset(
     {"seriesinstanceuid", "seriesuid", "seriesid", "list", "serieslist", "seriesuids"}
 )
+# ... and a study or patient, so the update feeds can purge what names a changed series' own.
+_STUDY_PARAMS = frozenset({"studyinstanceuid"})
+_PATIENT_PARAMS = frozenset({"patientid"})
 
 # Simple-search criteria types whose value names a collection or series: read as that parameter.
 _CRITERIA_PARAMS = {"CollectionCriteria": "collection", "SeriesCriteria": "seriesinstanceuid"}
@@ -191,4 +194,8 @@ def _tags(pairs: list[tuple[str, str]]) -> frozenset[tuple[str, str]]:
             tags.add(("collection", value))
         elif lowered in _SERIES_PARAMS:
             tags.update(("series", uid.strip()) for uid in value.split(",") if uid.strip())
+        elif lowered in _STUDY_PARAMS and value:
+            tags.add(("study", value))
+        elif lowered in _PATIENT_PARAMS and value:
+            tags.add(("patient", value))
     return frozenset(tags)

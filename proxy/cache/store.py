@@ -23,10 +23,12 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
+    and_,
     bindparam,
     delete,
     false,
     func,
+    or_,
     select,
     update,
 )
@@ -329,6 +331,54 @@ class CacheStore:
             rows = session.execute(query).all()
             self._delete(session, [row.key for row in rows])
         return len(rows), sum(row.size for row in rows)
+
+    def purge_tagged(self, upstream: str, tags: Iterable[tuple[str, str]]) -> tuple[int, int]:
+        """Delete ``upstream``'s entries tagged with any of ``tags`` (kind, value); return
+        (entries, bytes). The update feeds' purge: one transaction for a poll's changes."""
+        wanted = sorted({(storable(k, _TAG_KIND), storable(v, _TAG_VALUE)) for k, v in tags})
+        if not wanted:
+            return 0, 0
+        found: dict[str, int] = {}
+        with Session(self.engine) as session, session.begin():
+            for start in range(0, len(wanted), 200):
+                chunk = wanted[start : start + 200]
+                tagged = select(CacheTag.key).where(
+                    or_(*(and_(CacheTag.kind == k, CacheTag.value == v) for k, v in chunk))
+                )
+                query = select(CacheEntry.key, CacheEntry.size).where(
+                    CacheEntry.upstream == storable(upstream, _UPSTREAM),
+                    CacheEntry.key.in_(tagged),
+                )
+                found.update((row.key, int(row.size)) for row in session.execute(query))
+            self._delete(session, list(found))
+        return len(found), sum(found.values())
+
+    def oldest(self, upstream: str) -> float | None:
+        """When the oldest stored answer of ``upstream`` was fetched (None: it has none)."""
+        with Session(self.engine) as session:
+            value = session.scalar(
+                select(func.min(CacheEntry.created_at)).where(
+                    CacheEntry.upstream == storable(upstream, _UPSTREAM)
+                )
+            )
+        return None if value is None else float(value)
+
+    def collections(self, upstream: str) -> list[str]:
+        """The collections the stored answers of ``upstream`` name."""
+        query = (
+            select(CacheTag.value)
+            .where(
+                CacheTag.kind == "collection",
+                CacheTag.key.in_(
+                    select(CacheEntry.key).where(
+                        CacheEntry.upstream == storable(upstream, _UPSTREAM)
+                    )
+                ),
+            )
+            .distinct()
+        )
+        with Session(self.engine) as session:
+            return sorted(session.scalars(query))
 
     def _purge_all(self) -> tuple[int, int]:
         with Session(self.engine) as session, session.begin():

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -154,6 +154,17 @@ class TieredCache:
         )
         result: tuple[int, int] = await asyncio.wrap_future(future)
         # Memory copies are cheap to lose: drop them all rather than match the filters twice.
+        self._memory.clear()
+        return result
+
+    async def purge_tagged(self, upstream: str, tags: Iterable[tuple[str, str]]) -> tuple[int, int]:
+        """Delete ``upstream``'s entries tagged with any of ``tags``, everywhere (the update
+        feeds' purge); returns (entries, bytes) removed."""
+        wanted = list(tags)
+        if not wanted:
+            return 0, 0  # the usual poll: nothing changed, the memory tier stays warm
+        future = self.writer.submit(lambda: self.store.purge_tagged(upstream, wanted))
+        result: tuple[int, int] = await asyncio.wrap_future(future)
         self._memory.clear()
         return result
 

@@ -90,6 +90,9 @@ class Breaker:
     #: Told ``True`` when this breaker opens and ``False`` when it closes on its own evidence
     #: (:class:`~proxy.shield.shared.BreakerSync`: the other replicas adopt it).
     on_change: Callable[[bool], None] | None = None
+    #: The last failure ever and its wall-clock time (for the status page; kept after recovery).
+    last_failure: str | None = None
+    last_failure_at: float | None = None
 
     @property
     def state(self) -> str:
@@ -145,6 +148,7 @@ class Breaker:
         """The upstream failed: one more in a row, opening the circuit at the threshold."""
         self.failures += 1
         self.last_error = reason
+        self.last_failure, self.last_failure_at = reason, time.time()
         self.unreachable = unreachable
         if self.probing or self.failures >= self.threshold:
             opening = self.opened_at is None

@@ -26,8 +26,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -346,10 +345,9 @@ class SharedAccounts:
         ms = await self.store.script("admit", [self.store.key("user", user, "rate")], [rate])
         return int(ms) / 1000
 
-    @asynccontextmanager
-    async def download(self, user: str, slots: int) -> AsyncIterator[bool]:
-        """Hold one of ``user``'s ``slots`` download slots; yields False (nothing held) when
-        the store is down, so the caller applies its per-process slots instead."""
+    async def take_download(self, user: str, slots: int) -> Callable[[], None] | None:
+        """Wait for one of ``user``'s ``slots`` download slots: what gives it back, or None
+        when the store is down (the caller then applies its per-process slots instead)."""
         key = self.store.key("user", user, "downloads")
         token = uuid.uuid4().hex
         tries = 0
@@ -360,8 +358,7 @@ class SharedAccounts:
                     "enter", [key, key + ":-", key + ":-"], [slots, self.lease_ms, token, 0]
                 )
             except StoreDown:
-                yield False
-                return
+                return None
             if int(answer[0]) == 0:
                 break
             await _poll(tries)
@@ -370,13 +367,14 @@ class SharedAccounts:
         if renewer is None:
             renewer = self._renewers[key] = _Renewer(self.store, key, self.lease_ms)
         renewer.hold(token)
-        try:
-            yield True
-        finally:
+
+        def release() -> None:
             renewer.drop(token)
-            if not renewer.held:
-                self._renewers.pop(key, None)
+            if not renewer.held and self._renewers.get(key) is renewer:
+                del self._renewers[key]
             self.store.spawn(self.store.call(lambda client: client.zrem(key, token)))
+
+        return release
 
     async def locked_for(self, address: str) -> float:
         """Seconds left of ``address``'s lockout; :class:`StoreDown`."""

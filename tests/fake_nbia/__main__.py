@@ -28,9 +28,20 @@ def main(argv: list[str] | None = None) -> None:
         default=4.0,
         help="approximate size of the big series' zip, in MiB",
     )
+    parser.add_argument(
+        "--bulk-series", type=int, default=0, help="series in the Bulk-CT collection (benchmarks)"
+    )
+    parser.add_argument(
+        "--bulk-series-mb", type=float, default=20.0, help="approximate zip size of each, in MiB"
+    )
     args = parser.parse_args(argv)
 
-    fake = FakeNBIA(args.name, big_zip_bytes=int(args.big_zip_mb * 1024 * 1024))
+    fake = FakeNBIA(
+        args.name,
+        big_zip_bytes=int(args.big_zip_mb * 1024 * 1024),
+        bulk_series=args.bulk_series,
+        bulk_series_bytes=int(args.bulk_series_mb * 1024 * 1024),
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))

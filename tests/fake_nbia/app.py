@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -12,9 +14,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from . import routes_images, routes_legacy, routes_v4  # noqa: F401  (register routes)
-from .dataset import build_dataset
+from .dataset import Series, Study, build_dataset
 from .faults import CutMode, Faults, SlowRule, ZipFaultKind
-from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore
+from .images import DEFAULT_BIG_ZIP_BYTES, ImageStore, StreamedZip, bulk_instances_for
 from .responses import (
     SERVER_ERROR,
     ApiError,
@@ -56,9 +58,17 @@ class SharedList:
 class FakeNBIA:
     """A fake NBIA server (one host: 'nbia' or 'nlst'); an ASGI application."""
 
-    def __init__(self, name: str = "nbia", big_zip_bytes: int = DEFAULT_BIG_ZIP_BYTES) -> None:
+    def __init__(
+        self,
+        name: str = "nbia",
+        big_zip_bytes: int = DEFAULT_BIG_ZIP_BYTES,
+        bulk_series: int = 0,
+        bulk_series_bytes: int = 0,
+    ) -> None:
         self.name = name
-        self.dataset = build_dataset(name)
+        self.dataset = build_dataset(name, bulk_series, bulk_instances_for(bulk_series_bytes))
+        self._original: tuple[list[Series], list[Study]] | None = None
+        self._holds: list[tuple[str, threading.Event]] = []
         self.images = ImageStore(self.dataset)
         self.images.set_big_zip_bytes(big_zip_bytes)
         self.tables = Tables(self.dataset, self.images)
@@ -91,6 +101,57 @@ class FakeNBIA:
         self.rate_limited = 0  # 429s sent by rate_limit()
         self._body_cuts: list[list[Any]] = []
         self._huge = []
+        self.restore_dataset()
+        with self._lock:
+            for _, gate in self._holds:
+                gate.set()  # nothing stays held for the next test
+            self._holds = []
+
+    # --- update feeds ---------------------------------------------------------------
+
+    def mark_updated(
+        self,
+        series_uid: str,
+        released: dt.date | None = None,
+        study_description: str | None = None,
+        **changes: Any,
+    ) -> Series:
+        """Change a series (``changes`` are Series fields, e.g. ``description``) and release
+        it again on ``released`` (default: today, UTC), as TCIA's QC does: the update feeds
+        (getUpdatedSeries, NewPatientsInCollection, NewStudiesInPatientCollection) then report
+        it. ``study_description`` changes its study too. :meth:`reset` undoes it."""
+        with self._lock:
+            if self._original is None:
+                self._original = (list(self.dataset.series), list(self.dataset.studies))
+            day = released or dt.datetime.now(dt.UTC).date()
+            for i, old in enumerate(self.dataset.series):
+                if old.uid == series_uid:
+                    new = dataclasses.replace(old, released=day, **changes)
+                    self.dataset.series[i] = new
+                    break
+            else:
+                raise KeyError(series_uid)
+            if study_description is not None:
+                for i, study in enumerate(self.dataset.studies):
+                    if study.uid == new.study_uid:
+                        self.dataset.studies[i] = dataclasses.replace(
+                            study, description=study_description
+                        )
+            return new
+
+    def hold(self, path_contains: str) -> threading.Event:
+        """Hold every matching request (after logging it) until the returned event is set."""
+        gate = threading.Event()
+        with self._lock:
+            self._holds.append((path_contains, gate))
+        return gate
+
+    def restore_dataset(self) -> None:
+        """Undo :meth:`mark_updated` (the dataset as built)."""
+        with self._lock:
+            if self._original is not None:
+                self.dataset.series[:], self.dataset.studies[:] = self._original
+                self._original = None
 
     def requests_to(self, path_suffix: str) -> list[LoggedRequest]:
         with self._lock:
@@ -301,6 +362,9 @@ class FakeNBIA:
         )
         with self._lock:
             self.requests.append(log)
+            gates = [gate for part, gate in self._holds if part in log.path]
+        for gate in gates:
+            await asyncio.to_thread(gate.wait, 60)  # a test's hold, never for ever
 
         if self.faults.take_drop(log.path):
             await _abort(send)
@@ -455,9 +519,9 @@ def _head_bytes(scope: Scope) -> int:
     return line + sum(len(n) + len(v) + 4 for n, v in scope["headers"]) + 2
 
 
-def _chunks(body: bytes | Path | HugeJson, size: int) -> Any:
+def _chunks(body: bytes | Path | HugeJson | StreamedZip, size: int) -> Any:
     """Yield `body` in pieces of `size` (a Path is read lazily, a HugeJson made on the way)."""
-    if isinstance(body, HugeJson):
+    if isinstance(body, HugeJson | StreamedZip):
         yield from body.pieces(size)
         return
     if isinstance(body, bytes):

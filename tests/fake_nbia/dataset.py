@@ -92,6 +92,7 @@ class Series:
     third_party: str = "NO"
     references: str | None = None  # SEG/RTSTRUCT: the referenced image series
     big: bool = False
+    bulk: bool = False  # of the bulk collection: big images, zips made while they are sent
 
 
 @dataclass
@@ -490,6 +491,49 @@ def build_nlst() -> Dataset:
     return b.data
 
 
-def build_dataset(name: str) -> Dataset:
-    """The dataset for a server name: 'nlst' gets NLST, anything else the main archive."""
-    return build_nlst() if name == "nlst" else build_nbia()
+BULK_COLLECTION = "Bulk-CT"
+BULK_PATIENTS = 10
+
+
+def add_bulk(data: Dataset, series: int, instances: int) -> None:
+    """A collection of ``series`` CT series of ``instances`` big images each, over ten patients
+    (one study each): for benchmarks that need gigabytes (see :class:`~.images.StreamedZip`)."""
+    b = _Builder(data.name)
+    b.data = data
+    b.pk = max((s.pk for s in data.series), default=b.pk)
+    b.collection(
+        BULK_COLLECTION,
+        "https://doi.org/10.0000/FAKE.BULK",
+        CC_BY_4,
+        "Generated CT series for benchmarks.",
+        "Fake site",
+    )
+    studies = []
+    for n in range(BULK_PATIENTS):
+        pid = f"BULK-{n:03d}"
+        b.patient(BULK_COLLECTION, pid, "F" if n % 2 else "M")
+        studies.append(
+            b.study(BULK_COLLECTION, pid, f"bulk{n}", dt.date(2020, 1, 1 + n), "CT CHEST", "060Y")
+        )
+    for n in range(series):
+        b.series(
+            studies[n % BULK_PATIENTS],
+            f"bulk-{n}",
+            "CT",
+            f"BULK CHEST {n}",
+            "CHEST",
+            n + 1,
+            SIEMENS_CT,
+            dt.date(2021, 1, 1),
+            instances,
+            bulk=True,
+        )
+
+
+def build_dataset(name: str, bulk_series: int = 0, bulk_instances: int = 0) -> Dataset:
+    """The dataset for a server name: 'nlst' gets NLST, anything else the main archive; with
+    ``bulk_series``, also the bulk collection."""
+    data = build_nlst() if name == "nlst" else build_nbia()
+    if bulk_series:
+        add_bulk(data, bulk_series, max(1, bulk_instances))
+    return data

@@ -121,7 +121,7 @@ def build_instance(ctx: ImageContext, number: int) -> bytes:
         return _encode(ds)
     if series.modality == "SEG":
         _add_seg_references(ds, ctx)
-    side = BIG_SIDE if series.big else (16 if series.modality == "SEG" else 32)
+    side = BIG_SIDE if series.big or series.bulk else (16 if series.modality == "SEG" else 32)
     ds.ImagePositionPatient = [0, 0, -2.5 * number]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [0.9765625, 0.9765625]
@@ -136,7 +136,7 @@ def build_instance(ctx: ImageContext, number: int) -> bytes:
     if series.modality == "CT":
         ds.RescaleIntercept = -1024
         ds.RescaleSlope = 1
-    ds.PixelData = _big_pixels(number) if series.big else _pixels(side, number)
+    ds.PixelData = _big_pixels(number) if side == BIG_SIDE else _pixels(side, number)
     return _encode(ds)
 
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -32,6 +33,8 @@ from .dicom import (
 from .faults import ZipFault
 
 DEFAULT_BIG_ZIP_BYTES = 4 * 1024 * 1024
+#: About the bytes of one big image's DICOM file.
+BIG_FILE_BYTES = BIG_SIDE * BIG_SIDE * 2 + 1400
 # eagerly built layouts of the big zip: plain getImage and tcia-utils' NewFileNames=Yes
 EAGER_LAYOUTS = (ZipLayout(), ZipLayout(new_names=True))
 
@@ -66,7 +69,16 @@ class ImageStore:
         self._big_bytes = 0
         self._big_count = 0
         for series in dataset.series:
-            if not series.big:
+            if series.bulk:
+                # Sizes and MD5s now (getSeries lists every size); the bytes only when sent.
+                ctx = self.context(series)
+                self._instances[series.uid] = [
+                    Instance(sop_instance_uid(series.uid, n), n, len(b), hashlib.md5(b).hexdigest())
+                    for n, b in (
+                        (n, build_instance(ctx, n)) for n in range(1, series.instances + 1)
+                    )
+                ]
+            elif not series.big:
                 files = [
                     build_instance(self.context(series), n) for n in range(1, series.instances + 1)
                 ]
@@ -95,8 +107,7 @@ class ImageStore:
 
     def set_big_zip_bytes(self, n: int) -> None:
         """Build (or reuse) the big series so that its zip is about `n` bytes."""
-        per_file = BIG_SIDE * BIG_SIDE * 2 + 1400
-        count = max(1, round(n / per_file))
+        count = max(1, round(n / BIG_FILE_BYTES))
         with self._big_lock:
             build = self._big_builds.get(count)
             if build is None:
@@ -175,7 +186,7 @@ class ImageStore:
             return None
         for inst in self.instances(series_uid):
             if inst.sop_uid == sop_uid:
-                if series.big:
+                if series.big or series.bulk:
                     return build_instance(self.context(series), inst.number)
                 return self._small[series_uid][inst.number - 1]
         return None
@@ -189,10 +200,13 @@ class ImageStore:
         insts = self.instances(series_uid)
         return sum(i.size for i in insts), len(insts)
 
-    def zip_for(self, series_uid: str, layout: ZipLayout) -> bytes | Path:
-        """The download zip of a series: bytes for small series, a file for the big one."""
+    def zip_for(self, series_uid: str, layout: ZipLayout) -> bytes | Path | StreamedZip:
+        """The download zip of a series: bytes for small series, a file for the big one, made
+        while it is sent for the bulk collection's."""
         series = self.dataset.find_series(series_uid)
         assert series is not None
+        if series.bulk:
+            return StreamedZip(self, series, layout)
         if series.big:
             with self._big_lock:
                 build = self._current_big()
@@ -239,7 +253,7 @@ class ImageStore:
                 # and the CSV (written after the loop) never comes
                 writer.close(md5_list=False)
                 return
-            if series.big:
+            if series.big or series.bulk:
                 data = build_instance(ctx, inst.number)
             else:
                 data = self._small[series.uid][inst.number - 1]
@@ -249,3 +263,77 @@ class ImageStore:
             else:
                 writer.add(name, data)
         writer.close()
+
+
+def bulk_instances_for(series_bytes: int) -> int:
+    """Images per bulk series for a zip of about ``series_bytes``."""
+    return max(1, round(series_bytes / BIG_FILE_BYTES)) if series_bytes else 0
+
+
+class _Window:
+    """A write-only file for :class:`zipfile.ZipFile` that hands its bytes on between entries.
+
+    ZipFile seeks back only into the entry it is writing (to fill in the CRC and sizes), so
+    keeping the bytes since the last hand-over is enough to look seekable: the zip is the same
+    as one written to a real file, and memory holds one image at a time.
+    """
+
+    def __init__(self) -> None:
+        self.base = 0  # offset of buf[0]
+        self.pos = 0
+        self.buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        at = self.pos - self.base
+        self.buf[at : at + len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else (self.pos + offset if whence == 1 else self.end)
+        if target < self.base:
+            raise OSError("seek before the bytes already sent")
+        self.pos = target
+        return target
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.buf)
+
+    def flush(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        """The bytes written since the last call (the zip's next piece)."""
+        data = bytes(self.buf)
+        self.base += len(data)
+        self.buf.clear()
+        return data
+
+
+class StreamedZip:
+    """A bulk series' zip, generated image by image while it is sent (never whole in memory)."""
+
+    def __init__(self, store: ImageStore, series: Series, layout: ZipLayout) -> None:
+        self.store, self.series, self.layout = store, series, layout
+
+    def pieces(self, size: int) -> Iterator[bytes]:
+        ctx = self.store.context(self.series)
+        window = _Window()
+        writer = SeriesZipWriter(
+            window,  # type: ignore[arg-type]
+            license_text(ctx.collection) if self.layout.license else None,
+            self.layout.md5,
+        )
+        for inst in self.store.instances(self.series.uid):
+            writer.add(
+                zip_name(self.series, inst.number, self.layout), build_instance(ctx, inst.number)
+            )
+            data = window.take()
+            for i in range(0, len(data), size):
+                yield data[i : i + size]
+        writer.close()
+        yield window.take()

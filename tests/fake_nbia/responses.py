@@ -7,6 +7,10 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .images import StreamedZip
 
 SERVER_ERROR = "Server was not able to process your request"
 Row = Mapping[str, object]
@@ -17,7 +21,7 @@ class Reply:
     """What a handler answers. A Path body (or stream=True) is sent chunked."""
 
     status: int = 200
-    body: bytes | Path | HugeJson = b""
+    body: bytes | Path | HugeJson | StreamedZip = b""
     content_type: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
     stream: bool = False

@@ -49,6 +49,44 @@ def patients_v1(call: Call) -> Reply:
     return rows_reply(rows, PATIENT_V1, call.get("format"))
 
 
+def _legacy_since(call: Call) -> dt.date | None:
+    """v1/v2 NewPatientsInCollection and NewStudiesInPatientCollection: ``Date`` (not
+    ``fromDate``) in yyyy/MM/dd; an unparseable one drops the filter (PatientDAOImpl)."""
+    if not call.get("Collection") or not call.get("Date"):
+        raise bad_request("Collection and Date are required")
+    try:
+        return dt.datetime.strptime(call.get("Date") or "", "%Y/%m/%d").date()
+    except ValueError:
+        return None
+
+
+@route("v1", "NewPatientsInCollection")
+@route("v2", "NewPatientsInCollection")
+def new_patients_v1(call: Call) -> Reply:
+    since = _legacy_since(call)
+    rows = v4._patients_with_series(
+        call, call.get("Collection"), lambda s: since is None or s.released > since
+    )
+    for row in rows:
+        row["PatientBirthDate"] = None
+    return rows_reply(rows, PATIENT_V1, call.get("format"))
+
+
+@route("v1", "NewStudiesInPatientCollection")
+@route("v2", "NewStudiesInPatientCollection")
+def new_studies_v1(call: Call) -> Reply:
+    since = _legacy_since(call)
+    c, p = call.get("Collection"), call.get("PatientID")
+    return v4._studies(
+        call,
+        lambda s: (
+            same(s.collection, c)
+            and same(s.patient_id, p)
+            and (since is None or s.released > since)
+        ),
+    )
+
+
 @route("v1", "getSeries")
 @route("v2", "getSeries")
 def series_v1(call: Call) -> Reply:

@@ -117,7 +117,8 @@ def patients_by_modality(call: Call) -> Reply:
 def new_patients(call: Call) -> Reply:
     collection = call.require("Collection")
     since = _from_date(call)
-    rows = _patients_with_series(call, collection, lambda s: s.released > since)
+    # ">=" here, unlike getUpdatedSeries (PatientDAOImpl.getPatientByCollection_v4).
+    rows = _patients_with_series(call, collection, lambda s: s.released >= since)
     return rows_reply(rows, PATIENT_V4, _fmt(call))
 
 
@@ -142,7 +143,7 @@ def new_studies(call: Call) -> Reply:
     since = _from_date(call)
     p = call.get("PatientID")
     return _studies(
-        call, lambda s: same(s.collection, c) and same(s.patient_id, p) and s.released > since
+        call, lambda s: same(s.collection, c) and same(s.patient_id, p) and s.released >= since
     )
 
 

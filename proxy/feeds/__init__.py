@@ -1,0 +1,1 @@
+"""Following NBIA's update feeds: what changed upstream is purged from the cache."""
