@@ -121,7 +121,7 @@ class Access:
                 forever = session[1] if session else forever
         return (Principal(user.name, user.admin) if user else None), forever
 
-    def check(
+    async def check(
         self, headers: RawHeaders, address: str, *, admin: bool = False
     ) -> Principal | Refusal:
         """Admit a request that needs an account (an admin one when ``admin``), or refuse it.
@@ -148,12 +148,12 @@ class Access:
                     "already knows are accepted until it answers again",
                     health.retry_seconds,
                 )
-            refusal = None if stale else self._failed(address)
+            refusal = None if stale else await self._failed(address)
             return refusal or Refusal(401, "invalid or expired credentials")
         if admin and not principal.admin:
             return Refusal(403, "an admin account is required")
         if not admin:
-            wait = self.limits.admit(principal.name)
+            wait = await self.limits.check(principal.name)
             if wait:
                 return Refusal(429, "request rate limit of this account reached", wait)
         return principal
@@ -174,22 +174,19 @@ class Access:
         identified = self.identify(headers)
         return identified.name if identified else ANONYMOUS.name
 
-    def login_failed(self, address: str) -> Refusal | None:
+    async def login_failed(self, address: str) -> Refusal | None:
         """Count a refused login against ``address`` (accounts mode only); the 429 to answer
         instead of the 401 while the address is locked out, else None."""
-        return self._failed(address) if self.accounts else None
+        return await self._failed(address) if self.accounts else None
 
-    def _failed(self, address: str) -> Refusal | None:
+    async def _failed(self, address: str) -> Refusal | None:
         """Count wrong credentials; refuse them with 429 if ``address`` was locked out already
         (the same answer whatever was wrong with them), else None."""
-        locked = self.lockout.locked_for(address)
-        self.lockout.failed(address)
+        locked, left = await self.lockout.record_failure(address)
         if not locked:
             return None
         self.lockout.refused += 1
-        return Refusal(
-            429, "too many failed logins from this address", self.lockout.locked_for(address)
-        )
+        return Refusal(429, "too many failed logins from this address", left)
 
 
 def _basic_pair(encoded: str) -> tuple[str, str]:

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import swagger_ui_bundle  # type: ignore[import-untyped]
@@ -46,6 +47,15 @@ from proxy.gateway import Gateway
 from proxy.metrics import Metrics, Sharing, shared_dir
 from proxy.shield.counters import ShieldCounters
 from proxy.shield.retry import RetryPolicy
+from proxy.shield.shared import (
+    BreakerSync,
+    Leases,
+    SharedAccounts,
+    SharedFills,
+    SharedFlights,
+    SharedLimits,
+    SharedStore,
+)
 from proxy.status import StatusBoard
 from proxy.store_health import StoreHealth
 from proxy.upstream import Upstream, upstream_configs
@@ -86,6 +96,7 @@ def create_app(
         metrics.binary = binaries
         metrics.feeds = feeds
     board = StatusBoard(tally=counters.tally if metrics is not None else None)
+    shared = build_shared(settings, counters, upstreams, access)
     lifespan = _lifespan(
         settings,
         upstreams,
@@ -97,6 +108,7 @@ def create_app(
         binaries,
         feeds,
         board,
+        shared,
     )
     control = control_app(
         upstreams,
@@ -126,7 +138,51 @@ def create_app(
     )
     if gateway.series is not None:
         gateway.series.fills.on_failure = counters.tally.validation_failed
+    if shared is not None:
+        lease = settings.shared_lease_seconds
+        if gateway.cached is not None:
+            flights = SharedFlights(Leases(shared.store, "flight", lease))
+            gateway.cached.shield.coalescer.across = flights
+        if gateway.series is not None:
+            gateway.series.fills.across = SharedFills(Leases(shared.store, "fill", lease))
     return gateway
+
+
+class Shared:
+    """The shared store of a deployment and the breakers that follow it."""
+
+    def __init__(self, store: SharedStore, breakers: list[tuple[BreakerSync, Upstream]]):
+        self.store = store
+        self.breakers = breakers
+
+    def start(self) -> None:
+        for sync, upstream in self.breakers:
+            sync.follow(upstream.breaker)
+
+    async def aclose(self) -> None:
+        for sync, _ in self.breakers:
+            await sync.aclose()
+        await self.store.aclose()
+
+
+def build_shared(
+    settings: Settings, counters: ShieldCounters, upstreams: list[Upstream], access: Access
+) -> Shared | None:
+    """With ``redis_url``: limits, lockouts and breakers shared through Redis (else None)."""
+    if not settings.redis_url:
+        return None
+    store = SharedStore(
+        settings.redis_url, settings.redis_prefix, settings.redis_timeout_seconds, counters
+    )
+    lease = settings.shared_lease_seconds
+    for upstream in upstreams:
+        upstream.limiter.shared = SharedLimits(
+            store, upstream.name, settings.upstream_max_concurrency, lease
+        )
+    accounts = SharedAccounts(store, lease)
+    access.limits.shared = accounts
+    access.lockout.shared = accounts
+    return Shared(store, [(BreakerSync(store, u.name), u) for u in upstreams])
 
 
 #: Where /docs takes swagger-ui's files from (served by the gateway: no CDN).
@@ -235,11 +291,17 @@ def describe(settings: Settings, upstreams: list[Upstream], audit_log: AuditLog)
     url = make_url(database_url(settings.database_url, settings.data_dir))
     uses_database = settings.cache_enabled or settings.access == "accounts"
     database = url.render_as_string(hide_password=True) if uses_database else "none"
+    shared_store = "off (limits per process)"
+    if settings.redis_url:
+        # Host and prefix only: the URL may hold a password.
+        shared_store = (
+            f"redis {urlsplit(settings.redis_url).hostname}, prefix {settings.redis_prefix}"
+        )
     return (
         f"upstreams: {mounted}; data dir {settings.data_dir.resolve()}; database {database}; "
         f"access {settings.access}; offline {'on' if settings.offline else 'off'}; "
         f"workers {settings.workers}; cache {'on' if settings.cache_enabled else 'off'}; "
-        f"audit log {audit_log.describe()}"
+        f"audit log {audit_log.describe()}; shared store {shared_store}"
     )
 
 
@@ -356,6 +418,7 @@ def _lifespan(
     binaries: BinaryStore | None = None,
     feeds: FeedPoller | None = None,
     board: StatusBoard | None = None,
+    shared: Shared | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -400,9 +463,13 @@ def _lifespan(
             board.watch_logs()
             board.sample()  # the first minute starts now
             sampling = asyncio.create_task(board.sample_every())
+        if shared is not None:
+            shared.start()
         try:
             yield
         finally:
+            if shared is not None:
+                await shared.aclose()
             if polling is not None:
                 polling.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -338,6 +338,29 @@ class Settings(BaseSettings):
         description="While the database is unreachable, how long requests go on without "
         "trying it between two attempts.",
     )
+    redis_url: str = Field(
+        "",
+        description="Redis shared by every worker and replica for the upstream limits, user "
+        "limits, lockouts, coalescing and the breaker (redis://HOST:PORT/DB, rediss:// for "
+        "TLS; empty: each process on its own).",
+    )
+    redis_prefix: str = Field(
+        "nbia-proxy:",
+        min_length=1,
+        description="Prefix of every key in Redis (one per deployment sharing a Redis).",
+    )
+    redis_timeout_seconds: float = Field(
+        0.25,
+        gt=0,
+        description="Longest wait for Redis; past it a request goes on with per-process "
+        "limits (and Redis is tried again a second later).",
+    )
+    shared_lease_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Lease of an upstream slot, a metadata fetch or a series fill held in "
+        "Redis, renewed while it runs: how long a replica that died blocks the others.",
+    )
     update_poll_seconds: float = Field(
         3600.0,
         ge=0,
@@ -367,6 +390,14 @@ class Settings(BaseSettings):
             if problem is not None:
                 # Never the URL itself: it may hold a password.
                 raise ValueError(f"{problem}: {_DATABASE_HINT}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _supported_redis(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            # Never the URL itself: it may hold a password.
+            raise ValueError("use redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix://PATH")
         return value
 
     @field_validator("trusted_proxies", mode="before")

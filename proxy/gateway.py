@@ -159,7 +159,7 @@ class Gateway:
             if self.observed:  # never the query: a legacy token request may carry a password
                 self._record("-", scope, status, "-", 0, started, query="", below_mount=path)
             return
-        admitted = self.access.check(scope["headers"], _client(scope))
+        admitted = await self.access.check(scope["headers"], _client(scope))
         if isinstance(admitted, Refusal):
             await send_refusal(send, admitted)
             self._record("-", scope, admitted.status, "-", 0, started, below_mount=path)
@@ -227,7 +227,7 @@ class Gateway:
         admin in accounts mode."""
         user = "-"
         if self.access.accounts and scope["path"] not in _PROBES and not self._scraper(scope):
-            admitted = self.access.check(scope["headers"], _client(scope), admin=True)
+            admitted = await self.access.check(scope["headers"], _client(scope), admin=True)
             if isinstance(admitted, Refusal):
                 await send_refusal(send, admitted)
                 self._record("-", scope, admitted.status, "-", 0, started)

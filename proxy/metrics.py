@@ -165,6 +165,13 @@ FAMILIES = (
     ),
     Family("stale_answers", "counter", (), "Answers served stale from the cache."),
     Family(
+        "shared_store_errors",
+        "counter",
+        (),
+        "Calls to the shared store (redis_url) that failed or timed out; meanwhile the limits "
+        "were per process.",
+    ),
+    Family(
         "upstream_circuit_state",
         "gauge",
         ("upstream", "state"),
@@ -615,6 +622,7 @@ class Metrics:
             },
             "coalesced_requests": {"": c.coalesced},
             "stale_answers": {"": c.stale_served},
+            "shared_store_errors": {"": c.shared_store_errors},
             "access_refusals": {"lockout": access.lockout.refused, "rate": access.limits.refused},
             "access_lockouts": {"": access.lockout.lockouts},
             "download_queued": {"": access.limits.queued},

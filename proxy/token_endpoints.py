@@ -57,7 +57,7 @@ async def answer_local(
         if endpoint is LocalEndpoint.TOKEN:
             answer = await _answer_token(access, read_timeout, scope, receive)
             # A locked-out address still logs in with valid credentials; wrong ones get 429.
-            refusal = access.login_failed(address) if answer.status == 401 else None
+            refusal = await access.login_failed(address) if answer.status == 401 else None
             if refusal is not None:
                 await send_refusal(send, refusal)
                 return refusal.status

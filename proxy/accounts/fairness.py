@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from cachetools import TTLCache
 
 from proxy.shield.bucket import TokenBucket
+from proxy.shield.shared import SharedAccounts, StoreDown
 
 #: Users whose buckets are held at once; past it the least recently seen one starts afresh.
 _MAX_USERS = 10_000
@@ -79,14 +80,34 @@ class UserLimits:
         self._held: Counter[str] = Counter()
         self.refused = 0  # requests refused for going over the rate
         self.queued = 0  # downloads that waited for one of their user's slots
+        #: The deployment's buckets and slots (Redis); None, or the store down: this process's.
+        self.shared: SharedAccounts | None = None
+
+    async def check(self, user: str) -> float:
+        """:meth:`admit` for the whole deployment when the limits are shared."""
+        if self.rate <= 0:
+            return 0.0
+        if self.shared is not None:
+            try:
+                wait = await self.shared.admit(user, self.rate)
+            except StoreDown:
+                return self.admit(user)
+            if wait:
+                self.refused += 1
+            return wait
+        return self.admit(user)
 
     def admit(self, user: str, *, count: bool = True) -> float:
         """0 when ``user`` may make a request now, else the seconds until they may.
 
-        ``count=False`` leaves a refusal out of ``refused`` (the caller will ask again).
+        ``count=False`` leaves a refusal out of ``refused`` (the caller will ask again, with
+        :meth:`check`): with shared limits, it answers "ask again" whenever there is a rate,
+        since only the shared store knows.
         """
         if self.rate <= 0:
             return 0.0
+        if self.shared is not None and not count:
+            return 1.0
         now = self._clock()
         bucket = self._buckets.get(user)
         if bucket is None:
@@ -104,6 +125,15 @@ class UserLimits:
         if self.max_downloads <= 0:
             yield Slot()
             return
+        if self.shared is not None:
+            shared_release = await self.shared.take_download(user, self.max_downloads)
+            if shared_release is not None:
+                shared_slot = Slot(shared_release)
+                try:
+                    yield shared_slot
+                finally:
+                    shared_slot.close()
+                return
         slots = self._downloads.setdefault(user, asyncio.Semaphore(self.max_downloads))
         if slots.locked():
             self.queued += 1

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from cachetools import TTLCache
 
+from proxy.shield.shared import SharedAccounts, StoreDown
+
 _FORGET_AFTER_SECONDS = 600.0  # failures older than this (with none since) are forgotten
 _MAX_ADDRESSES = 65_536
 
@@ -36,6 +38,25 @@ class Lockout:
         self._until: dict[str, float] = {}
         self.refused = 0  # wrong credentials answered 429 because their address was locked out
         self.lockouts = 0  # times an address was locked out (not counting extensions)
+        #: The deployment's counts and lockouts (Redis); None, or the store down: this process's.
+        self.shared: SharedAccounts | None = None
+
+    async def record_failure(self, address: str) -> tuple[float, float]:
+        """:meth:`failed`, for the whole deployment when lockouts are shared: the seconds
+        ``address`` was still locked out before this failure, and the seconds it is now."""
+        if self.shared is not None:
+            try:
+                before, after, new = await self.shared.failed(
+                    address, self.free_failures, self.max_seconds, _FORGET_AFTER_SECONDS
+                )
+            except StoreDown:
+                pass
+            else:
+                self.lockouts += new
+                return before, after
+        before = self.locked_for(address)
+        self.failed(address)
+        return before, self.locked_for(address)
 
     def locked_for(self, address: str) -> float:
         """Seconds left of ``address``'s lockout (0 when it may try)."""

@@ -46,6 +46,7 @@ from proxy.endpoints import Endpoint
 from proxy.errors import GatewayError, UpstreamError, transport_error
 from proxy.forwarding import Forwarding, OutgoingRequest, UpstreamResponse, within
 from proxy.headers import RawHeaders, for_client
+from proxy.shield.shared import SharedFills
 from proxy.streaming import Overflow, read_bounded
 from proxy.upstream import Upstream
 
@@ -439,6 +440,8 @@ class Fills:
         # Files kept by the last fills: a request that looked the key up while its fill was
         # committing finds the file here rather than starting another download.
         self._recent: OrderedDict[str, Kept] = OrderedDict()
+        #: One fill per key across workers and replicas (the shared store); None: per process.
+        self.across: SharedFills | None = None
 
     def recently_kept(self, digest: str) -> Kept | None:
         """The file the last fill of ``digest`` kept, if it is among the last few and still

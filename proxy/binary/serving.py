@@ -27,7 +27,7 @@ from proxy.binary.ranges import parse, plan
 from proxy.binary.sendfile import read_at
 from proxy.binary.verdict import Check
 from proxy.binary.zipcheck import Md5Policy, ZipCheck
-from proxy.cache.policy import pairs
+from proxy.cache.policy import CacheKey, pairs
 from proxy.cache.policy import wants_fresh as wants_fresh_answer
 from proxy.cache.serving import CachedAnswers, cache_key
 from proxy.cache.shape import Fit
@@ -163,9 +163,20 @@ class SeriesCache:
                 return
             if action is Action.FILL:
                 assert check is not None
+                token = ""
+                if self.fills.across is not None:
+                    token_or_none = await self.fills.across.claim(key.digest, self._settled(key))
+                    if token_or_none is None:  # filled by another process meanwhile: anew
+                        await self.serve(
+                            upstream, endpoint, request, fit, receive, send, relay, held
+                        )
+                        return
+                    token = token_or_none
                 sizes = self._sizes(upstream, endpoint, request, params)
                 job = FillJob(upstream, endpoint, request, key, _factory(check), sizes)
                 filling = self.fills.start(job)
+                if self.fills.across is not None and filling.task is not None:
+                    self.fills.across.hold(key.digest, token, filling.task)
             else:
                 self.fills.counters.joined += 1
             assert filling is not None
@@ -182,6 +193,16 @@ class SeriesCache:
             return kept, None
         reading = self.store.open_read(kept)
         return (None, None) if reading is None else (kept, reading)
+
+    def _settled(self, key: CacheKey) -> Callable[[], Awaitable[bool]]:
+        """Whether ``key`` has a kept file now, or a fill of this process to join."""
+
+        async def settled() -> bool:
+            if self.fills.current(key.digest) is not None:
+                return True
+            return await asyncio.to_thread(self.store.lookup, key.digest) is not None
+
+        return settled
 
     # kept files ----------------------------------------------------------------------------
 

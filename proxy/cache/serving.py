@@ -226,7 +226,9 @@ class CachedAnswers:
         try:
             async with within(deadline, upstream.name):
                 if decision.action is Action.FETCH_COALESCED:
-                    flight = await self.shield.coalescer.run(fetch.key.digest, fetch.run)
+                    flight = await self.shield.coalescer.run(
+                        fetch.key.digest, fetch.run, fetch.recall, fetch.stored
+                    )
                 else:
                     flight = await fetch.run()
         except GatewayError:
@@ -276,6 +278,18 @@ class _Fetch:
         self.fit = fit
         self.wants_fresh = wants_fresh
         self.handoff = _Handoff()
+        self.kept = False  # the answer was stored
+
+    async def recall(self) -> Flight | None:
+        """The fresh answer another process fetched and stored for this key, if any."""
+        entry = await self.cache.lookup(self.key.digest)
+        if entry is None or entry.expires_at <= self.cache.clock():
+            return None
+        return Answer(entry.status, entry.headers, entry.body)
+
+    def stored(self) -> bool:
+        """Whether :meth:`run` stored its answer (other processes may then read it)."""
+        return self.kept
 
     async def run(self) -> Flight:
         """Fetch, store, and return what every waiter receives."""
@@ -306,7 +320,7 @@ class _Fetch:
             return TOO_LARGE
         answer = Answer(response.status_code, for_client(response.headers.raw), body)
         if storable(answer.status, self.fit, sent_head):
-            _store(cache, self.policy, self.endpoint, key, answer)
+            self.kept = _store(cache, self.policy, self.endpoint, key, answer)
         return answer
 
 
@@ -329,7 +343,7 @@ async def _relay_too_large(
 
 def _store(
     cache: TieredCache, policy: CachePolicy, endpoint: Endpoint, key: CacheKey, answer: Answer
-) -> None:
+) -> bool:
     seconds = lifetime(
         answer.status, ttl_for(endpoint, policy.ttl_overrides), policy.negative_ttl_seconds
     )
@@ -346,3 +360,4 @@ def _store(
             now + seconds,
         )
         cache.store_entry(key, entry)
+    return seconds is not None

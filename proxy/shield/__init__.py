@@ -18,5 +18,7 @@
   :class:`~proxy.shield.policy.ShieldPolicy` gathers what the cache's serving path needs.
 * :class:`~proxy.shield.counters.ShieldCounters` counts what all of them did.
 
-All of this is per gateway process. Import from the submodules: this package re-exports nothing.
+All of this is per gateway process unless ``redis_url`` is set: then
+:mod:`proxy.shield.shared` holds the limits, flights and breaker state for every worker and
+replica in Redis. Import from the submodules: this package re-exports nothing.
 """

@@ -87,6 +87,9 @@ class Breaker:
     #: The last failure in a row (for /healthz), and whether it was a failure to connect.
     last_error: str | None = None
     unreachable: bool = False
+    #: Told ``True`` when this breaker opens and ``False`` when it closes on its own evidence
+    #: (:class:`~proxy.shield.shared.BreakerSync`: the other replicas adopt it).
+    on_change: Callable[[bool], None] | None = None
     #: The last failure ever and its wall-clock time (for the status page; kept after recovery).
     last_failure: str | None = None
     last_failure_at: float | None = None
@@ -133,6 +136,8 @@ class Breaker:
         """The upstream answered: close the circuit."""
         if self.opened_at is not None:
             log.info("upstream %s answers again; circuit closed", self.upstream)
+            if self.on_change is not None:
+                self.on_change(False)
         self.failures = 0
         self.opened_at = None
         self.probing = False
@@ -146,13 +151,34 @@ class Breaker:
         self.last_failure, self.last_failure_at = reason, time.time()
         self.unreachable = unreachable
         if self.probing or self.failures >= self.threshold:
-            if self.opened_at is None:
+            opening = self.opened_at is None
+            if opening:
                 log.warning(
                     "upstream %s failed %d times in a row; circuit open",
                     self.upstream,
                     self.failures,
                 )
             self.opened_at = self.clock()
+            if opening and self.on_change is not None:
+                self.on_change(True)
         self.probing = False
         if self.opened_at is not None and self.listener is not None:
             self.listener()
+
+    def adopt(self, shared_open: bool) -> None:
+        """Take on the deployment's circuit state (another replica opened or closed it)."""
+        if shared_open and self.opened_at is None:
+            log.warning("upstream %s: circuit opened by another replica", self.upstream)
+            self.failures = self.threshold
+            self.opened_at = self.clock()
+            self.probing = False
+            self.last_error = self.last_error or "circuit opened by another replica"
+            if self.listener is not None:
+                self.listener()  # probe too: whoever sees the upstream back closes it for all
+        elif not shared_open and self.opened_at is not None:
+            log.info("upstream %s: circuit closed by another replica", self.upstream)
+            self.failures = 0
+            self.opened_at = None
+            self.probing = False
+            self.last_error = None
+            self.unreachable = False

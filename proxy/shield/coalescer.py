@@ -1,4 +1,5 @@
-"""Single flight per key: concurrent identical requests share one upstream fetch."""
+"""Single flight per key: concurrent identical requests share one upstream fetch (with a shared
+store, one across workers and replicas: :class:`~proxy.shield.shared.SharedFlights`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Generic, TypeVar
 
 from proxy.audit import JOINED
 from proxy.shield.counters import ShieldCounters
+from proxy.shield.shared import SharedFlights
 
 T = TypeVar("T")
 
@@ -18,12 +20,29 @@ class Coalescer(Generic[T]):
     def __init__(self, counters: ShieldCounters) -> None:
         self._flights: dict[str, asyncio.Future[T]] = {}
         self._counters = counters
+        #: The deployment's flights (None: this process's alone).
+        self.across: SharedFlights | None = None
 
-    async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
-        """Join the flight for ``key`` (starting it if there is none) and return its outcome."""
+    async def run(
+        self,
+        key: str,
+        fetch: Callable[[], Awaitable[T]],
+        recall: Callable[[], Awaitable[T | None]] | None = None,
+        stored: Callable[[], bool] | None = None,
+    ) -> T:
+        """Join the flight for ``key`` (starting it if there is none) and return its outcome.
+
+        With :attr:`across`, a flight another process is running is joined too: ``recall``
+        reads the answer it stored, and ``stored`` says whether this process's fetch stored
+        its answer (for the others to read).
+        """
         flight = self._flights.get(key)
         if flight is None:
-            flight = self.start(key, fetch)
+            across = self.across
+            if across is not None and recall is not None and stored is not None:
+                flight = self.start(key, lambda: across.once(key, fetch, recall, stored))
+            else:
+                flight = self.start(key, fetch)
         else:
             self._counters.coalesced += 1
             JOINED.set(True)  # this request's audit line says JOINED, not MISS

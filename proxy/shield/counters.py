@@ -23,3 +23,5 @@ class ShieldCounters:
     def __post_init__(self) -> None:
         # Not a field: the stats document (``asdict``) stays as it was.
         self.tally = Tally()  # per request and per upstream call, for /metrics
+        #: Calls to the shared store (Redis) that failed or timed out, for /metrics.
+        self.shared_store_errors = 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from proxy.errors import Overloaded
 from proxy.shield.bucket import TokenBucket
 from proxy.shield.counters import ShieldCounters
+from proxy.shield.shared import SharedLimits
 
 _CALM_SECONDS = 30.0  # no overload for this long: forget the learned rate
 _ADDITIVE_STEP = 0.1  # requests/second gained per successful upstream request
@@ -36,6 +37,9 @@ class Limiter:
     adaptive_rate: float | None = None
     _overloaded_at: float = field(init=False, default=-1e9)
     _starts: deque[float] = field(init=False, default_factory=deque)
+    #: The deployment's cap, rate and pause (Redis); None: this process's alone. While the
+    #: store is down, the per-process ones apply.
+    shared: SharedLimits | None = None
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrency)
@@ -50,6 +54,8 @@ class Limiter:
     def pause(self, seconds: float) -> None:
         """Hold every upstream request for ``seconds`` (the upstream asked us to slow down)."""
         self.paused_until = max(self.paused_until, self.clock() + seconds)
+        if self.shared is not None:
+            self.shared.pause(seconds)
 
     def overloaded(self) -> None:
         """The upstream said 429/503: slow the whole gateway down."""
@@ -89,11 +95,41 @@ class Limiter:
                 ) from None
         finally:
             self.waiting -= 1
+        token = None
         try:
-            await self._wait_for_pause_and_rate(deadline)
+            if self.shared is not None:
+                token = await self._enter_shared(deadline)
+            if token is None:
+                await self._wait_for_pause_and_rate(deadline)
             yield
         finally:
             self._slots.release()
+            if token is not None:
+                assert self.shared is not None
+                self.shared.leave(token)
+
+    async def _enter_shared(self, deadline: float) -> str | None:
+        """A slot of the deployment's (its token), or None when the store is down."""
+        assert self.shared is not None
+        self.waiting += 1
+        try:
+            # The shared deadline is on the monotonic clock, whatever clock this one reads.
+            left = deadline - self.clock()
+            token = await self.shared.enter(self.rate, time.monotonic() + left)
+        except TimeoutError as exc:
+            self.counters.rejected_queue_full += 1
+            what, wait = exc.args
+            message, retry_after = "too many requests waiting for the upstream", self.queue_timeout
+            if what == "pause":
+                message, retry_after = "the upstream asked the gateway to slow down", wait
+            raise Overloaded(
+                message, upstream=self.upstream, retry_after=max(1.0, retry_after)
+            ) from None
+        finally:
+            self.waiting -= 1
+        if token is not None:
+            self._starts.append(self.clock())  # for the learned rate, as the local path does
+        return token
 
     async def _wait_for_pause_and_rate(self, deadline: float) -> None:
         bucket = self._bucket
