@@ -96,9 +96,6 @@ K8S = DEPLOY / "k8s"
 DOCKERFILE = DEPLOY.parent / "Dockerfile"
 #: The Kubernetes version whose schemas (shipped by kubernetes-validate, offline) are checked.
 K8S_VERSION = "1.30"
-#: Settings of the shared limits, added by the replicas work (issue 13, item 1) in parallel:
-#: the deploy files set them already. Remove this set once proxy/config.py has them.
-PENDING_SETTINGS = frozenset({"redis_url", "redis_prefix"})
 #: Parts of a variable's name that say its value is a secret (then it must come from a file).
 SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
 
@@ -219,9 +216,7 @@ def _settings_from(environment: dict[str, str], secrets_at: str, tmp_path: Path)
     for variable, value in environment.items():
         name = variable.removeprefix(ENV_PREFIX).lower()
         assert variable.startswith(ENV_PREFIX), variable
-        assert name in Settings.model_fields or name in PENDING_SETTINGS, f"{variable}: unknown"
-        if name in PENDING_SETTINGS:
-            continue
+        assert name in Settings.model_fields, f"{variable}: unknown"
         if value.startswith(secrets_at):
             stand_in = tmp_path / value.removeprefix(secrets_at).strip("/")
             stand_in.write_text("x" * 64 if name == "token_secret_file" else "secret-value\n")
