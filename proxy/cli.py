@@ -406,6 +406,14 @@ def _gateway_base(url: str, flag: str = "--from") -> str:
         parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CommandError(f"{flag} takes the gateway's URL, starting with http://, {example}")
+    if parts.username is not None or parts.password is not None:
+        # Refused, not used: the URL would be printed in messages and kept in warm's record.
+        # Said without echoing the URL, whose password is what must not show.
+        raise CommandError(
+            f"{flag} takes the gateway's URL without a user name or password in it (an API key "
+            f"goes in {_API_KEY_ENV if flag == '--gateway' else _ADMIN_KEY_ENV} or in a file "
+            "named with --key-file)"
+        )
     path_parts = {part.lower() for part in parts.path.split("/")}
     if parts.query or parts.fragment or path_parts & {"nbia-api", "_proxy"}:
         raise CommandError(f"{flag} takes the gateway's base URL, {example}")

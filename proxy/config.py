@@ -330,6 +330,12 @@ class Settings(BaseSettings):
         "NewStudiesInPatientCollection) are asked what changed, to purge it (0: never; needs "
         "the cache).",
     )
+    update_forced_poll_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="The least time between two polls of an upstream's update feeds forced "
+        "with POST /_proxy/feeds/poll (sooner: 429 with Retry-After; 0: no minimum).",
+    )
 
     @field_validator("upstream", "nlst_upstream")
     @classmethod

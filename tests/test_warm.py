@@ -322,6 +322,22 @@ def test_no_gateway_at_the_url_is_one_line_and_exit_2(
     assert err.count("\n") == 1 and f"no gateway answers at {url}" in err, err
 
 
+@pytest.mark.parametrize(
+    "command", [["warm", "--series", "1.2.3", "--gateway"], ["cache", "stats", "--from"]]
+)
+def test_a_gateway_url_with_a_password_is_refused_without_showing_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
+) -> None:
+    from tests.gateway_server import free_port
+
+    url = f"http://lab:s3cret-pw@127.0.0.1:{free_port()}"
+    assert main([*command, url, "--data-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "s3cret-pw" not in out + err, err
+    assert err.count("\n") == 1 and "without a user name or password" in err, err
+    assert not list(tmp_path.glob("nbia-warm-*.json"))
+
+
 def test_a_file_that_is_not_a_manifest_is_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import gzip
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,8 +58,9 @@ _NO_V2 = frozenset({401, 403, 404, 405})
 FIRST_POLL_SECONDS = 60.0
 #: How long a feed request waits for the clients queued for the upstream to go first.
 YIELD_SECONDS = 60.0
-#: The outcomes a poll is counted under (``nbia_proxy_feed_polls_total{outcome}``).
-OUTCOMES = ("ok", "failed", "busy", "not_due")
+#: The outcomes a poll is counted under (``nbia_proxy_feed_polls_total{outcome}``);
+#: ``too_soon``: a forced poll refused, the upstream having been asked too recently.
+OUTCOMES = ("ok", "failed", "busy", "not_due", "too_soon")
 
 
 class FeedError(Exception):
@@ -88,6 +89,7 @@ class FeedPoller:
         interval: float,
         token_on_v4: bool,
         retry: RetryPolicy,
+        forced_min_seconds: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.upstreams = {u.name: u for u in upstreams}
@@ -97,6 +99,7 @@ class FeedPoller:
         self.interval = interval
         self.token_on_v4 = token_on_v4
         self.retry = retry
+        self.forced_min_seconds = forced_min_seconds
         self.clock = clock
         self.states = {name: FeedState() for name in self.upstreams}
         self._locks = {name: asyncio.Lock() for name in self.upstreams}
@@ -142,6 +145,12 @@ class FeedPoller:
             )
             if not force and due > self.clock():
                 return {"outcome": "not_due", "next_poll_at": due}
+            wait = forced_wait(position.last_attempt, self.forced_min_seconds, self.clock())
+            if force and wait > 0:
+                # Forced polls in a loop (every client is an admin in open mode) must not turn
+                # the gateway into a load generator against TCIA: one per interval, replicas
+                # included (the attempt time is the shared position's).
+                return {"outcome": "too_soon", "retry_after": wait, "next_poll_at": due}
             return await self._poll(name, position)
         finally:
             await asyncio.to_thread(lease.release)
@@ -300,6 +309,14 @@ class FeedPoller:
         return 200, _rows(body, encoding, path)
 
 
+def forced_wait(last_attempt: float | None, minimum: float, now: float) -> float:
+    """Seconds until a forced poll may ask the upstream again (0: now), ``minimum`` seconds
+    after the last attempt of any replica; a clock gone back waits no longer than ``minimum``."""
+    if last_attempt is None or minimum <= 0:
+        return 0.0
+    return max(0.0, min(minimum, last_attempt + minimum - now))
+
+
 async def _after_clients(upstream: Upstream) -> None:
     """Let the clients queued for the upstream go first (the poll is the least urgent
     request there is), for up to a minute: then it queues like anyone."""
@@ -313,15 +330,35 @@ def _rows(body: bytes, encoding: str, path: str) -> list[dict[str, Any]]:
     """A feed's JSON answer as rows; an empty body is no rows (NBIA's answer to "none")."""
     try:
         if encoding == "gzip":
-            body = gzip.decompress(body)
+            body = _gunzip_bounded(body, FEED_MAX_BYTES, path)
         if not body.strip():
             return []
         items = json.loads(body)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zlib.error) as exc:
         raise FeedError(f"{path} answered something other than JSON") from exc
     if not isinstance(items, list):
         raise FeedError(f"{path} answered JSON that is not a list")
     return [item for item in items if isinstance(item, dict)]
+
+
+def _gunzip_bounded(body: bytes, limit: int, path: str) -> bytes:
+    """``body`` gunzipped, refused past ``limit`` bytes: a few kilobytes of gzip can stand for
+    gigabytes (``gzip.decompress`` would hold them all), and the feed's size limit is on what
+    is read, not on what it unpacks to."""
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    while rest:  # one gzip member after another, as gzip.decompress reads them
+        unpacker = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        chunk = unpacker.decompress(rest, limit - size + 1)
+        size += len(chunk)
+        if size > limit or unpacker.unconsumed_tail:
+            raise FeedError(f"{path} answered more than {limit} bytes once unpacked")
+        parts.append(chunk)
+        if not unpacker.eof:
+            raise EOFError("the gzip stream ends early")
+        rest = unpacker.unused_data.lstrip(b"\0")  # gzip allows zero padding between members
+    return b"".join(parts)
 
 
 def _when(seconds: float | None) -> str | None:
