@@ -19,6 +19,8 @@ from proxy.warm.plan import Cohort
 
 #: The exit status of a run stopped with Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
+#: The largest --manifest or --series-file read: a million series' UIDs are about 65 MB.
+MAX_COHORT_FILE_BYTES = 128 * 2**20
 
 
 def cohort_of(args: argparse.Namespace) -> tuple[Cohort, list[str]]:
@@ -45,7 +47,14 @@ def cohort_of(args: argparse.Namespace) -> tuple[Cohort, list[str]]:
                 f"--manifest {manifest} {exc}: give the .tcia file NBIA's portal saved"
             ) from None
     if series_file is not None:
-        named += plan.parse_series_file(_read(series_file, "--series-file"))
+        try:
+            named += plan.parse_series_file(_read(series_file, "--series-file"))
+        except plan.ManifestError as exc:
+            raise CommandError(f"--series-file {series_file} {exc}") from None
+    for uid in uids:
+        problem = plan.check_uid(uid)
+        if problem is not None:
+            raise CommandError(f"--series {problem}")
     named += uids
     cohort = Cohort(collection, modality, body_part, tuple(uids))
     return cohort, plan.unique(named)
@@ -200,8 +209,17 @@ def _slug(cohort: Cohort, args: argparse.Namespace) -> str:
 
 
 def _read(path: Path, flag: str) -> str:
+    """The text of a cohort file: UTF-8, a byte order mark dropped (as Windows editors save
+    it), at most :data:`MAX_COHORT_FILE_BYTES` (not a whole disk image read into memory)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_COHORT_FILE_BYTES + 1)
+        if len(data) > MAX_COHORT_FILE_BYTES:
+            raise CommandError(
+                f"{flag} {path} is larger than {MAX_COHORT_FILE_BYTES // 2**20} MiB: "
+                "not a list of series (split the cohort)"
+            )
+        return data.decode("utf-8-sig")
     except FileNotFoundError:
         raise CommandError(f"{flag} {path}: no such file (check the path)") from None
     except (OSError, UnicodeDecodeError) as exc:
