@@ -25,8 +25,10 @@ each command needs run first, in :mod:`proxy.preflight`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -432,6 +434,15 @@ def _admin_key(key_file: Path | None) -> tuple[str, str] | None:
         raise CommandError(f"--key-file {key_file} cannot be read: {reason}") from None
     if not key:
         raise CommandError(f"--key-file {key_file} is empty")
+    with contextlib.suppress(OSError):
+        if key_file.stat().st_mode & stat.S_IROTH:
+            # Warned, not refused (a key shared on purpose is the user's call), as loudly as
+            # the start-up warnings: every account on the machine can read this key.
+            print(
+                f"nbia-proxy: warning: --key-file {key_file} can be read by every user of this "
+                f"machine: chmod 600 {key_file}",
+                file=sys.stderr,
+            )
     return key, f"--key-file {key_file}"
 
 

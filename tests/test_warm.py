@@ -27,7 +27,7 @@ from tcia_utils import nbia
 from proxy.cli import main
 from proxy.tcia import gateway_url_builder
 from proxy.warm import command, plan, progress
-from proxy.warm.runner import RateLimit
+from proxy.warm.runner import RateLimit, write_record
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings
 
@@ -406,6 +406,49 @@ def test_a_garbage_series_uid_or_a_huge_cohort_file_is_refused(
     path.write_bytes(b"downloadServerUrl=x\nListOfSeriesToDownload=\n" + b"1.2\n" * 1000)
     assert main([*base, "--manifest", str(path)]) == 2
     assert "is larger than" in capsys.readouterr().err
+
+
+def test_the_record_is_not_written_through_a_link_planted_at_its_part_name(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    record = tmp_path / "nbia-warm-x.json"
+    (tmp_path / "nbia-warm-x.json.part").symlink_to(victim)
+    write_record(record, {"series": []})
+    assert victim.read_text() == "keep me\n"
+    assert json.loads(record.read_text()) == {"series": []} and not record.is_symlink()
+    write_record(record, {"series": [1]})  # again, over the first
+    assert json.loads(record.read_text()) == {"series": [1]}
+
+
+def test_a_record_path_that_cannot_be_written_is_refused_before_the_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.gateway_server import free_port
+
+    gateway = f"http://127.0.0.1:{free_port()}"  # never reached: the record is checked first
+    base = ["warm", "--series", "1.2.3", "--gateway", gateway, "--data-dir", str(tmp_path)]
+    assert main([*base, "--record", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_key_file_others_can_read_is_warned_about(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.gateway_server import free_port
+
+    key = tmp_path / "key"
+    key.write_text("lab-key\n")
+    gateway = f"http://127.0.0.1:{free_port()}"
+    args = ["warm", "--series", "1.2.3", "--gateway", gateway, "--key-file", str(key)]
+    key.chmod(0o644)
+    assert main([*args, "--data-dir", str(tmp_path)]) == 2  # no gateway there
+    err = capsys.readouterr().err
+    assert "can be read by every user" in err and "lab-key" not in err, err
+    key.chmod(0o600)
+    assert main([*args, "--data-dir", str(tmp_path)]) == 2
+    assert "can be read by every user" not in capsys.readouterr().err
 
 
 def test_plan_mirrors_tcia_utils_requests() -> None:

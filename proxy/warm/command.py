@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -109,7 +110,15 @@ def warm(args: argparse.Namespace, settings: Settings, base: str | None, key: st
     document = runner.record(
         result, cohort, args.cohort_manifest, args.cohort_series_file, base or "in-process"
     )
-    runner.write_record(record_path, document)
+    try:
+        runner.write_record(record_path, document)
+    except OSError as exc:  # the run is done and kept: say so, and that the record is not
+        raise CommandError(
+            f"the cache is warm, but the record {record_path} could not be written: "
+            f"{exc.strerror} (warm again with another --record: what is kept is not fetched "
+            "again)",
+            FAILURE,
+        ) from None
     display.line(f"record: {record_path}")
     if result.stopped:
         return INTERRUPTED
@@ -231,3 +240,7 @@ def _check_writable(path: Path) -> None:
     """The record's directory must exist before an hour of downloads, not after."""
     if not path.parent.is_dir():
         raise CommandError(f"--record {path}: {path.parent} is not a directory (create it first)")
+    if path.is_dir():
+        raise CommandError(f"--record {path} is a directory: name the file to write")
+    if not os.access(path.parent, os.W_OK):
+        raise CommandError(f"--record {path}: {path.parent} is not writable by this user")
