@@ -444,6 +444,22 @@ def test_forced_polls_in_a_loop_ask_the_upstream_once_per_minimum(
         assert _feeds(gateway)["polls"]["too_soon"] == 6
 
 
+def test_collections_made_up_by_clients_are_not_asked_about_at_every_poll(
+    tmp_path: Path, nbia_upstream: FakeServer, no_background_polls: None
+) -> None:
+    """A cached answer for a collection NBIA does not list (any client can ask for one) adds
+    no feed requests: the poll asks NBIA's collection list once, and the feeds of those."""
+    with GatewayServer(_settings(tmp_path, nbia_upstream)) as gateway:
+        _get(gateway, "v4/getSeries?Collection=4D-Lung")
+        for i in range(20):
+            _get(gateway, f"v4/getSeries?Collection=made-up-{i}")
+        result = _poll(gateway)
+        assert result["outcome"] == "ok" and result["collections_asked"] == 1, result
+        asked = nbia_upstream.app.requests_to("/v4/NewPatientsInCollection")
+        assert [r.query.split("&")[0] for r in asked] == ["Collection=4D-Lung"]
+        assert len(nbia_upstream.app.requests_to("/v4/getCollectionValues")) == 1
+
+
 def test_two_gateways_on_one_postgresql_poll_once(
     tmp_path: Path, nbia_upstream: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

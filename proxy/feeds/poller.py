@@ -4,7 +4,8 @@
 Every ``update_poll_seconds`` (when due by the position the replicas share, see
 :mod:`proxy.feeds.ledger`) one process per upstream asks ``v2/getUpdatedSeries`` with the
 service token (``v4/getUpdatedSeries`` where v2 is not served), and, for each collection the
-cache holds, ``v4/NewPatientsInCollection`` and ``v4/NewStudiesInPatientCollection``. Its
+cache holds that ``v4/getCollectionValues`` lists, ``v4/NewPatientsInCollection`` and
+``v4/NewStudiesInPatientCollection``. Its
 requests go through the upstream's shield (breaker, queue, rate, retries) like a client's, one
 at a time and each after the clients already queued for the upstream, so a poll takes one of
 the upstream's slots at most. A failed poll backs off (30 s doubling, capped) and shows in the
@@ -165,7 +166,8 @@ class FeedPoller:
             since = window_start(position.last_success, oldest, started)
             form, updated = await self._updated_series(upstream, since, position.form)
             news: dict[str, list[dict[str, Any]]] = {}
-            for collection in await asyncio.to_thread(self.cache.store.collections, name):
+            held = await asyncio.to_thread(self.cache.store.collections, name)
+            for collection in await self._known_collections(upstream, held):
                 news[collection] = [
                     *await self._collection_feed(
                         upstream, "NewPatientsInCollection", collection, since
@@ -272,6 +274,20 @@ class FeedPoller:
         if status != 200:
             raise FeedError(f"v4/getUpdatedSeries answered {status}")
         return "v4", rows
+
+    async def _known_collections(self, upstream: Upstream, held: list[str]) -> list[str]:
+        """The collections of ``held`` (named by cached requests: any client's words) that the
+        upstream lists. A client asking for ten thousand made-up collections must not make
+        every poll ask TCIA twenty thousand questions; one it does not list has nothing new,
+        and an updated series names its collection in getUpdatedSeries anyway."""
+        if not held:
+            return []
+        status, rows = await self._ask(upstream, "v4/getCollectionValues", "", TokenUse.OPTIONAL)
+        if status != 200:
+            raise FeedError(f"v4/getCollectionValues answered {status}")
+        listed = (row.get("Collection") for row in rows)
+        known = {name.strip().casefold() for name in listed if isinstance(name, str)}
+        return [collection for collection in held if collection.casefold() in known]
 
     async def _collection_feed(
         self, upstream: Upstream, feed: str, collection: str, since: dt.date
