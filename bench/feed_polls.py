@@ -53,7 +53,15 @@ def measure(args: argparse.Namespace, tmp: Path, processes: list[Process]) -> di
     gateway, base_url = common.start_gateway(
         values["url"],
         tmp / "gateway",
-        ["--update-poll-seconds", "3600", "--nlst-upstream", values["url"]],
+        [
+            "--update-poll-seconds",
+            "3600",
+            # Back-to-back forced polls are the load measured: no minimum between them.
+            "--update-forced-poll-seconds",
+            "0",
+            "--nlst-upstream",
+            values["url"],
+        ],
     )
     processes.append(gateway)
     fill(base_url, args.entries)

@@ -257,6 +257,7 @@ def build_feeds(
         interval=settings.update_poll_seconds,
         token_on_v4=settings.token_on_v4,
         retry=RetryPolicy(settings.retry_max_attempts, settings.retry_budget_seconds),
+        forced_min_seconds=settings.update_forced_poll_seconds,
         clock=clock,
     )
 

@@ -25,8 +25,10 @@ each command needs run first, in :mod:`proxy.preflight`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -406,6 +408,14 @@ def _gateway_base(url: str, flag: str = "--from") -> str:
         parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CommandError(f"{flag} takes the gateway's URL, starting with http://, {example}")
+    if parts.username is not None or parts.password is not None:
+        # Refused, not used: the URL would be printed in messages and kept in warm's record.
+        # Said without echoing the URL, whose password is what must not show.
+        raise CommandError(
+            f"{flag} takes the gateway's URL without a user name or password in it (an API key "
+            f"goes in {_API_KEY_ENV if flag == '--gateway' else _ADMIN_KEY_ENV} or in a file "
+            "named with --key-file)"
+        )
     path_parts = {part.lower() for part in parts.path.split("/")}
     if parts.query or parts.fragment or path_parts & {"nbia-api", "_proxy"}:
         raise CommandError(f"{flag} takes the gateway's base URL, {example}")
@@ -424,6 +434,15 @@ def _admin_key(key_file: Path | None) -> tuple[str, str] | None:
         raise CommandError(f"--key-file {key_file} cannot be read: {reason}") from None
     if not key:
         raise CommandError(f"--key-file {key_file} is empty")
+    with contextlib.suppress(OSError):
+        if key_file.stat().st_mode & stat.S_IROTH:
+            # Warned, not refused (a key shared on purpose is the user's call), as loudly as
+            # the start-up warnings: every account on the machine can read this key.
+            print(
+                f"nbia-proxy: warning: --key-file {key_file} can be read by every user of this "
+                f"machine: chmod 600 {key_file}",
+                file=sys.stderr,
+            )
     return key, f"--key-file {key_file}"
 
 

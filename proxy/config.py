@@ -368,6 +368,12 @@ class Settings(BaseSettings):
         "NewStudiesInPatientCollection) are asked what changed, to purge it (0: never; needs "
         "the cache).",
     )
+    update_forced_poll_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="The least time between two polls of an upstream's update feeds forced "
+        "with POST /_proxy/feeds/poll (sooner: 429 with Retry-After; 0: no minimum).",
+    )
 
     @field_validator("upstream", "nlst_upstream")
     @classmethod
@@ -554,6 +560,13 @@ def _database_url_problem(url: str) -> str | None:
         return f"{backend} databases are not supported"
     if driver not in _DATABASES[backend]:
         return f"the {driver} driver is not supported"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:  # parsed here, not first at start-up: a bad port was a stack trace there
+        make_url(url).port  # noqa: B018 -- make_url checks the port is a number
+    except (ArgumentError, ValueError):
+        return "not a database URL (a port that is not a number, or no host part)"
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -438,7 +439,20 @@ def control_app(
         for name in names:
             result = dict(await feeds.poll(name, force=True))
             result.pop("next_poll_at", None)
+            if "retry_after" in result:
+                result["retry_after"] = math.ceil(result["retry_after"])
             polled[name] = result
+        waits = [r["retry_after"] for r in polled.values() if r["outcome"] == "too_soon"]
+        if len(waits) == len(polled):  # nothing was asked: say when to come back
+            return JSONResponse(
+                {
+                    "error": "the update feeds were asked less than update_forced_poll_seconds "
+                    "ago: try again later",
+                    "upstreams": polled,
+                },
+                status_code=429,
+                headers={"Retry-After": str(min(waits))},
+            )
         return {"upstreams": polled}
 
     @app.delete("/_proxy/cache", response_model=None)

@@ -60,6 +60,9 @@ ERRORS_KEPT = 50
 MESSAGE_CHARS = 500
 #: Collections listed as the largest and as the most used.
 TOP_COLLECTIONS = 10
+#: The downloads in progress listed (the longest-running); the rest are counted: thousands at
+#: once would make a page (reloaded every 10 s) of megabytes.
+DOWNLOADS_SHOWN = 200
 #: What "recently used" means for a collection's cached answers and files.
 RECENT_SECONDS = 3600.0
 #: A disk is nearly full below this share free (or below twice the cache's reserve).
@@ -234,6 +237,7 @@ class Snapshot:
     downloads: list[Download]
     errors: list[LoggedError]
     disks: list[Disk]
+    downloads_not_shown: int = 0  # beyond DOWNLOADS_SHOWN
 
 
 # What is kept between requests ----------------------------------------------------------------
@@ -413,6 +417,12 @@ def upstream_status(upstream: Upstream, now: float) -> UpstreamStatus:
     )
 
 
+def shown_downloads(downloads: list[Download]) -> tuple[list[Download], int]:
+    """The :data:`DOWNLOADS_SHOWN` longest-running downloads, and how many more there are."""
+    ordered = sorted(downloads, key=lambda d: -d.seconds)
+    return ordered[:DOWNLOADS_SHOWN], max(0, len(ordered) - DOWNLOADS_SHOWN)
+
+
 def background_downloads(series: SeriesCache | None) -> list[Download]:
     """Fills going on with no client reading them (a client's own are in :class:`Transfers`)."""
     if series is None:
@@ -562,6 +572,7 @@ class StatusBoard:
     clock: Callable[[], float] = time.time
     _series_map: tuple[float, dict[str, set[str]]] | None = None
     _cache_figures: tuple[float, CacheStatus] | None = None
+    _figures_reading: asyncio.Future[CacheStatus] | None = None
 
     def sample(self) -> None:
         """Close the per-minute tallies up to now."""
@@ -602,9 +613,7 @@ class StatusBoard:
         cache_status = await self._recent_cache_status(cache, binaries, now)
         disks = await asyncio.to_thread(self._disks, settings, binaries)
         skipped = 0 if cache is None else cache.writer.skipped_low_disk
-        downloads = sorted(
-            [*self.transfers, *background_downloads(series)], key=lambda d: -d.seconds
-        )
+        downloads, not_shown = shown_downloads([*self.transfers, *background_downloads(series)])
         return Snapshot(
             generated_at=now,
             version=__version__,
@@ -621,6 +630,7 @@ class StatusBoard:
             downloads=downloads,
             errors=list(reversed(self.errors.records)),
             disks=disks,
+            downloads_not_shown=not_shown,
         )
 
     @staticmethod
@@ -641,9 +651,24 @@ class StatusBoard:
         if known is not None and now - known[0] < CACHE_FIGURES_SECONDS and cache is not None:
             if cache.unavailable is None and known[1].available:
                 return known[1]
-        found = await self._cache_status(cache, binaries, now)
-        self._cache_figures = (now, found) if found.available else None
-        return found
+        # One reading at a time, shared by the pages asked for meanwhile: a burst of them as
+        # the figures age (or while the database is failing, when none is kept) would each
+        # scan the cache tables at once.
+        reading = self._figures_reading
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_cache_status(cache, binaries, now))
+            self._figures_reading = reading
+        return await asyncio.shield(reading)  # a page gone does not cancel the others' reading
+
+    async def _read_cache_status(
+        self, cache: TieredCache | None, binaries: BinaryStore | None, now: float
+    ) -> CacheStatus:
+        try:
+            found = await self._cache_status(cache, binaries, now)
+            self._cache_figures = (now, found) if found.available else None
+            return found
+        finally:
+            self._figures_reading = None
 
     async def _cache_status(
         self, cache: TieredCache | None, binaries: BinaryStore | None, now: float

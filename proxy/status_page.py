@@ -212,6 +212,11 @@ def render(snapshot: Snapshot) -> str:
             _table(("endpoint", "entries", "bytes", "hits", "misses"), endpoints, {1, 2, 3, 4}),
         ]
     parts += ['<h2 id="downloads">Downloads in progress</h2>', _downloads(s.downloads)]
+    if s.downloads_not_shown:
+        parts.append(
+            f'<p class="muted">and {s.downloads_not_shown} more, not listed (the '
+            f"{len(s.downloads)} that have run longest are)</p>"
+        )
     disks = [
         [e(d.name), f"<code>{e(d.path)}</code>", e(size(d.free_bytes)), e(size(d.total_bytes)),
          '<span class="bad">nearly full</span>' if d.nearly_full else '<span class="ok">ok</span>']

@@ -44,6 +44,8 @@ def make_settings(
         cache_min_free_disk_bytes=extra.pop("cache_min_free_disk_bytes", 1024 * 1024),
         # No update-feed polls unless a test asks: they would show in the fakes' request logs.
         update_poll_seconds=extra.pop("update_poll_seconds", 0),
+        # The tests force polls back to back: no minimum between them unless a test sets one.
+        update_forced_poll_seconds=extra.pop("update_forced_poll_seconds", 0),
         **extra,
     )
 

@@ -255,6 +255,21 @@ def test_database_password_file_needs_postgresql(
     assert SECRET not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+@pytest.mark.parametrize(
+    "database_url", ["postgresql://nbia:S3CRET@db:notaport/nbia", "postgresql://nbia:S3CRET@db:/x"]
+)
+def test_a_database_url_that_does_not_parse_is_a_usage_error_without_its_password(
+    tmp_path: Path, command: str, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a stack trace at start-up (which named no setting), and never the password."""
+    flags = ["--database-url", database_url, "--data-dir", str(tmp_path)]
+    assert cli.main([command, *flags]) == 2
+    out, err = capsys.readouterr()
+    assert "database_url" in err and "not a database URL" in err, err
+    assert "S3CRET" not in out + err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("name", ["nlst_password_file", "database_password_file"])
 def test_unreadable_secret_file_is_named(
     tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]

@@ -504,6 +504,7 @@ def test_stats_from_an_accounts_gateway_with_an_admin_key(
                       env={"NBIA_PROXY_ADMIN_KEY": keys["root"]})  # fmt: skip
     else:
         (tmp_path / "admin.key").write_text(keys["root"] + "\n")
+        (tmp_path / "admin.key").chmod(0o600)  # else warned about: others could read it
         run = run_cli("cache", "stats", "--from", server.url, "--key-file",
                       str(tmp_path / "admin.key"), cwd=tmp_path)  # fmt: skip
     assert (run.status, run.err) == (0, "")

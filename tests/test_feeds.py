@@ -4,6 +4,7 @@ lock and its back-off."""
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from proxy.feeds.plan import (
     purge_plan,
     window_start,
 )
+from proxy.feeds.poller import FeedError, forced_wait
 from tests.databases import BACKENDS, database
 from tests.fake_nbia import FakeServer
 from tests.fake_nbia.dataset import Series
@@ -111,6 +113,33 @@ def test_collection_news_purge_the_collection_lists_once() -> None:
     assert plan.series == frozenset()
     assert purge_plan([], news, plan.seen).tags == frozenset()
     assert "collection:D" not in plan.seen  # nothing new there
+
+
+def test_a_forced_poll_waits_the_minimum_after_any_attempt() -> None:
+    assert forced_wait(None, 60, NOON) == 0  # never polled
+    assert forced_wait(NOON, 60, NOON + 10) == 50
+    assert forced_wait(NOON, 60, NOON + 60) == 0
+    assert forced_wait(NOON, 0, NOON) == 0  # no minimum
+    assert forced_wait(NOON + DAY, 60, NOON) == 60  # a clock gone back: no longer than that
+
+
+def test_a_gzipped_feed_is_unpacked_within_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = b'[{"SeriesInstanceUID": "1.2"}]'
+    assert proxy.feeds.poller._rows(gzip.compress(rows), "gzip", "feed") == [
+        {"SeriesInstanceUID": "1.2"}
+    ]
+    two_members = gzip.compress(rows[:10]) + gzip.compress(rows[10:])
+    assert len(proxy.feeds.poller._rows(two_members, "gzip", "feed")) == 1
+    monkeypatch.setattr(proxy.feeds.poller, "FEED_MAX_BYTES", 1024 * 1024)
+    # A few kilobytes that unpack to 64 MiB: refused as the limit passes, not held in memory.
+    bomb = gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]")
+    assert len(bomb) < 1024 * 1024
+    with pytest.raises(FeedError, match="once unpacked"):
+        proxy.feeds.poller._rows(bomb, "gzip", "feed")
+    with pytest.raises(FeedError, match="other than JSON"):
+        proxy.feeds.poller._rows(gzip.compress(rows)[:-12], "gzip", "feed")  # cut short
+    with pytest.raises(FeedError, match="other than JSON"):
+        proxy.feeds.poller._rows(b"\x1f\x8bnot gzip", "gzip", "feed")
 
 
 # --- the lock ---------------------------------------------------------------------------------
@@ -391,6 +420,44 @@ def test_the_poll_endpoint_refuses_bad_input_and_is_absent_when_off(
         answer = httpx.post(f"{gateway.url}/_proxy/feeds/poll")
         assert answer.status_code == 404 and "update_poll_seconds" in answer.json()["error"]
         assert "feeds" not in httpx.get(f"{gateway.url}/_proxy/cache/stats").json()
+
+
+def test_forced_polls_in_a_loop_ask_the_upstream_once_per_minimum(
+    tmp_path: Path, nbia_upstream: FakeServer, no_background_polls: None
+) -> None:
+    settings = _settings(tmp_path, nbia_upstream, update_forced_poll_seconds=3600)
+    with GatewayServer(settings) as gateway:
+        assert _poll(gateway)["outcome"] == "ok"
+        for _ in range(5):
+            answer = httpx.post(f"{gateway.url}/_proxy/feeds/poll?upstream=nbia", timeout=60)
+            assert answer.status_code == 429, answer.text
+            assert 3500 < int(answer.headers["retry-after"]) <= 3600
+            body = answer.json()
+            assert "update_forced_poll_seconds" in body["error"]
+            assert body["upstreams"]["nbia"]["outcome"] == "too_soon"
+        assert len(nbia_upstream.app.requests_to("getUpdatedSeries")) == 1
+        # The other upstream was not asked yet: a poll of both asks it alone.
+        both = httpx.post(f"{gateway.url}/_proxy/feeds/poll", timeout=60)
+        assert both.status_code == 200, both.text
+        outcomes = {name: r["outcome"] for name, r in both.json()["upstreams"].items()}
+        assert outcomes == {"nbia": "too_soon", "nlst": "ok"}
+        assert _feeds(gateway)["polls"]["too_soon"] == 6
+
+
+def test_collections_made_up_by_clients_are_not_asked_about_at_every_poll(
+    tmp_path: Path, nbia_upstream: FakeServer, no_background_polls: None
+) -> None:
+    """A cached answer for a collection NBIA does not list (any client can ask for one) adds
+    no feed requests: the poll asks NBIA's collection list once, and the feeds of those."""
+    with GatewayServer(_settings(tmp_path, nbia_upstream)) as gateway:
+        _get(gateway, "v4/getSeries?Collection=4D-Lung")
+        for i in range(20):
+            _get(gateway, f"v4/getSeries?Collection=made-up-{i}")
+        result = _poll(gateway)
+        assert result["outcome"] == "ok" and result["collections_asked"] == 1, result
+        asked = nbia_upstream.app.requests_to("/v4/NewPatientsInCollection")
+        assert [r.query.split("&")[0] for r in asked] == ["Collection=4D-Lung"]
+        assert len(nbia_upstream.app.requests_to("/v4/getCollectionValues")) == 1
 
 
 def test_two_gateways_on_one_postgresql_poll_once(

@@ -31,6 +31,7 @@ from proxy.errors import ServiceTokenError
 from proxy.service_token import ServiceToken
 from proxy.status import (
     CACHE_FIGURES_SECONDS,
+    DOWNLOADS_SHOWN,
     Alert,
     CacheStatus,
     ClassFigures,
@@ -48,6 +49,7 @@ from proxy.status import (
     alerts_for,
     named_series,
     rates_of,
+    shown_downloads,
     upstream_status,
 )
 from proxy.status_page import render
@@ -461,3 +463,40 @@ def test_the_cache_figures_are_read_again_only_once_they_are_old() -> None:
     at(2000.0)
     at(2001.0)  # an unavailable reading is not kept
     assert reads[-2:] == [2000.0, 2001.0]
+
+
+def test_pages_asked_for_together_share_one_reading_of_the_cache_figures() -> None:
+    """A burst of page loads as the figures age (or with the database failing, when no
+    reading is kept) scans the cache tables once, not once per page."""
+    board = StatusBoard()
+    reads: list[float] = []
+
+    async def read(cache: Any, binaries: Any, now: float) -> CacheStatus:
+        reads.append(now)
+        await asyncio.sleep(0.05)  # the scan takes a while: the other pages arrive meanwhile
+        return _cache(available=False, reason="down")
+
+    board._cache_status = read  # type: ignore[method-assign]
+    cache = SimpleNamespace(unavailable=None)
+
+    async def burst() -> list[CacheStatus]:
+        pages = [board._recent_cache_status(cache, None, 1000.0) for _ in range(50)]  # type: ignore[arg-type]
+        return await asyncio.gather(*pages)
+
+    found = asyncio.run(burst())
+    assert len(reads) == 1 and all(f.reason == "down" for f in found)
+    asyncio.run(burst())  # the next burst reads again (a failed reading is not kept)
+    assert len(reads) == 2
+
+
+def test_thousands_of_downloads_list_the_longest_running_and_count_the_rest() -> None:
+    many = [
+        Download("client", f"u{i}", "127.0.0.1", "getImage", f"1.{i}", 1000, float(i), 1.0)
+        for i in range(5000)
+    ]
+    shown, more = shown_downloads(many)
+    assert len(shown) == DOWNLOADS_SHOWN and more == 5000 - DOWNLOADS_SHOWN
+    assert shown[0].seconds == 4999 and shown[-1].seconds == 5000 - DOWNLOADS_SHOWN
+    page = render(replace(_hostile_snapshot(), downloads=shown, downloads_not_shown=more))
+    assert page.count("<code>1.") == DOWNLOADS_SHOWN and f"and {more} more" in page
+    assert shown_downloads(many[:3]) == (sorted(many[:3], key=lambda d: -d.seconds), 0)

@@ -7,6 +7,7 @@ list, read and download the cohort through a fresh gateway on the same data dir.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -25,8 +26,8 @@ from tcia_utils import nbia
 
 from proxy.cli import main
 from proxy.tcia import gateway_url_builder
-from proxy.warm import plan, progress
-from proxy.warm.runner import RateLimit
+from proxy.warm import command, plan, progress
+from proxy.warm.runner import RateLimit, write_record
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings
 
@@ -322,6 +323,22 @@ def test_no_gateway_at_the_url_is_one_line_and_exit_2(
     assert err.count("\n") == 1 and f"no gateway answers at {url}" in err, err
 
 
+@pytest.mark.parametrize(
+    "command", [["warm", "--series", "1.2.3", "--gateway"], ["cache", "stats", "--from"]]
+)
+def test_a_gateway_url_with_a_password_is_refused_without_showing_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
+) -> None:
+    from tests.gateway_server import free_port
+
+    url = f"http://lab:s3cret-pw@127.0.0.1:{free_port()}"
+    assert main([*command, url, "--data-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "s3cret-pw" not in out + err, err
+    assert err.count("\n") == 1 and "without a user name or password" in err, err
+    assert not list(tmp_path.glob("nbia-warm-*.json"))
+
+
 def test_a_file_that_is_not_a_manifest_is_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -339,6 +356,99 @@ def test_manifest_parsing() -> None:
     assert plan.parse_manifest(body) == ["1.2", "1.3"]
     with pytest.raises(plan.ManifestError):
         plan.parse_manifest("1.2\n1.3\n")
+
+
+def test_cohort_files_saved_on_windows_are_read(tmp_path: Path) -> None:
+    """A byte order mark and CRLF line ends (Notepad's UTF-8) change nothing."""
+    manifest = tmp_path / "cohort.tcia"
+    manifest.write_bytes(b"\xef\xbb\xbfdownloadServerUrl=x\r\nListOfSeriesToDownload=\r\n1.2\r\n")
+    series = tmp_path / "series.txt"
+    series.write_bytes(b"\xef\xbb\xbf1.3\r\n  # a note\r\n1.4\r\n")
+    args = argparse.Namespace(cohort_manifest=manifest, cohort_series_file=series)
+    assert command.cohort_of(args)[1] == ["1.2", "1.3", "1.4"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"1.2.3\n1.2.4,1.2.5\n", "line 2: '1.2.4,1.2.5' is not a series UID"),
+        (b"1.2.3 1.2.4\n", "line 1: '1.2.3 1.2.4' is not a series UID"),
+        (b"\x00\x01\x02garbage\n", "line 1: "),
+        (b"9" * 500 + b"\n", "...' is not a series UID"),
+        (b"\xff\xfe1\x002\x00", "not UTF-8 text"),
+    ],
+)
+def test_a_series_file_of_garbage_is_refused_naming_the_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes, message: str
+) -> None:
+    from tests.gateway_server import free_port
+
+    path = tmp_path / "series.txt"
+    path.write_bytes(content)
+    gateway = f"http://127.0.0.1:{free_port()}"  # never reached: the file is refused first
+    args = ["warm", "--series-file", str(path), "--gateway", gateway, "--data-dir", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "no gateway answers" not in err, err
+
+
+def test_a_garbage_series_uid_or_a_huge_cohort_file_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.gateway_server import free_port
+
+    gateway = f"http://127.0.0.1:{free_port()}"
+    base = ["warm", "--gateway", gateway, "--data-dir", str(tmp_path)]
+    assert main([*base, "--series", "1.2,1.3"]) == 2
+    assert "--series '1.2,1.3' is not a series UID" in capsys.readouterr().err
+    monkeypatch.setattr(command, "MAX_COHORT_FILE_BYTES", 1000)
+    path = tmp_path / "huge.tcia"
+    path.write_bytes(b"downloadServerUrl=x\nListOfSeriesToDownload=\n" + b"1.2\n" * 1000)
+    assert main([*base, "--manifest", str(path)]) == 2
+    assert "is larger than" in capsys.readouterr().err
+
+
+def test_the_record_is_not_written_through_a_link_planted_at_its_part_name(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    record = tmp_path / "nbia-warm-x.json"
+    (tmp_path / "nbia-warm-x.json.part").symlink_to(victim)
+    write_record(record, {"series": []})
+    assert victim.read_text() == "keep me\n"
+    assert json.loads(record.read_text()) == {"series": []} and not record.is_symlink()
+    write_record(record, {"series": [1]})  # again, over the first
+    assert json.loads(record.read_text()) == {"series": [1]}
+
+
+def test_a_record_path_that_cannot_be_written_is_refused_before_the_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.gateway_server import free_port
+
+    gateway = f"http://127.0.0.1:{free_port()}"  # never reached: the record is checked first
+    base = ["warm", "--series", "1.2.3", "--gateway", gateway, "--data-dir", str(tmp_path)]
+    assert main([*base, "--record", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_key_file_others_can_read_is_warned_about(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.gateway_server import free_port
+
+    key = tmp_path / "key"
+    key.write_text("lab-key\n")
+    gateway = f"http://127.0.0.1:{free_port()}"
+    args = ["warm", "--series", "1.2.3", "--gateway", gateway, "--key-file", str(key)]
+    key.chmod(0o644)
+    assert main([*args, "--data-dir", str(tmp_path)]) == 2  # no gateway there
+    err = capsys.readouterr().err
+    assert "can be read by every user" in err and "lab-key" not in err, err
+    key.chmod(0o600)
+    assert main([*args, "--data-dir", str(tmp_path)]) == 2
+    assert "can be read by every user" not in capsys.readouterr().err
 
 
 def test_plan_mirrors_tcia_utils_requests() -> None:

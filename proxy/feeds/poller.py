@@ -4,7 +4,8 @@
 Every ``update_poll_seconds`` (when due by the position the replicas share, see
 :mod:`proxy.feeds.ledger`) one process per upstream asks ``v2/getUpdatedSeries`` with the
 service token (``v4/getUpdatedSeries`` where v2 is not served), and, for each collection the
-cache holds, ``v4/NewPatientsInCollection`` and ``v4/NewStudiesInPatientCollection``. Its
+cache holds that ``v4/getCollectionValues`` lists, ``v4/NewPatientsInCollection`` and
+``v4/NewStudiesInPatientCollection``. Its
 requests go through the upstream's shield (breaker, queue, rate, retries) like a client's, one
 at a time and each after the clients already queued for the upstream, so a poll takes one of
 the upstream's slots at most. A failed poll backs off (30 s doubling, capped) and shows in the
@@ -16,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import gzip
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -58,8 +59,9 @@ _NO_V2 = frozenset({401, 403, 404, 405})
 FIRST_POLL_SECONDS = 60.0
 #: How long a feed request waits for the clients queued for the upstream to go first.
 YIELD_SECONDS = 60.0
-#: The outcomes a poll is counted under (``nbia_proxy_feed_polls_total{outcome}``).
-OUTCOMES = ("ok", "failed", "busy", "not_due")
+#: The outcomes a poll is counted under (``nbia_proxy_feed_polls_total{outcome}``);
+#: ``too_soon``: a forced poll refused, the upstream having been asked too recently.
+OUTCOMES = ("ok", "failed", "busy", "not_due", "too_soon")
 
 
 class FeedError(Exception):
@@ -88,6 +90,7 @@ class FeedPoller:
         interval: float,
         token_on_v4: bool,
         retry: RetryPolicy,
+        forced_min_seconds: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.upstreams = {u.name: u for u in upstreams}
@@ -97,6 +100,7 @@ class FeedPoller:
         self.interval = interval
         self.token_on_v4 = token_on_v4
         self.retry = retry
+        self.forced_min_seconds = forced_min_seconds
         self.clock = clock
         self.states = {name: FeedState() for name in self.upstreams}
         self._locks = {name: asyncio.Lock() for name in self.upstreams}
@@ -142,6 +146,12 @@ class FeedPoller:
             )
             if not force and due > self.clock():
                 return {"outcome": "not_due", "next_poll_at": due}
+            wait = forced_wait(position.last_attempt, self.forced_min_seconds, self.clock())
+            if force and wait > 0:
+                # Forced polls in a loop (every client is an admin in open mode) must not turn
+                # the gateway into a load generator against TCIA: one per interval, replicas
+                # included (the attempt time is the shared position's).
+                return {"outcome": "too_soon", "retry_after": wait, "next_poll_at": due}
             return await self._poll(name, position)
         finally:
             await asyncio.to_thread(lease.release)
@@ -156,7 +166,8 @@ class FeedPoller:
             since = window_start(position.last_success, oldest, started)
             form, updated = await self._updated_series(upstream, since, position.form)
             news: dict[str, list[dict[str, Any]]] = {}
-            for collection in await asyncio.to_thread(self.cache.store.collections, name):
+            held = await asyncio.to_thread(self.cache.store.collections, name)
+            for collection in await self._known_collections(upstream, held):
                 news[collection] = [
                     *await self._collection_feed(
                         upstream, "NewPatientsInCollection", collection, since
@@ -264,6 +275,20 @@ class FeedPoller:
             raise FeedError(f"v4/getUpdatedSeries answered {status}")
         return "v4", rows
 
+    async def _known_collections(self, upstream: Upstream, held: list[str]) -> list[str]:
+        """The collections of ``held`` (named by cached requests: any client's words) that the
+        upstream lists. A client asking for ten thousand made-up collections must not make
+        every poll ask TCIA twenty thousand questions; one it does not list has nothing new,
+        and an updated series names its collection in getUpdatedSeries anyway."""
+        if not held:
+            return []
+        status, rows = await self._ask(upstream, "v4/getCollectionValues", "", TokenUse.OPTIONAL)
+        if status != 200:
+            raise FeedError(f"v4/getCollectionValues answered {status}")
+        listed = (row.get("Collection") for row in rows)
+        known = {name.strip().casefold() for name in listed if isinstance(name, str)}
+        return [collection for collection in held if collection.casefold() in known]
+
     async def _collection_feed(
         self, upstream: Upstream, feed: str, collection: str, since: dt.date
     ) -> list[dict[str, Any]]:
@@ -300,6 +325,14 @@ class FeedPoller:
         return 200, _rows(body, encoding, path)
 
 
+def forced_wait(last_attempt: float | None, minimum: float, now: float) -> float:
+    """Seconds until a forced poll may ask the upstream again (0: now), ``minimum`` seconds
+    after the last attempt of any replica; a clock gone back waits no longer than ``minimum``."""
+    if last_attempt is None or minimum <= 0:
+        return 0.0
+    return max(0.0, min(minimum, last_attempt + minimum - now))
+
+
 async def _after_clients(upstream: Upstream) -> None:
     """Let the clients queued for the upstream go first (the poll is the least urgent
     request there is), for up to a minute: then it queues like anyone."""
@@ -313,15 +346,35 @@ def _rows(body: bytes, encoding: str, path: str) -> list[dict[str, Any]]:
     """A feed's JSON answer as rows; an empty body is no rows (NBIA's answer to "none")."""
     try:
         if encoding == "gzip":
-            body = gzip.decompress(body)
+            body = _gunzip_bounded(body, FEED_MAX_BYTES, path)
         if not body.strip():
             return []
         items = json.loads(body)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zlib.error) as exc:
         raise FeedError(f"{path} answered something other than JSON") from exc
     if not isinstance(items, list):
         raise FeedError(f"{path} answered JSON that is not a list")
     return [item for item in items if isinstance(item, dict)]
+
+
+def _gunzip_bounded(body: bytes, limit: int, path: str) -> bytes:
+    """``body`` gunzipped, refused past ``limit`` bytes: a few kilobytes of gzip can stand for
+    gigabytes (``gzip.decompress`` would hold them all), and the feed's size limit is on what
+    is read, not on what it unpacks to."""
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    while rest:  # one gzip member after another, as gzip.decompress reads them
+        unpacker = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        chunk = unpacker.decompress(rest, limit - size + 1)
+        size += len(chunk)
+        if size > limit or unpacker.unconsumed_tail:
+            raise FeedError(f"{path} answered more than {limit} bytes once unpacked")
+        parts.append(chunk)
+        if not unpacker.eof:
+            raise EOFError("the gzip stream ends early")
+        rest = unpacker.unused_data.lstrip(b"\0")  # gzip allows zero padding between members
+    return b"".join(parts)
 
 
 def _when(seconds: float | None) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -19,6 +20,8 @@ from proxy.warm.plan import Cohort
 
 #: The exit status of a run stopped with Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
+#: The largest --manifest or --series-file read: a million series' UIDs are about 65 MB.
+MAX_COHORT_FILE_BYTES = 128 * 2**20
 
 
 def cohort_of(args: argparse.Namespace) -> tuple[Cohort, list[str]]:
@@ -45,7 +48,14 @@ def cohort_of(args: argparse.Namespace) -> tuple[Cohort, list[str]]:
                 f"--manifest {manifest} {exc}: give the .tcia file NBIA's portal saved"
             ) from None
     if series_file is not None:
-        named += plan.parse_series_file(_read(series_file, "--series-file"))
+        try:
+            named += plan.parse_series_file(_read(series_file, "--series-file"))
+        except plan.ManifestError as exc:
+            raise CommandError(f"--series-file {series_file} {exc}") from None
+    for uid in uids:
+        problem = plan.check_uid(uid)
+        if problem is not None:
+            raise CommandError(f"--series {problem}")
     named += uids
     cohort = Cohort(collection, modality, body_part, tuple(uids))
     return cohort, plan.unique(named)
@@ -100,7 +110,15 @@ def warm(args: argparse.Namespace, settings: Settings, base: str | None, key: st
     document = runner.record(
         result, cohort, args.cohort_manifest, args.cohort_series_file, base or "in-process"
     )
-    runner.write_record(record_path, document)
+    try:
+        runner.write_record(record_path, document)
+    except OSError as exc:  # the run is done and kept: say so, and that the record is not
+        raise CommandError(
+            f"the cache is warm, but the record {record_path} could not be written: "
+            f"{exc.strerror} (warm again with another --record: what is kept is not fetched "
+            "again)",
+            FAILURE,
+        ) from None
     display.line(f"record: {record_path}")
     if result.stopped:
         return INTERRUPTED
@@ -200,8 +218,17 @@ def _slug(cohort: Cohort, args: argparse.Namespace) -> str:
 
 
 def _read(path: Path, flag: str) -> str:
+    """The text of a cohort file: UTF-8, a byte order mark dropped (as Windows editors save
+    it), at most :data:`MAX_COHORT_FILE_BYTES` (not a whole disk image read into memory)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_COHORT_FILE_BYTES + 1)
+        if len(data) > MAX_COHORT_FILE_BYTES:
+            raise CommandError(
+                f"{flag} {path} is larger than {MAX_COHORT_FILE_BYTES // 2**20} MiB: "
+                "not a list of series (split the cohort)"
+            )
+        return data.decode("utf-8-sig")
     except FileNotFoundError:
         raise CommandError(f"{flag} {path}: no such file (check the path)") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -213,3 +240,7 @@ def _check_writable(path: Path) -> None:
     """The record's directory must exist before an hour of downloads, not after."""
     if not path.parent.is_dir():
         raise CommandError(f"--record {path}: {path.parent} is not a directory (create it first)")
+    if path.is_dir():
+        raise CommandError(f"--record {path} is a directory: name the file to write")
+    if not os.access(path.parent, os.W_OK):
+        raise CommandError(f"--record {path}: {path.parent} is not writable by this user")

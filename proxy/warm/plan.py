@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,7 +32,14 @@ Kind = Literal["metadata", "image"]
 
 
 class ManifestError(ValueError):
-    """A manifest file that is not NBIA's manifest format."""
+    """A manifest file that is not NBIA's manifest format (or a series file, a UID that is
+    not one)."""
+
+
+#: What a series UID may be: DICOM's are digits and dots (64 at most); anything printable but
+#: white space and a comma (which would split the comma-joined getSeriesMetadata list into
+#: other UIDs) is left for NBIA to judge, up to 128 characters.
+_UID = re.compile(r"[!-+\--~]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -76,14 +84,32 @@ def parse_manifest(text: str) -> list[str]:
         start = lines.index("ListOfSeriesToDownload=") + 1
     except ValueError:
         raise ManifestError("is not an NBIA manifest (no ListOfSeriesToDownload= line)") from None
-    return unique(line for line in lines[start:] if line)
+    return unique(_uids(enumerate(lines[start:], start + 1)))
 
 
 def parse_series_file(text: str) -> list[str]:
     """Series UIDs, one a line; blank lines and ``#`` comments skipped."""
-    return unique(
-        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
-    )
+    lines = [line.strip() for line in text.splitlines()]
+    return unique(_uids((n, line) for n, line in enumerate(lines, 1) if not line.startswith("#")))
+
+
+def check_uid(uid: str) -> str | None:
+    """Why ``uid`` cannot be a series UID, or None if it can."""
+    if _UID.fullmatch(uid):
+        return None
+    shown = uid if len(uid) <= 40 else uid[:40] + "..."
+    return f"{shown!r} is not a series UID (DICOM UIDs are digits and dots)"
+
+
+def _uids(lines: Iterable[tuple[int, str]]) -> Iterable[str]:
+    """The non-blank ``(number, stripped line)`` lines, each checked to be a UID."""
+    for number, line in lines:
+        if not line:
+            continue
+        problem = check_uid(line)
+        if problem is not None:
+            raise ManifestError(f"line {number}: {problem}")
+        yield line
 
 
 def unique(items: Iterable[str]) -> list[str]:

@@ -11,6 +11,7 @@ no upstream one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -446,8 +447,14 @@ def record(
 def write_record(path: Path, document: dict[str, Any]) -> None:
     """Write the record atomically (a stopped run leaves the previous one or the new one)."""
     part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(part, path)
+    # A fresh file, never through what is there: a link planted at the .part name (in a shared
+    # directory) would otherwise have the record written over whatever it points to.
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()
+    descriptor = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(json.dumps(document, indent=2) + "\n")
+    os.replace(part, path)  # replaces a link at ``path`` itself, not what it points to
 
 
 def _file_source(path: Path) -> dict[str, Any]:
