@@ -172,7 +172,9 @@ class GatewayProcess:
     def __exit__(self, *exc_info: object) -> None:
         assert self.process is not None
         self.process.terminate()
-        self.exit_code = self.process.wait(timeout=15)
+        # A gateway may take its whole shutdown_grace_seconds (30) plus the unwind to stop when
+        # a connection is still open; past that, not stopping is a hang.
+        self.exit_code = self.process.wait(timeout=60)
 
 
 class Clock:
