@@ -295,7 +295,10 @@ def test_sqlite_locked_misses_are_relayed_within_the_bound(
             cache.writer.flush()
             unlocked.clear()
             during_outage(gw, nbia_upstream, warm)
-            assert "no answer within 0.3 s" in str(cache.health.reason)
+            # Mostly the bound ends a read; a write that SQLite itself found locked meanwhile
+            # (its own lock, taken by a held writer) is the same outage, seen first.
+            reason = str(cache.health.reason)
+            assert "no answer within 0.3 s" in reason or reason == "database is locked", reason
             after_outage(gw, unlocked.set)
         finally:
             unlocked.set()
