@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -100,6 +101,10 @@ class GatewayServer:
         assert self._server is not None and self._thread is not None
         self._server.should_exit = True
         self._thread.join(timeout=10)
+
+
+GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
+"""What the ``make_gateway`` fixture (tests/conftest.py) returns: settings in, a gateway out."""
 
 
 def audit_lines(path: Path | str, count: int = 0, timeout: float = 10) -> list[dict[str, Any]]:

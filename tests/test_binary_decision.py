@@ -9,40 +9,61 @@ from proxy.binary.decision import Action, Stored, decide, go_on_alone
 KEPT, FILLING, NOTHING = Stored.KEPT, Stored.FILLING, Stored.NOTHING
 
 
+# Whole requests: (stored, method, fresh, offline, circuit, shared, expected).
+WHOLE = [
+    # a kept file is served, however it is asked for
+    (KEPT, "GET", False, False, False, True, Action.SERVE),
+    (KEPT, "POST", False, False, False, True, Action.SERVE),
+    (KEPT, "HEAD", False, False, False, True, Action.SERVE),
+    (KEPT, "GET", False, False, False, False, Action.SERVE),
+    # no-cache asks the upstream again, unless it cannot answer
+    (KEPT, "GET", True, False, False, True, Action.FILL),
+    (KEPT, "GET", True, True, False, True, Action.SERVE),
+    (KEPT, "GET", True, False, True, True, Action.SERVE),
+    (KEPT, "GET", True, False, False, False, Action.RELAY),
+    # outages: kept files are served, nothing else reaches the upstream
+    (KEPT, "GET", False, True, False, True, Action.SERVE),
+    (KEPT, "GET", False, False, True, True, Action.SERVE),
+    (NOTHING, "GET", False, True, False, True, Action.REFUSE_OFFLINE),
+    (NOTHING, "HEAD", False, True, False, True, Action.REFUSE_OFFLINE),
+    (FILLING, "GET", False, True, False, True, Action.REFUSE_OFFLINE),
+    (NOTHING, "GET", False, False, True, True, Action.REFUSE_CIRCUIT),
+    (NOTHING, "GET", False, False, True, False, Action.REFUSE_CIRCUIT),
+    # a fill in progress is joined, never fetched a second time
+    (FILLING, "GET", False, False, False, True, Action.JOIN),
+    (FILLING, "GET", True, False, False, True, Action.JOIN),
+    (FILLING, "HEAD", False, False, False, True, Action.JOIN),
+    (FILLING, "GET", False, False, True, True, Action.JOIN),
+    # ... but only by a request its key describes exactly
+    (FILLING, "GET", False, False, False, False, Action.RELAY),
+    # nothing kept: a fill, except for HEAD and inexact keys
+    (NOTHING, "GET", False, False, False, True, Action.FILL),
+    (NOTHING, "POST", False, False, False, True, Action.FILL),
+    (NOTHING, "GET", True, False, False, True, Action.FILL),
+    (NOTHING, "HEAD", False, False, False, True, Action.RELAY),
+    (NOTHING, "GET", False, False, False, False, Action.RELAY),
+]
+
+# Requests with a Range, always an exact GET: (stored, fresh, offline, circuit, expected).
+RANGED = [
+    # a Range never starts a download: relayed (the upstream sends what the client reads)
+    (NOTHING, False, False, False, Action.RELAY),
+    (KEPT, True, False, False, Action.RELAY),  # no-cache with a Range: not a refill either
+    # ... and is answered from what is there
+    (KEPT, False, False, False, Action.SERVE),
+    (FILLING, False, False, False, Action.JOIN),
+    (FILLING, True, False, False, Action.JOIN),
+    (NOTHING, False, True, False, Action.REFUSE_OFFLINE),
+    (NOTHING, False, False, True, Action.REFUSE_CIRCUIT),
+]
+
+
 @pytest.mark.parametrize(
-    ("stored", "method", "fresh", "offline", "circuit", "shared", "expected"),
-    [
-        # a kept file is served, however it is asked for
-        (KEPT, "GET", False, False, False, True, Action.SERVE),
-        (KEPT, "POST", False, False, False, True, Action.SERVE),
-        (KEPT, "HEAD", False, False, False, True, Action.SERVE),
-        (KEPT, "GET", False, False, False, False, Action.SERVE),
-        # no-cache asks the upstream again, unless it cannot answer
-        (KEPT, "GET", True, False, False, True, Action.FILL),
-        (KEPT, "GET", True, True, False, True, Action.SERVE),
-        (KEPT, "GET", True, False, True, True, Action.SERVE),
-        (KEPT, "GET", True, False, False, False, Action.RELAY),
-        # outages: kept files are served, nothing else reaches the upstream
-        (KEPT, "GET", False, True, False, True, Action.SERVE),
-        (KEPT, "GET", False, False, True, True, Action.SERVE),
-        (NOTHING, "GET", False, True, False, True, Action.REFUSE_OFFLINE),
-        (NOTHING, "HEAD", False, True, False, True, Action.REFUSE_OFFLINE),
-        (FILLING, "GET", False, True, False, True, Action.REFUSE_OFFLINE),
-        (NOTHING, "GET", False, False, True, True, Action.REFUSE_CIRCUIT),
-        (NOTHING, "GET", False, False, True, False, Action.REFUSE_CIRCUIT),
-        # a fill in progress is joined, never fetched a second time
-        (FILLING, "GET", False, False, False, True, Action.JOIN),
-        (FILLING, "GET", True, False, False, True, Action.JOIN),
-        (FILLING, "HEAD", False, False, False, True, Action.JOIN),
-        (FILLING, "GET", False, False, True, True, Action.JOIN),
-        # ... but only by a request its key describes exactly
-        (FILLING, "GET", False, False, False, False, Action.RELAY),
-        # nothing kept: a fill, except for HEAD and inexact keys
-        (NOTHING, "GET", False, False, False, True, Action.FILL),
-        (NOTHING, "POST", False, False, False, True, Action.FILL),
-        (NOTHING, "GET", True, False, False, True, Action.FILL),
-        (NOTHING, "HEAD", False, False, False, True, Action.RELAY),
-        (NOTHING, "GET", False, False, False, False, Action.RELAY),
+    ("stored", "method", "fresh", "offline", "circuit", "shared", "ranged", "expected"),
+    [(*row[:-1], False, row[-1]) for row in WHOLE]
+    + [
+        (stored, "GET", fresh, offline, circuit, True, True, expected)
+        for stored, fresh, offline, circuit, expected in RANGED
     ],
 )
 def test_decide(
@@ -52,6 +73,7 @@ def test_decide(
     offline: bool,
     circuit: bool,
     shared: bool,
+    ranged: bool,
     expected: Action,
 ) -> None:
     got = decide(
@@ -61,35 +83,7 @@ def test_decide(
         offline=offline,
         circuit_open=circuit,
         shared=shared,
-    )
-    assert got is expected
-
-
-@pytest.mark.parametrize(
-    ("stored", "fresh", "offline", "circuit", "expected"),
-    [
-        # a Range never starts a download: relayed (the upstream sends what the client reads)
-        (NOTHING, False, False, False, Action.RELAY),
-        (KEPT, True, False, False, Action.RELAY),  # no-cache with a Range: not a refill either
-        # ... and is answered from what is there
-        (KEPT, False, False, False, Action.SERVE),
-        (FILLING, False, False, False, Action.JOIN),
-        (FILLING, True, False, False, Action.JOIN),
-        (NOTHING, False, True, False, Action.REFUSE_OFFLINE),
-        (NOTHING, False, False, True, Action.REFUSE_CIRCUIT),
-    ],
-)
-def test_a_range_never_starts_a_fill(
-    stored: Stored, fresh: bool, offline: bool, circuit: bool, expected: Action
-) -> None:
-    got = decide(
-        stored,
-        method="GET",
-        wants_fresh=fresh,
-        offline=offline,
-        circuit_open=circuit,
-        shared=True,
-        ranged=True,
+        ranged=ranged,
     )
     assert got is expected
 

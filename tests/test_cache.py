@@ -6,11 +6,11 @@ database state is settled before a test looks at it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from proxy.cli import main as cli_main
 from proxy.tcia import gateway_url_builder
 from tests.databases import BACKENDS, database
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import Clock, GatewayServer, make_settings, request_line, send_raw
+from tests.gateway_server import Clock, GatewayFactory, GatewayServer, request_line, send_raw
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
@@ -40,32 +40,10 @@ def clock() -> Clock:
     return Clock(1_800_000_000.0)
 
 
-GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
-
-
 @pytest.fixture
-def make_gateway(
-    tmp_path: Path,
-    db_url: str,
-    clock: Clock,
-    nbia_upstream: FakeServer,
-    nlst_upstream: FakeServer,
-) -> GatewayFactory:
+def make_gateway(make_gateway: GatewayFactory, db_url: str, clock: Clock) -> GatewayFactory:
     """Build gateways on this test's database; all share the clock and the upstreams."""
-
-    def build(**extra: Any) -> GatewayServer:
-        settings = make_settings(
-            tmp_path, nbia_upstream.url, nlst_upstream.url, database_url=db_url, **extra
-        )
-        return GatewayServer(settings, cache_clock=clock)
-
-    return build
-
-
-@pytest.fixture
-def gw(make_gateway: GatewayFactory) -> Iterator[GatewayServer]:
-    with make_gateway() as server:
-        yield server
+    return functools.partial(make_gateway, database_url=db_url, cache_clock=clock)
 
 
 def get(server: GatewayServer, path: str, **kwargs: Any) -> httpx.Response:

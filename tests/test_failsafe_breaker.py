@@ -15,8 +15,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +35,10 @@ from proxy.shield.prober import Prober
 from proxy.shield.retry import RetryPolicy
 from proxy.upstream import Upstream, UpstreamConfig
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings, request_line, send_raw
+from tests.gateway_server import GatewayFactory, GatewayServer, request_line, send_raw
 
 S = "/nbia-api/services"
 OTHER = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
-
-GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
-
-
-@pytest.fixture
-def make_gateway(
-    tmp_path: Path, nbia_upstream: FakeServer, nlst_upstream: FakeServer
-) -> GatewayFactory:
-    def build(upstream: str | None = None, **extra: Any) -> GatewayServer:
-        settings = make_settings(
-            tmp_path, upstream or nbia_upstream.url, nlst_upstream.url, **extra
-        )
-        return GatewayServer(settings)
-
-    return build
 
 
 def get(server: GatewayServer, path: str, **kwargs: Any) -> httpx.Response:

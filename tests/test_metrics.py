@@ -4,11 +4,10 @@ move by exactly what a scripted sequence of requests did, and sums across worker
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,7 +20,7 @@ from proxy.app import build_access
 from proxy.metrics import FAMILIES, PREFIX, Metrics
 from proxy.shield.counters import ShieldCounters
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import Clock, GatewayProcess, GatewayServer, make_settings
+from tests.gateway_server import Clock, GatewayFactory, GatewayProcess, GatewayServer, make_settings
 from tests.test_accounts import LabFactory, bearer, make_lab  # noqa: F401 (a fixture)
 
 S = "/nbia-api/services"
@@ -29,7 +28,6 @@ SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
 DAY = 86400.0
 
 Figures = dict[tuple[str, frozenset[tuple[str, str]]], float]
-GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
 
 
 def parse(text: str) -> Figures:
@@ -64,20 +62,8 @@ def wall() -> Clock:
 
 
 @pytest.fixture
-def make_gateway(
-    tmp_path: Path, wall: Clock, nbia_upstream: FakeServer, nlst_upstream: FakeServer
-) -> GatewayFactory:
-    def build(**extra: Any) -> GatewayServer:
-        settings = make_settings(tmp_path, nbia_upstream.url, nlst_upstream.url, **extra)
-        return GatewayServer(settings, cache_clock=wall)
-
-    return build
-
-
-@pytest.fixture
-def gw(make_gateway: GatewayFactory) -> Iterator[GatewayServer]:
-    with make_gateway() as server:
-        yield server
+def make_gateway(make_gateway: GatewayFactory, wall: Clock) -> GatewayFactory:
+    return functools.partial(make_gateway, cache_clock=wall)
 
 
 def get(server: GatewayServer, path: str) -> httpx.Response:

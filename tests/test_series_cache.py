@@ -10,9 +10,8 @@ import os
 import signal
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +22,9 @@ from tcia_utils import nbia
 
 from proxy.tcia import gateway_url_builder
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayProcess, GatewayServer, make_settings
+from tests.gateway_server import GatewayFactory, GatewayProcess, GatewayServer
 
 S = "/nbia-api/services"
-
-GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
-
-
-@pytest.fixture
-def make_gateway(
-    tmp_path: Path, nbia_upstream: FakeServer, nlst_upstream: FakeServer
-) -> GatewayFactory:
-    def build(**extra: Any) -> GatewayServer:
-        return GatewayServer(make_settings(tmp_path, nbia_upstream.url, nlst_upstream.url, **extra))
-
-    return build
-
-
-@pytest.fixture
-def gw(make_gateway: GatewayFactory) -> Iterator[GatewayServer]:
-    with make_gateway() as server:
-        yield server
 
 
 def _series(fake: FakeServer, collection: str = "4D-Lung") -> str:

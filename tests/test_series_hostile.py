@@ -9,31 +9,16 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
 
 from proxy.binary.fill import Fills
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayProcess, GatewayServer, make_settings
+from tests.gateway_server import GatewayFactory, GatewayProcess, GatewayServer, make_settings
 
 S = "/nbia-api/services"
 MIB = 1024 * 1024
-
-GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
-
-
-@pytest.fixture
-def make_gateway(
-    tmp_path: Path, nbia_upstream: FakeServer, nlst_upstream: FakeServer
-) -> GatewayFactory:
-    def build(**extra: Any) -> GatewayServer:
-        return GatewayServer(make_settings(tmp_path, nbia_upstream.url, nlst_upstream.url, **extra))
-
-    return build
 
 
 def _series(fake: FakeServer, collection: str) -> str:

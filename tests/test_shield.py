@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,14 +22,11 @@ from proxy.shield.breaker import Breaker
 from proxy.shield.counters import ShieldCounters
 from proxy.shield.retry import retry_after_seconds
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import Clock, GatewayServer, make_settings
+from tests.gateway_server import Clock, GatewayFactory, GatewayServer
 
 S = "/nbia-api/services"
 SERIES = f"{S}/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
 DAY = 86400.0
-
-
-GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
 
 
 @pytest.fixture
@@ -44,24 +40,8 @@ def mono() -> Clock:
 
 
 @pytest.fixture
-def make_gateway(
-    tmp_path: Path,
-    wall: Clock,
-    mono: Clock,
-    nbia_upstream: FakeServer,
-    nlst_upstream: FakeServer,
-) -> GatewayFactory:
-    def build(**extra: Any) -> GatewayServer:
-        settings = make_settings(tmp_path, nbia_upstream.url, nlst_upstream.url, **extra)
-        return GatewayServer(settings, clock=mono, cache_clock=wall)
-
-    return build
-
-
-@pytest.fixture
-def gw(make_gateway: GatewayFactory) -> Iterator[GatewayServer]:
-    with make_gateway() as server:
-        yield server
+def make_gateway(make_gateway: GatewayFactory, wall: Clock, mono: Clock) -> GatewayFactory:
+    return functools.partial(make_gateway, clock=mono, cache_clock=wall)
 
 
 def get(server: GatewayServer, path: str, **kwargs: Any) -> httpx.Response:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,12 @@ from proxy.db import is_unreachable, migrate
 from proxy.store_health import StoreHealth
 from tests.databases import database
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import GatewayFactory, GatewayServer
 from tests.test_failsafe_access import accounts_settings, add_user, bearer
 
 S = "/nbia-api/services"
 OUTAGE = "the database is unreachable"
+WARM = f"{S}/v4/getCollectionValues"  # held in memory before each outage
 
 
 class Relay:
@@ -159,7 +160,47 @@ def series_path(fake: FakeServer) -> str:
     return f"{S}/v4/getImage?SeriesInstanceUID={uid}"
 
 
-def during_outage(gw: GatewayServer, nbia: FakeServer, warm: str) -> None:
+@pytest.fixture
+def outage_gateway(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> GatewayFactory:
+    """Run gateways whose database reads are bounded by ``timeout`` seconds (retried every
+    0.2 s), each holding WARM in memory and in the database once started.
+
+    Every lookup asks the database (no recheck interval): the memory copy must stand in while
+    it cannot answer. The outage log lines are captured (``outage_lines``).
+    """
+    caplog.set_level(logging.INFO)
+
+    @contextlib.contextmanager
+    def run(timeout: float, **extra: Any) -> Iterator[GatewayServer]:
+        with make_gateway(
+            cache_recheck_seconds=0,
+            database_timeout_seconds=timeout,
+            database_retry_seconds=0.2,
+            **extra,
+        ) as gw:
+            assert get(gw, WARM).headers["x-cache"] == "MISS"
+            assert get(gw, WARM).headers["x-cache"] == "HIT"
+            cache_of(gw).writer.flush()
+            yield gw
+
+    return run
+
+
+def until_state(cache: TieredCache, state: str, poke: Callable[[int], None] | None = None) -> None:
+    """Wait (10 s at most) for the database's health to be ``state``; ``poke(attempt)`` runs
+    before each look (e.g. a request, so the gateway tries the database again)."""
+    for attempt in range(200):
+        if poke is not None:
+            poke(attempt)
+        if cache.health.state == state:
+            return
+        threading.Event().wait(0.05)
+    assert cache.health.state == state
+
+
+def during_outage(gw: GatewayServer, nbia: FakeServer) -> None:
     """Misses relayed with the upstream's bodies, the warm copy a hit, a series zip relayed."""
     cache = cache_of(gw)
     for collection in ("TCGA-KIRC", "LIDC-IDRI", "4D-Lung"):
@@ -168,7 +209,7 @@ def during_outage(gw: GatewayServer, nbia: FakeServer, warm: str) -> None:
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-cache"] == "MISS"
         assert answer.content == direct(nbia, path)
-    hit = get(gw, warm)
+    hit = get(gw, WARM)
     assert hit.status_code == 200 and hit.headers["x-cache"] == "HIT"
     zipped = get(gw, series_path(nbia))
     assert zipped.status_code == 200
@@ -191,13 +232,12 @@ def after_outage(gw: GatewayServer, restore: Any) -> None:
     cache = cache_of(gw)
     restore()
     path = f"{S}/v4/getSeries?Collection=RIDER Lung CT"
-    for attempt in range(200):  # until a request has tried the database again
-        probe = get(gw, f"{S}/v4/getBodyPartValues?Collection=probe{attempt}")
-        assert probe.status_code == 200
-        if cache.health.state == "ok":
-            break
-        threading.Event().wait(0.05)
-    assert cache.health.state == "ok"
+
+    def probe(attempt: int) -> None:  # a request tries the database again
+        answer = get(gw, f"{S}/v4/getBodyPartValues?Collection=probe{attempt}")
+        assert answer.status_code == 200
+
+    until_state(cache, "ok", probe)
     first, second = get(gw, path), get(gw, path)
     assert first.headers["x-cache"] == "MISS" and second.headers["x-cache"] == "HIT"
     # An answer relayed during the outage never reached the database: it is fetched and
@@ -225,31 +265,15 @@ def after_outage(gw: GatewayServer, restore: Any) -> None:
 @pytest.mark.parametrize("failure", ["cut", "stall"])
 def test_postgresql_unreachable_misses_are_relayed_hits_still_hit_one_log_line(
     failure: str,
-    tmp_path: Path,
     postgres_url: str,
     relay: Relay,
+    outage_gateway: GatewayFactory,
     nbia_upstream: FakeServer,
-    nlst_upstream: FakeServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO)
-    settings = make_settings(
-        tmp_path,
-        nbia_upstream.url,
-        nlst_upstream.url,
-        database_url=relayed(postgres_url, relay),
-        # Every lookup asks the database: the memory copy must stand in while it cannot.
-        cache_recheck_seconds=0,
-        database_timeout_seconds=0.5,
-        database_retry_seconds=0.2,
-    )
-    warm = f"{S}/v4/getCollectionValues"
-    with GatewayServer(settings) as gw:
-        assert get(gw, warm).headers["x-cache"] == "MISS"
-        assert get(gw, warm).headers["x-cache"] == "HIT"
-        cache_of(gw).writer.flush()
+    with outage_gateway(0.5, database_url=relayed(postgres_url, relay)) as gw:
         relay.cut() if failure == "cut" else relay.stall()
-        during_outage(gw, nbia_upstream, warm)
+        during_outage(gw, nbia_upstream)
         after_outage(gw, relay.restore)
     lines = outage_lines(caplog)
     assert len(lines) == 1, lines
@@ -257,20 +281,10 @@ def test_postgresql_unreachable_misses_are_relayed_hits_still_hit_one_log_line(
 
 
 def test_sqlite_locked_misses_are_relayed_within_the_bound(
-    tmp_path: Path,
+    outage_gateway: GatewayFactory,
     nbia_upstream: FakeServer,
-    nlst_upstream: FakeServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO)
-    settings = make_settings(
-        tmp_path,
-        nbia_upstream.url,
-        nlst_upstream.url,
-        cache_recheck_seconds=0,
-        database_timeout_seconds=0.3,
-        database_retry_seconds=0.2,
-    )
     unlocked = threading.Event()
     unlocked.set()
 
@@ -279,8 +293,7 @@ def test_sqlite_locked_misses_are_relayed_within_the_bound(
         if not unlocked.wait(30):
             raise sqlite3.OperationalError("database is locked")
 
-    warm = f"{S}/v4/getCollectionValues"
-    with GatewayServer(settings) as gw:
+    with outage_gateway(0.3) as gw:
         cache = cache_of(gw)
         # One file: the lock holds for the cache, the kept files' rows and the accounts alike.
         series, registry = gw.app.series, gw.app.access.registry
@@ -290,11 +303,8 @@ def test_sqlite_locked_misses_are_relayed_within_the_bound(
         for engine in engines:
             event.listen(engine, "before_cursor_execute", behind_the_lock)
         try:
-            assert get(gw, warm).headers["x-cache"] == "MISS"
-            assert get(gw, warm).headers["x-cache"] == "HIT"
-            cache.writer.flush()
             unlocked.clear()
-            during_outage(gw, nbia_upstream, warm)
+            during_outage(gw, nbia_upstream)
             # Mostly the bound ends a read; a write that SQLite itself found locked meanwhile
             # (its own lock, taken by a held writer) is the same outage, seen first.
             reason = str(cache.health.reason)
@@ -324,11 +334,7 @@ def test_accounts_known_keys_work_unknown_ones_get_503_while_the_database_is_dow
         assert get(gw, path, headers=bearer(key)).status_code == 200
         relay.cut()
         cache = cache_of(gw)
-        for _ in range(200):  # the accounts refresher (every 0.2 s) finds the outage
-            if cache.health.state == "unreachable":
-                break
-            threading.Event().wait(0.05)
-        assert cache.health.state == "unreachable"
+        until_state(cache, "unreachable")  # the accounts refresher (every 0.2 s) finds it
         other = f"{S}/v4/getSeries?Collection=LIDC-IDRI"
         known = get(gw, other, headers=bearer(key))
         assert known.status_code == 200 and known.headers["x-cache"] == "MISS"
@@ -336,10 +342,7 @@ def test_accounts_known_keys_work_unknown_ones_get_503_while_the_database_is_dow
         assert unknown.status_code == 503
         assert "accounts database is unreachable" in unknown.json()["error"]
         relay.restore()
-        for _ in range(200):
-            if cache.health.state == "ok":
-                break
-            threading.Event().wait(0.05)
+        until_state(cache, "ok")
         assert get(gw, path, headers=bearer("nbp_" + "x" * 40)).status_code == 401
 
 

@@ -24,12 +24,14 @@ from typing import Any
 import pytest
 from tcia_utils import nbia
 
+from proxy.accounts.registry import Registry
 from proxy.cli import main
+from proxy.db import database_url, make_engine, migrate
 from proxy.tcia import gateway_url_builder
 from proxy.warm import command, plan, progress
 from proxy.warm.runner import RateLimit, write_record
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import GatewayServer, free_port, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -302,25 +304,27 @@ def test_warm_through_a_running_gateway(
         (["--series", "1.2.3", "--gateway", "ftp://x"], "--gateway takes the gateway's URL"),
         (["--modality", "CT"], "--modality and --body-part filter a --collection"),
         ([], "say what to warm"),
+        # {nobody}: a URL no gateway answers at; {dir}: the test's directory; {notes}: a text
+        # file that is not a manifest. The first two are refused before the gateway is asked.
+        (
+            ["--series", "1.2,1.3", "--gateway", "{nobody}"],
+            "--series '1.2,1.3' is not a series UID",
+        ),
+        (["--series", "1.2.3", "--gateway", "{nobody}", "--record", "{dir}"], "is a directory"),
+        (["--series", "1.2.3", "--gateway", "{nobody}"], "no gateway answers at {nobody}"),
+        (["--manifest", "{notes}"], "{notes} is not an NBIA manifest"),
     ],
 )
 def test_a_mistake_on_the_command_line_is_one_line_and_exit_2(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], message: str
 ) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("1.2.3\n")
+    places = {"nobody": f"http://127.0.0.1:{free_port()}", "dir": tmp_path, "notes": notes}
+    args = [arg.format(**places) for arg in args]
     assert main(["warm", *args, "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
-
-
-def test_no_gateway_at_the_url_is_one_line_and_exit_2(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    from tests.gateway_server import free_port
-
-    url = f"http://127.0.0.1:{free_port()}"
-    assert main(["warm", "--series", "1.2.3", "--gateway", url, "--data-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"no gateway answers at {url}" in err, err
+    assert err.count("\n") == 1 and message.format(**places) in err, err
 
 
 @pytest.mark.parametrize(
@@ -329,23 +333,12 @@ def test_no_gateway_at_the_url_is_one_line_and_exit_2(
 def test_a_gateway_url_with_a_password_is_refused_without_showing_it(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, command: list[str]
 ) -> None:
-    from tests.gateway_server import free_port
-
     url = f"http://lab:s3cret-pw@127.0.0.1:{free_port()}"
     assert main([*command, url, "--data-dir", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert "s3cret-pw" not in out + err, err
     assert err.count("\n") == 1 and "without a user name or password" in err, err
     assert not list(tmp_path.glob("nbia-warm-*.json"))
-
-
-def test_a_file_that_is_not_a_manifest_is_refused(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    path = tmp_path / "notes.txt"
-    path.write_text("1.2.3\n")
-    assert main(["warm", "--manifest", str(path), "--data-dir", str(tmp_path)]) == 2
-    assert "is not an NBIA manifest" in capsys.readouterr().err
 
 
 def test_manifest_parsing() -> None:
@@ -381,8 +374,6 @@ def test_cohort_files_saved_on_windows_are_read(tmp_path: Path) -> None:
 def test_a_series_file_of_garbage_is_refused_naming_the_line(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, content: bytes, message: str
 ) -> None:
-    from tests.gateway_server import free_port
-
     path = tmp_path / "series.txt"
     path.write_bytes(content)
     gateway = f"http://127.0.0.1:{free_port()}"  # never reached: the file is refused first
@@ -392,15 +383,11 @@ def test_a_series_file_of_garbage_is_refused_naming_the_line(
     assert err.count("\n") == 1 and message in err and "no gateway answers" not in err, err
 
 
-def test_a_garbage_series_uid_or_a_huge_cohort_file_is_refused(
+def test_a_huge_cohort_file_is_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.gateway_server import free_port
-
     gateway = f"http://127.0.0.1:{free_port()}"
     base = ["warm", "--gateway", gateway, "--data-dir", str(tmp_path)]
-    assert main([*base, "--series", "1.2,1.3"]) == 2
-    assert "--series '1.2,1.3' is not a series UID" in capsys.readouterr().err
     monkeypatch.setattr(command, "MAX_COHORT_FILE_BYTES", 1000)
     path = tmp_path / "huge.tcia"
     path.write_bytes(b"downloadServerUrl=x\nListOfSeriesToDownload=\n" + b"1.2\n" * 1000)
@@ -422,22 +409,9 @@ def test_the_record_is_not_written_through_a_link_planted_at_its_part_name(
     assert json.loads(record.read_text()) == {"series": [1]}
 
 
-def test_a_record_path_that_cannot_be_written_is_refused_before_the_run(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    from tests.gateway_server import free_port
-
-    gateway = f"http://127.0.0.1:{free_port()}"  # never reached: the record is checked first
-    base = ["warm", "--series", "1.2.3", "--gateway", gateway, "--data-dir", str(tmp_path)]
-    assert main([*base, "--record", str(tmp_path)]) == 2
-    assert "is a directory" in capsys.readouterr().err
-
-
 def test_a_key_file_others_can_read_is_warned_about(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from tests.gateway_server import free_port
-
     key = tmp_path / "key"
     key.write_text("lab-key\n")
     gateway = f"http://127.0.0.1:{free_port()}"
@@ -512,20 +486,25 @@ def test_the_fake_bulk_collection_streams_valid_zips() -> None:
     assert count == len(names) == 4 and size > 2_000_000
 
 
+def _lab_user(data_dir: Path) -> str:
+    """A lab's accounts database in ``data_dir`` with one user, alice; her API key."""
+    url = database_url(None, data_dir)
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        return Registry(engine).add("alice")
+    finally:
+        engine.dispose()
+
+
 def test_a_gateway_with_lab_accounts_takes_the_key_from_the_environment(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
     nbia_upstream: FakeServer,
     tmp_path: Path,
 ) -> None:
-    from proxy.accounts.registry import Registry
-    from proxy.db import database_url, make_engine, migrate
-
     data_dir = tmp_path / "lab"
-    migrate(database_url(None, data_dir))
-    engine = make_engine(database_url(None, data_dir))
-    key = Registry(engine).add("alice")
-    engine.dispose()
+    key = _lab_user(data_dir)
     settings = make_settings(data_dir, nbia_upstream.url, access="accounts")
     uids = _series(nbia_upstream, "TCGA-KIRC")[:1]
     args = ["warm", "--series", *uids, "--record", str(tmp_path / "r.json")]
@@ -578,14 +557,8 @@ def test_the_lab_users_request_rate_is_waited_out(
     tmp_path: Path,
 ) -> None:
     """A gateway that answers 429 past the user's rate: warm waits (Retry-After) and goes on."""
-    from proxy.accounts.registry import Registry
-    from proxy.db import database_url, make_engine, migrate
-
     data_dir = tmp_path / "lab"
-    migrate(database_url(None, data_dir))
-    engine = make_engine(database_url(None, data_dir))
-    monkeypatch.setenv("NBIA_PROXY_API_KEY", Registry(engine).add("alice"))
-    engine.dispose()
+    monkeypatch.setenv("NBIA_PROXY_API_KEY", _lab_user(data_dir))
     settings = make_settings(
         data_dir, nbia_upstream.url, access="accounts", user_rate_per_second=2.0
     )
