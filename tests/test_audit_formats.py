@@ -1,7 +1,8 @@
 """``audit_format = "combined"`` end to end: a running gateway writes nginx's combined format
 (one line per request, as ``$remote_addr - $remote_user [$time_local] "$request" $status
 $body_bytes_sent "$http_referer" "$http_user_agent"``), never JSON, for misses, hits, binary
-downloads and errors alike; the start-up line names the format."""
+downloads and errors alike, with secret-looking parameters masked and no header or password in
+it; the start-up line names the format."""
 
 from __future__ import annotations
 
@@ -45,14 +46,18 @@ def test_a_gateway_set_to_combined_writes_nginx_lines(
     uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
     series = f"{S}/v4/getSeries?Collection=4D-Lung"
     image = f"{S}/v4/getImage?SeriesInstanceUID={uid}"
-    settings = make_settings(tmp_path, nbia_upstream.url, audit_format="combined")
+    secret = f"{S}/v4/getSeries?Collection=4D-Lung&password=COMBINED-PW-1&api_key=KEY-2"
+    settings = make_settings(
+        tmp_path, nbia_upstream.url, audit_format="combined", password="SERVICE-PW-3"
+    )
     with GatewayServer(settings) as gw:
         answers = [httpx.get(gw.url + path, timeout=60) for path in (series, series, image, image)]
         missing = httpx.get(gw.url + "/nowhere", timeout=60)
         assert [a.headers.get("x-cache") for a in answers] == ["MISS", "HIT", "MISS", "HIT"]
+        httpx.get(gw.url + secret, headers={"Authorization": "Bearer TOKEN-4"}, timeout=60)
         assert gw.app.audit.target is not None
         target = Path(gw.app.audit.target)
-        lines = combined_lines(target, 5)
+        lines = combined_lines(target, 6)
     assert target == tmp_path / "audit.log"
     expected = [
         (f"GET {series} HTTP/1.1", "200", str(len(answers[0].content))),
@@ -61,7 +66,12 @@ def test_a_gateway_set_to_combined_writes_nginx_lines(
         (f"GET {image} HTTP/1.1", "200", str(len(answers[3].content))),
         ("GET /nowhere HTTP/1.1", "404", str(len(missing.content))),
     ]
-    assert [(m["request"], m["status"], m["bytes"]) for m in lines] == expected
+    assert [(m["request"], m["status"], m["bytes"]) for m in lines[:5]] == expected
+    masked = f"{S}/v4/getSeries?Collection=4D-Lung&password=REDACTED&api_key=REDACTED"
+    assert lines[5]["request"] == f"GET {masked} HTTP/1.1"
+    text = target.read_text()
+    for leaked in ("COMBINED-PW-1", "KEY-2", "SERVICE-PW-3", "TOKEN-4", "Bearer"):
+        assert leaked not in text
     assert {(m["client"], m["user"]) for m in lines} == {("127.0.0.1", "-")}
     assert not any(line.startswith("{") for line in target.read_text().splitlines())
     (start,) = [r.getMessage() for r in caplog.records if "starting" in r.getMessage()]
