@@ -292,6 +292,10 @@ def describe(settings: Settings, upstreams: list[Upstream], audit_log: AuditLog)
     url = make_url(database_url(settings.database_url, settings.data_dir))
     uses_database = settings.cache_enabled or settings.access == "accounts"
     database = url.render_as_string(hide_password=True) if uses_database else "none"
+    # Where the kept binaries are: binary_dir may be a shared volume away from the data dir.
+    series_cache = "off"
+    if settings.binary_cache_enabled and settings.cache_enabled:
+        series_cache = str(directory_for(settings).resolve())
     shared_store = "off (limits per process)"
     if settings.redis_url:
         # Host and prefix only: the URL may hold a password.
@@ -302,7 +306,8 @@ def describe(settings: Settings, upstreams: list[Upstream], audit_log: AuditLog)
         f"upstreams: {mounted}; data dir {settings.data_dir.resolve()}; database {database}; "
         f"access {settings.access}; offline {'on' if settings.offline else 'off'}; "
         f"workers {settings.workers}; cache {'on' if settings.cache_enabled else 'off'}; "
-        f"audit log {audit_log.describe()}; shared store {shared_store}"
+        f"series cache {series_cache}; audit log {audit_log.describe()}; "
+        f"shared store {shared_store}"
     )
 
 

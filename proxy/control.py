@@ -134,6 +134,9 @@ def binaries_document(totals: BinaryStats, series: SeriesCache | None = None) ->
                 "fills_stopped_alone": live["fills_stopped_alone"],
                 "validation_failures": live["validation_failures"],
                 "write_failures": counters.write_failures,
+                # Why the last download could not be kept (disk full, not writable): the
+                # stats say so, not only the log line written once.
+                "last_write_failure": counters.last_failure,
                 "too_large": counters.too_large,
                 "no_room": counters.no_room,
                 "evicted": counters.evicted,
