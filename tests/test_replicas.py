@@ -17,9 +17,9 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -410,19 +410,24 @@ def _store(url: str = REDIS_URL, timeout: float = 1.0) -> SharedStore:
     return SharedStore(url, f"nbia-proxy-test-{uuid.uuid4().hex[:12]}:", timeout, ShieldCounters())
 
 
-def _forget(store: SharedStore) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=store.prefix + "*"):
-        client.delete(key)
+@asynccontextmanager
+async def _shared_store() -> AsyncIterator[SharedStore]:
+    """A store on the shared test Redis, under a prefix of its own, emptied and closed after."""
+    _require_redis()
+    store = _store()
+    try:
+        yield store
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(match=store.prefix + "*"):
+            client.delete(key)
+        await store.aclose()
 
 
 def test_a_slot_whose_holder_died_is_free_again_after_its_lease() -> None:
-    _require_redis()
-
     async def run() -> None:
-        store = _store()
-        limits = SharedLimits(store, "nbia", cap=2, lease_seconds=1.0)
-        try:
+        async with _shared_store() as store:
+            limits = SharedLimits(store, "nbia", cap=2, lease_seconds=1.0)
             held = [await limits.enter(0.0, time.monotonic() + 5) for _ in range(2)]
             assert all(held)
             with pytest.raises(TimeoutError):
@@ -433,20 +438,14 @@ def test_a_slot_whose_holder_died_is_free_again_after_its_lease() -> None:
                 await limits.enter(0.0, time.monotonic() + 0.1)
             limits._renewer.drop(str(held[0]))  # its holder dies: no more renewals
             assert await limits.enter(0.0, time.monotonic() + 5)
-        finally:
-            _forget(store)
-            await store.aclose()
 
     asyncio.run(run())
 
 
 def test_the_shared_rate_and_pause() -> None:
-    _require_redis()
-
     async def run() -> None:
-        store = _store()
-        limits = SharedLimits(store, "nbia", cap=100, lease_seconds=5.0)
-        try:
+        async with _shared_store() as store:
+            limits = SharedLimits(store, "nbia", cap=100, lease_seconds=5.0)
             # 2 per second: a burst of 2, then the third waits about half a second.
             for _ in range(2):
                 assert await limits.enter(2.0, time.monotonic() + 5)
@@ -458,29 +457,20 @@ def test_the_shared_rate_and_pause() -> None:
             with pytest.raises(TimeoutError) as raised:
                 await limits.enter(0.0, time.monotonic() + 1)
             assert raised.value.args[1] > 2
-        finally:
-            _forget(store)
-            await store.aclose()
 
     asyncio.run(run())
 
 
 def test_lockouts_grow_with_each_failure_past_the_free_ones() -> None:
-    _require_redis()
-
     async def run() -> None:
-        store = _store()
-        accounts = SharedAccounts(store, 5.0)
-        try:
+        async with _shared_store() as store:
+            accounts = SharedAccounts(store, 5.0)
             seen = [await accounts.failed("10.0.0.1", 2, 60, 600) for _ in range(5)]
             assert [round(now) for _, now, _ in seen] == [0, 0, 1, 2, 4]
             assert [new for _, _, new in seen] == [False, False, True, False, False]
             assert seen[3][0] > 0  # locked out already when the fourth came
             assert 3 < await accounts.locked_for("10.0.0.1") <= 4
             assert await accounts.locked_for("10.0.0.2") == 0
-        finally:
-            _forget(store)
-            await store.aclose()
 
     asyncio.run(run())
 
