@@ -174,12 +174,23 @@ class GatewayProcess:
                     raise RuntimeError("the gateway process did not start") from None
                 time.sleep(0.05)
 
-    def __exit__(self, *exc_info: object) -> None:
+    def stop(self, timeout: float) -> int:
+        """SIGTERM, then its exit code; :class:`subprocess.TimeoutExpired` (the process is
+        killed) when it has not exited within ``timeout`` seconds."""
         assert self.process is not None
         self.process.terminate()
+        try:
+            self.exit_code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        return self.exit_code
+
+    def __exit__(self, *exc_info: object) -> None:
         # A gateway may take its whole shutdown_grace_seconds (30) plus the unwind to stop when
         # a connection is still open; past that, not stopping is a hang.
-        self.exit_code = self.process.wait(timeout=60)
+        self.stop(timeout=60)
 
 
 class Clock:

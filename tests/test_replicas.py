@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
 import subprocess
 import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from proxy.audit import OFF as AUDIT_OFF
 from proxy.config import InvalidSettings, load_settings
 from proxy.db import make_engine, migrate
 from proxy.shield.counters import ShieldCounters
-from proxy.shield.shared import SharedAccounts, SharedLimits, SharedStore, StoreDown
+from proxy.shield.shared import Leases, SharedAccounts, SharedLimits, SharedStore, StoreDown
 from tests.databases import database
 from tests.fake_nbia import FakeServer
 from tests.fake_nbia.app import FakeNBIA
@@ -409,19 +410,24 @@ def _store(url: str = REDIS_URL, timeout: float = 1.0) -> SharedStore:
     return SharedStore(url, f"nbia-proxy-test-{uuid.uuid4().hex[:12]}:", timeout, ShieldCounters())
 
 
-def _forget(store: SharedStore) -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=store.prefix + "*"):
-        client.delete(key)
+@asynccontextmanager
+async def _shared_store() -> AsyncIterator[SharedStore]:
+    """A store on the shared test Redis, under a prefix of its own, emptied and closed after."""
+    _require_redis()
+    store = _store()
+    try:
+        yield store
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(match=store.prefix + "*"):
+            client.delete(key)
+        await store.aclose()
 
 
 def test_a_slot_whose_holder_died_is_free_again_after_its_lease() -> None:
-    _require_redis()
-
     async def run() -> None:
-        store = _store()
-        limits = SharedLimits(store, "nbia", cap=2, lease_seconds=1.0)
-        try:
+        async with _shared_store() as store:
+            limits = SharedLimits(store, "nbia", cap=2, lease_seconds=1.0)
             held = [await limits.enter(0.0, time.monotonic() + 5) for _ in range(2)]
             assert all(held)
             with pytest.raises(TimeoutError):
@@ -432,20 +438,14 @@ def test_a_slot_whose_holder_died_is_free_again_after_its_lease() -> None:
                 await limits.enter(0.0, time.monotonic() + 0.1)
             limits._renewer.drop(str(held[0]))  # its holder dies: no more renewals
             assert await limits.enter(0.0, time.monotonic() + 5)
-        finally:
-            _forget(store)
-            await store.aclose()
 
     asyncio.run(run())
 
 
 def test_the_shared_rate_and_pause() -> None:
-    _require_redis()
-
     async def run() -> None:
-        store = _store()
-        limits = SharedLimits(store, "nbia", cap=100, lease_seconds=5.0)
-        try:
+        async with _shared_store() as store:
+            limits = SharedLimits(store, "nbia", cap=100, lease_seconds=5.0)
             # 2 per second: a burst of 2, then the third waits about half a second.
             for _ in range(2):
                 assert await limits.enter(2.0, time.monotonic() + 5)
@@ -457,29 +457,20 @@ def test_the_shared_rate_and_pause() -> None:
             with pytest.raises(TimeoutError) as raised:
                 await limits.enter(0.0, time.monotonic() + 1)
             assert raised.value.args[1] > 2
-        finally:
-            _forget(store)
-            await store.aclose()
 
     asyncio.run(run())
 
 
 def test_lockouts_grow_with_each_failure_past_the_free_ones() -> None:
-    _require_redis()
-
     async def run() -> None:
-        store = _store()
-        accounts = SharedAccounts(store, 5.0)
-        try:
+        async with _shared_store() as store:
+            accounts = SharedAccounts(store, 5.0)
             seen = [await accounts.failed("10.0.0.1", 2, 60, 600) for _ in range(5)]
             assert [round(now) for _, now, _ in seen] == [0, 0, 1, 2, 4]
             assert [new for _, _, new in seen] == [False, False, True, False, False]
             assert seen[3][0] > 0  # locked out already when the fourth came
             assert 3 < await accounts.locked_for("10.0.0.1") <= 4
             assert await accounts.locked_for("10.0.0.2") == 0
-        finally:
-            _forget(store)
-            await store.aclose()
 
     asyncio.run(run())
 
@@ -508,3 +499,96 @@ def test_redis_url_is_checked_and_never_shown(tmp_path: Path) -> None:
     line = describe(settings, [], build_audit_log(settings))
     assert "shared store redis cache, prefix nbia-proxy:" in line and "hunter2" not in line
     assert "shared store off" in describe(load_settings(data_dir=tmp_path), [], AUDIT_OFF)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A Redis of this test's own, free to stop or kill: its URL and its process."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert _wait_for(lambda: _pings(redis.Redis(port=port)))
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait(timeout=10)
+
+
+def test_a_gateway_stops_within_its_grace_with_redis_blackholed(
+    fake: FakeServer, tmp_path: Path, private_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """Redis stopped dead (SIGSTOP: the kernel still accepts connections, nothing answers),
+    the nasty kind of gone: requests are relayed and SIGTERM stops the gateway within its
+    shutdown grace, its shared-store tasks and connections included."""
+    url, server = private_redis
+    grace = 1.0
+    gateway = GatewayProcess(
+        fake.url, tmp_path / "data", "--redis-url", url,
+        "--redis-prefix", "nbia-proxy-test-blackholed:", "--redis-timeout-seconds", "0.2",
+        "--shutdown-grace-seconds", str(grace), "--audit-log", "",
+        stderr=tmp_path / "gateway.log",
+    )  # fmt: skip
+    with gateway:
+        paths = [f"{S}/v1/getSeries?Collection=U{i}" for i in range(8)]
+        with ThreadPoolExecutor(len(paths)) as pool:  # slots, leases and pooled connections
+            assert {a.status_code for a in pool.map(_get(gateway), paths)} == {200}
+        server.send_signal(signal.SIGSTOP)
+        paths = [f"{S}/v1/getSeries?Collection=B{i}" for i in range(8)]
+        with ThreadPoolExecutor(len(paths)) as pool:
+            assert {a.status_code for a in pool.map(_get(gateway), paths)} == {200}
+        # The grace, the unwind, and a margin for a loaded machine: past that it hangs.
+        assert gateway.stop(timeout=grace + 1 + 20) == 0
+
+
+def _get(gateway: GatewayProcess) -> Callable[[str], httpx.Response]:
+    return lambda path: httpx.get(gateway.url + path, timeout=60)
+
+
+def test_closing_the_store_with_redis_stopped_dead_ends_every_task_of_its_own(
+    private_redis: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """At shutdown: a held slot's lease renewals and a fill's lease stop with the store, and
+    no call opens a connection to the dead Redis afterwards."""
+    url, server = private_redis
+
+    async def run() -> None:
+        store = _store(url, timeout=0.2)
+        limits = SharedLimits(store, "nbia", cap=2, lease_seconds=1.0)
+        assert await limits.enter(0.0, time.monotonic() + 5)  # held: renewed every 1/3 s
+        leases = Leases(store, "fill", lease_seconds=1.0)
+        token, _ = await leases.take("series")
+        assert token is not None
+        store.spawn(leases.keep("series", token, asyncio.Event().wait()))  # a fill going on
+        await asyncio.sleep(0.5)  # a renewal or two
+        server.send_signal(signal.SIGSTOP)
+        await store.aclose()
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        assert not left, left
+        with pytest.raises(StoreDown):
+            await store.call(lambda client: client.ping())
+        assert store.counters.shared_store_errors == 0  # refused here, never sent
+
+    asyncio.run(run())
+
+
+def test_a_store_whose_connections_fail_to_close_still_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing is the gateway's shutdown: a Redis that fails it must not skip the rest."""
+
+    async def run() -> None:
+        store = _store(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+
+        async def fails() -> None:
+            raise redis.exceptions.TimeoutError("Timed out closing connection after 0.2")
+
+        monkeypatch.setattr(store.client, "aclose", fails)
+        await store.aclose()
+        assert store.closed
+
+    asyncio.run(run())

@@ -127,11 +127,11 @@ class TieredCache:
         began = self._settle()
         try:
             # The bound holds whatever the driver does (a lock, a dead connection); the read
-            # itself may go on in its thread, and its answer is dropped.
-            entry = await asyncio.wait_for(
-                loop.run_in_executor(self._readers, self.store.get, digest),
-                health.timeout_seconds,
-            )
+            # itself may go on in its thread, and its answer is dropped. asyncio.timeout
+            # bounds this task's own wait: no waiter future and callbacks per read, as
+            # wait_for adds (bench/cache_misses.py).
+            async with asyncio.timeout(health.timeout_seconds):
+                entry = await loop.run_in_executor(self._readers, self.store.get, digest)
         except Exception as exc:  # noqa: BLE001 -- any failure of a cache read is a miss
             health.failed("read", exc)
             return self._held_copy(digest)

@@ -26,7 +26,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -183,13 +183,17 @@ class SharedStore:
             )
         }
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
     @property
     def up(self) -> bool:
-        """Whether calls go to Redis now (False for a second after one failed)."""
+        """Whether calls go to Redis now (False for a second after one failed, and for good
+        once the store is closed)."""
+        if self.closed:
+            return False
         return self.down_since is None or time.monotonic() >= self._retry_at
 
     async def call(self, command: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
@@ -215,8 +219,12 @@ class SharedStore:
         script = self._scripts[name]
         return await self.call(lambda _client: script(keys=list(keys), args=list(args)))
 
-    def spawn(self, call: Awaitable[Any]) -> None:
-        """Run ``call`` in the background; a store that is down just misses it."""
+    def spawn(self, call: Coroutine[Any, Any, Any]) -> asyncio.Task[None] | None:
+        """Run ``call`` in the background until :meth:`aclose`; a store that is down just
+        misses it, a closed one does not run it (None)."""
+        if self.closed:
+            call.close()
+            return None
 
         async def guarded() -> None:
             with contextlib.suppress(StoreDown):
@@ -225,11 +233,24 @@ class SharedStore:
         task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
+        """Stop the background calls (lease renewals, releases) and close the connections.
+
+        Bounded and quiet: with Redis gone or stopped dead, nothing here may hold up or fail
+        the gateway's shutdown (what Redis holds for this process expires with its leases).
+        """
+        self.closed = True  # from now on every call is StoreDown at once: no new connection
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await self.client.aclose()
+        try:
+            async with asyncio.timeout(self.timeout * 4):
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self.client.aclose()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.info("shared store connections closed uncleanly (%s)", type(exc).__name__)
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
@@ -264,7 +285,8 @@ class _Renewer:
     def hold(self, token: str) -> None:
         self.held.add(token)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # The store's own task: its aclose() ends the renewals with the connections.
+            self._task = self.store.spawn(self._run())
 
     def drop(self, token: str) -> None:
         self.held.discard(token)
