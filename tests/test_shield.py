@@ -152,14 +152,10 @@ def test_upstream_down_serves_warm_entries_stale_and_cold_ones_fail_fast(
     fresh = get(gw, SERIES)
     wall.advance(2 * DAY)  # expired (series metadata lives a day), still within max staleness
     nbia_upstream.stop()
-    started = time.monotonic()
     stale = get(gw, SERIES)
-    assert time.monotonic() - started < 1.0
     assert (stale.status_code, stale.headers["x-cache"]) == (200, "STALE")
     assert stale.headers["age"] == str(int(2 * DAY)) and stale.content == fresh.content
-    started = time.monotonic()
     cold = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")
-    assert time.monotonic() - started < 1.0
     assert cold.status_code == 502 and cold.json()["upstream"] == "nbia"
     nbia_upstream.start()
     recovered = get(gw, SERIES)
@@ -214,14 +210,11 @@ def test_a_rate_limited_upstream_never_passes_429_to_clients(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
     """The upstream allows 5 requests/s (429 + Retry-After beyond); 50 distinct requests at once
-    all get their right answer, in bounded time, with no 429 passed on."""
+    all get their right answer, with no 429 passed on (a hang fails by pytest-timeout)."""
     nbia_upstream.app.rate_limit(5, retry_after=1)
-    started = time.monotonic()
     answers = burst(50, lambda i: get(gw, f"{S}/v4/getSeries?Collection=Burst{i:02d}"))
-    elapsed = time.monotonic() - started
     assert [a.status_code for a in answers] == [200] * 50
     assert all(a.headers["x-cache"] == "MISS" and a.content == b"" for a in answers)
-    assert elapsed < 40
     counters = shield_stats(gw)
     assert counters["upstream_429"] == nbia_upstream.app.rate_limited > 0
     assert counters["retries"] >= counters["upstream_429"]
@@ -330,17 +323,21 @@ def test_every_request_has_an_overall_deadline(
     with make_gateway(request_deadline_seconds=1.0, read_timeout_seconds=30.0) as gw:
         get(gw, SERIES)
         wall.advance(2 * DAY)
-        nbia_upstream.app.slow(seconds_before_headers=5.0)
-        started = time.monotonic()
-        cold = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")
-        stale = get(gw, SERIES)
-        uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
-        binary = get(gw, f"{S}/v4/getImage?SeriesInstanceUID={uid}")
-        elapsed = time.monotonic() - started
+        # Held for 60 s (far past the deadline, within the read time-out): only the deadline
+        # can answer these; without it they would wait for the upstream and get its 200.
+        metadata = nbia_upstream.app.hold("getSeries")
+        images = nbia_upstream.app.hold("getImage")
+        try:
+            cold = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")
+            stale = get(gw, SERIES)
+            uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
+            binary = get(gw, f"{S}/v4/getImage?SeriesInstanceUID={uid}")
+        finally:
+            metadata.set()
+            images.set()
     assert cold.status_code == 504 and "deadline" in cold.json()["error"]
     assert stale.headers["x-cache"] == "STALE"
     assert binary.status_code == 504
-    assert elapsed < 4.5
 
 
 def test_retry_after_parsing() -> None:
@@ -356,14 +353,14 @@ def test_stale_while_revalidate_answers_at_once_and_refreshes_once(
     with make_gateway(**settings) as gw:
         get(gw, SERIES)
         wall.advance(15)  # expired 5 s ago: inside the revalidation window
-        nbia_upstream.app.slow(seconds_before_headers=1.5, path_contains="getSeries")
-        started = time.monotonic()
-        answers = [get(gw, SERIES) for _ in range(5)]
-        assert time.monotonic() - started < 1.0  # nobody waited for the slow upstream
+        # The refresh is held at the upstream: answers that waited for it could not be STALE.
+        refresh = nbia_upstream.app.hold("getSeries")
+        try:
+            answers = [get(gw, SERIES) for _ in range(5)]
+        finally:
+            refresh.set()
         assert {a.headers["x-cache"] for a in answers} == {"STALE"}
-        deadline = time.monotonic() + 10
-        while get(gw, SERIES).headers["x-cache"] != "HIT":
-            assert time.monotonic() < deadline, "the background refresh never landed"
+        while get(gw, SERIES).headers["x-cache"] != "HIT":  # a refresh that never lands: timeout
             time.sleep(0.1)
         assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == 2
         wall.advance(200)  # far past the window: a plain miss again
