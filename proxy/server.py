@@ -30,6 +30,8 @@ log = logging.getLogger("nbia_proxy.server")
 #: After the grace the protocol aborts what is still being sent; handlers then get this long to
 #: unwind before uvicorn cancels what is left (requests still waiting for the upstream).
 UNWIND_SECONDS = 1.0
+#: How long a new worker may take to start serving before uvicorn gives it up.
+WORKER_READY_SECONDS = 120
 #: After a second signal, the application's own shutdown (closing the upstream clients,
 #: flushing the cache writer) may take this long at most.
 FORCED_CLEANUP_SECONDS = 2.0
@@ -54,6 +56,12 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "proxy_headers": bool(settings.trusted_proxies),
         "forwarded_allow_ips": list(settings.trusted_proxies),
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds + UNWIND_SECONDS,
+        # On SIGHUP (logrotate's signal) uvicorn replaces each worker, and gives up the restart,
+        # keeping the old worker, when the new one is not ready within this: the old workers
+        # would then write the audit log into the rotated file for good. A worker imports the
+        # whole gateway and migrates nothing, but on a loaded machine that takes more than
+        # uvicorn's 5 s.
+        "timeout_worker_healthcheck": WORKER_READY_SECONDS,
     }
 
 
