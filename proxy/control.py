@@ -196,8 +196,10 @@ def purge_binaries(
 
     Kept files are matched by what their request named: a series download names only its
     series, which ``known`` (:func:`series_by_collection`) maps to its collection. A purge by
-    collection does not guess at the rest: it counts them (``files_of_unknown_collection``),
-    to be purged by series, or by fetching the collection's getSeries through the gateway first.
+    collection does not guess at the rest: it counts them (``files_of_unknown_collection``).
+    The control endpoint first asks the upstreams' getSeries of the collection when some files
+    are unknown (:meth:`proxy.binary.serving.SeriesCache.collection_series`); the command line,
+    without a running gateway, cannot.
     """
     collection = filters.get("collection")
     series = known.get(collection, set()) if collection else set()
@@ -458,6 +460,23 @@ def control_app(
             )
         return {"upstreams": polled}
 
+    async def _ask_collection_series(
+        store: BinaryStore, known: dict[str, set[str]], collection: str
+    ) -> None:
+        """Add to ``known`` the series each upstream's getSeries lists for ``collection``, when
+        some kept files belong to no collection the gateway has seen (a purge by collection
+        should not leave a series' file because nobody asked for its collection's list)."""
+        running = series() if series is not None else None
+        if running is None:
+            return
+        seen = set().union(*known.values())
+        if not await asyncio.to_thread(store.without_collection, seen):
+            return
+        for upstream in upstreams:
+            listed = await running.collection_series(upstream, collection)
+            if listed:
+                known.setdefault(collection, set()).update(listed)
+
     @app.delete("/_proxy/cache", response_model=None)
     async def cache_purge(request: Request) -> dict[str, int] | JSONResponse:
         """Delete the entries and kept files matching all the given filters (path,
@@ -476,6 +495,7 @@ def control_app(
                 # Through the writer: after the answers it has queued, before the purge.
                 job = cache.writer.submit(lambda: series_by_collection(cache.store.engine))
                 known = await asyncio.wrap_future(job)
+                await _ask_collection_series(binaries, known, filters["collection"])
             entries, size = await cache.purge(**filters)
             kept = (
                 {}

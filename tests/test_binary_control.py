@@ -169,14 +169,49 @@ def test_purge_by_collection_finds_series_through_the_cached_getseries(
     kirc = _series(nbia_upstream, "TCGA-KIRC")
     keep(gw, lung)
     keep(gw, kirc)
-    # The collection of a series download is unknown until the gateway has seen its getSeries.
-    unknown = purge(gw, "?collection=4D-Lung")
-    assert (unknown["purged_files"], unknown["files_of_unknown_collection"]) == (0, 2)
     assert get(gw, f"{S}/v4/getSeries?Collection=4D-Lung").status_code == 200
+    asked = len(nbia_upstream.app.requests_to("/v4/getSeries"))
     answer = purge(gw, "?collection=4D-Lung")
     assert (answer["purged_files"], answer["files_of_unknown_collection"]) == (1, 1)
+    # The other file's collection is unknown, so 4D-Lung's list was asked again: from the
+    # metadata cache (read before the purge drops it), not from TCIA.
+    assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == asked
     assert get(gw, _zip(lung)).headers["x-cache"] == "MISS"
     assert get(gw, _zip(kirc)).headers["x-cache"] == "HIT"
+
+
+def test_purge_by_collection_asks_getseries_when_it_has_not_seen_the_collection(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    lung = _series(nbia_upstream, "4D-Lung")
+    kirc = _series(nbia_upstream, "TCGA-KIRC")
+    keep(gw, lung)
+    keep(gw, kirc)
+    assert nbia_upstream.app.requests_to("/v4/getSeries") == []
+    answer = purge(gw, "?collection=4D-Lung")
+    assert (answer["purged_files"], answer["files_of_unknown_collection"]) == (1, 1)
+    assert any(
+        "Collection=4D-Lung" in r.query for r in nbia_upstream.app.requests_to("/v4/getSeries")
+    )
+    assert get(gw, _zip(lung)).headers["x-cache"] == "MISS"
+    assert get(gw, _zip(kirc)).headers["x-cache"] == "HIT"
+    # With every kept file's collection known, a purge asks nothing.
+    assert get(gw, f"{S}/v4/getSeries?Collection=TCGA-KIRC").status_code == 200
+    assert get(gw, f"{S}/v4/getSeries?Collection=4D-Lung").status_code == 200
+    before = len(nbia_upstream.app.requests_to("/v4/getSeries"))
+    again = purge(gw, "?collection=TCGA-KIRC")
+    assert (again["purged_files"], again["files_of_unknown_collection"]) == (1, 0)
+    assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == before
+
+
+def test_purge_by_collection_with_the_upstream_down_counts_the_files_it_cannot_place(
+    gw: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    keep(gw, _series(nbia_upstream, "4D-Lung"))
+    nbia_upstream.stop()
+    answer = purge(gw, "?collection=4D-Lung")
+    assert (answer["purged_files"], answer["files_of_unknown_collection"]) == (0, 1)
+    assert len(kept_files(gw)) == 1
 
 
 def test_cli_purge_removes_kept_files(gw: GatewayServer, nbia_upstream: FakeServer) -> None:

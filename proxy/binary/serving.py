@@ -363,35 +363,92 @@ class SeriesCache:
         size_endpoint = lookup(_sibling(request.raw_path, "getSeriesSize"))
         if uid is None or size_endpoint is None:
             return None
-        asking = OutgoingRequest(
-            method="GET",
-            raw_path=_sibling(request.raw_path, "getSeriesSize").encode(),
-            query=b"SeriesInstanceUID=" + quote(uid, safe="").encode(),
-            headers=[(b"accept", b"application/json")],
-            body=b"",
-        )
-        key = cache_key(upstream, size_endpoint, asking, self.token_on_v4)
+        path = _sibling(request.raw_path, "getSeriesSize")
 
         async def sizes() -> tuple[int, int] | None:
             captured = _Captured()
-            await cached.serve(upstream, size_endpoint, asking, key, Fit.EXACT, _never, captured)
+            query = "SeriesInstanceUID=" + quote(uid, safe="")
+            await self._ask(cached, upstream, size_endpoint, path, query, captured)
             return captured.numbers()
 
         return sizes
 
+    async def collection_series(self, upstream: Upstream, collection: str) -> set[str] | None:
+        """The series NBIA lists for ``collection`` (v4 getSeries, through the metadata cache,
+        with the service token), or None when that cannot be had: no metadata cache, offline,
+        the upstream failing, or an answer beyond :data:`SERIES_LIST_MAX_BYTES`."""
+        cached = self.cached
+        path = "/nbia-api/services/v4/getSeries"
+        endpoint = lookup(path)
+        if cached is None or endpoint is None or self.forwarding.offline:
+            return None
+        captured = _Captured(limit=SERIES_LIST_MAX_BYTES)
+        query = "Collection=" + quote(collection, safe="")
+        try:
+            await self._ask(cached, upstream, endpoint, path, query, captured)
+        except (UpstreamError, StreamBroken) as exc:
+            log.info("purge: getSeries of %s from %s failed: %s", collection, upstream.name, exc)
+            return None
+        return captured.series()
+
+    async def _ask(
+        self,
+        cached: CachedAnswers,
+        upstream: Upstream,
+        endpoint: Endpoint,
+        path: str,
+        query: str,
+        sink: _Captured,
+    ) -> None:
+        """A GET of the gateway's own (a metadata answer it needs) through the metadata cache."""
+        asking = OutgoingRequest(
+            method="GET",
+            raw_path=path.encode(),
+            query=query.encode(),
+            headers=[(b"accept", b"application/json")],
+            body=b"",
+        )
+        key = cache_key(upstream, endpoint, asking, self.token_on_v4)
+        await cached.serve(upstream, endpoint, asking, key, Fit.EXACT, _never, sink)
+
+
+#: A getSeries answer read for a purge is held in memory whole: beyond this, the purge counts
+#: the collection's files as unknown instead (NLST's one collection lists about 200,000 series).
+SERIES_LIST_MAX_BYTES = 64 * 1024 * 1024
+
 
 class _Captured:
-    """An ASGI ``send`` that keeps the answer (a getSeriesSize answer is small)."""
+    """An ASGI ``send`` that keeps the answer, up to ``limit`` bytes (beyond: none of it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1024 * 1024) -> None:
         self.status = 0
         self.body = bytearray()
+        self.limit = limit
+        self.too_large = False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
-        else:
+        elif not self.too_large:
             self.body += message.get("body", b"")
+            if len(self.body) > self.limit:
+                self.too_large = True
+                self.body = bytearray()
+
+    def series(self) -> set[str] | None:
+        """The SeriesInstanceUIDs of a getSeries answer; None when it is not a whole one."""
+        if self.status != 200 or self.too_large:
+            return None
+        if not self.body:
+            return set()  # NBIA answers an unknown collection with an empty body
+        try:
+            rows = json.loads(bytes(self.body))
+        except ValueError:
+            return None
+        if not isinstance(rows, list):
+            return None
+        found = (row.get("SeriesInstanceUID") for row in rows if isinstance(row, dict))
+        return {uid for uid in found if isinstance(uid, str)}
 
     def numbers(self) -> tuple[int, int] | None:
         if self.status != 200 or not self.body:
