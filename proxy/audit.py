@@ -54,6 +54,9 @@ _HIDDEN = "REDACTED"
 _NEEDS_ESCAPE = re.compile(r"[^ !#-\[\]-~]")
 #: What nginx escapes as \xHH in its access log.
 _NGINX_ESCAPE = re.compile(r'[^ !#-\[\]-~]|"|\\')
+#: What :meth:`AuditLog.prepare` renders of a line ahead of its time: in JSON the fields from
+#: ``user`` to ``bytes`` (and ""), in the combined format what comes before and after the time.
+LineParts = tuple[str, str]
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -160,6 +163,55 @@ class AuditLog:
         outcome: str = "ok",
     ) -> None:
         """Add the line of one request (``started``: ``perf_counter()`` at its first byte)."""
+        parts = self.prepare(
+            user=user,
+            client=client,
+            method=method,
+            path=path,
+            query=query,
+            status=status,
+            cache=cache,
+            size=size,
+        )
+        self.record_prepared(parts, started, outcome)
+
+    def prepare(
+        self,
+        *,
+        user: str,
+        client: str,
+        method: str,
+        path: str,
+        query: str,
+        status: int,
+        cache: str,
+        size: int,
+    ) -> LineParts:
+        """The parts of a line that do not change with the time: a repeated hit renders them
+        once (per connection, in the protocol shortcut) and only the time and duration after."""
+        if self.combined:
+            request = f"{method} {path}?{query} HTTP/1.1" if query else f"{method} {path} HTTP/1.1"
+            remote_user = user if user not in ("", "anonymous") else "-"
+            return (
+                f"{client} - {_nginx_escape(remote_user)} [",
+                f'] "{_nginx_escape(request)}" {status} {size} "-" "-"\n',
+            )
+        if _NEEDS_ESCAPE.search(f"{user}{client}{method}{path}{query}{cache}") is None:  # the usual
+            return (
+                f'"user":"{user}","client":"{client}","method":"{method}","path":"{path}",'
+                f'"query":"{query}","status":{status},"cache":"{cache}","bytes":{size},',
+                "",
+            )
+        return (
+            f'"user":{_json_string(user)},"client":{_json_string(client)},'
+            f'"method":{_json_string(method)},"path":{_json_string(path)},'
+            f'"query":{_json_string(query)},"status":{status},"cache":{_json_string(cache)},'
+            f'"bytes":{size},',
+            "",
+        )
+
+    def record_prepared(self, parts: LineParts, started: float, outcome: str = "ok") -> None:
+        """Add the line of one request from the parts :meth:`prepare` rendered."""
         ms = (time.perf_counter() - started) * 1000
         now = time.time()
         second = int(now)
@@ -171,26 +223,12 @@ class AuditLog:
                 else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             )
         if self.combined:
-            request = f"{method} {path}?{query} HTTP/1.1" if query else f"{method} {path} HTTP/1.1"
-            remote_user = user if user not in ("", "anonymous") else "-"
-            self.write(
-                f"{client} - {_nginx_escape(remote_user)} [{self._stamp}] "
-                f'"{_nginx_escape(request)}" {status} {size} "-" "-"\n'
-            )
-            return
-        millis = int((now - second) * 1000)
-        if _NEEDS_ESCAPE.search(f"{user}{client}{method}{path}{query}{cache}") is None:  # the usual
-            self.write(
-                f'{{"time":"{self._stamp}.{millis:03d}Z","user":"{user}","client":"{client}",'
-                f'"method":"{method}","path":"{path}","query":"{query}","status":{status},'
-                f'"cache":"{cache}","bytes":{size},"ms":{ms:.3f},"outcome":"{outcome}"}}\n'
-            )
+            self.write(parts[0] + self._stamp + parts[1])
             return
         self.write(
-            f'{{"time":"{self._stamp}.{millis:03d}Z","user":{_json_string(user)},'
-            f'"client":{_json_string(client)},"method":{_json_string(method)},'
-            f'"path":{_json_string(path)},"query":{_json_string(query)},"status":{status},'
-            f'"cache":{_json_string(cache)},"bytes":{size},"ms":{ms:.3f},"outcome":"{outcome}"}}\n'
+            # %-formatting: about half the cost of the same f-string with format specs.
+            '{"time":"%s.%03dZ",%s"ms":%.3f,"outcome":"%s"}\n'  # noqa: UP031 -- see above
+            % (self._stamp, (now - second) * 1000, parts[0], ms, outcome)
         )
 
     @staticmethod
