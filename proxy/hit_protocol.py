@@ -197,6 +197,8 @@ class HitProtocol(HttpToolsProtocol):
             self.send_400_response(msg)
             return
         except httptools.HttpParserUpgrade:
+            # The parser now takes nothing more on this connection: nor does the shortcut.
+            self._memo = None
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
