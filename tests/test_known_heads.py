@@ -11,6 +11,7 @@ whether the parser was skipped or not.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 from collections.abc import Coroutine, Iterator
@@ -91,8 +92,8 @@ class Recording(dict[bytes, KnownHead]):
 class Harness:
     """The gateway app started in a loop of its own thread, and connections to its protocol."""
 
-    def __init__(self, tmp: Path, upstream: str) -> None:
-        self.settings = make_settings(tmp, upstream, audit_log="")
+    def __init__(self, tmp: Path, upstream: str, **extra: Any) -> None:
+        self.settings = make_settings(tmp, upstream, **({"audit_log": ""} | extra))
         self.app: Gateway = create_app(self.settings)
         options = uvicorn_options(self.settings) | {"lifespan": "on", "log_level": "error"}
         self.config = uvicorn.Config(self.app, **options)
@@ -397,3 +398,37 @@ def test_whenever_the_parser_is_skipped_httptools_parses_the_same_request(
         harness.heads.update(saved)
     # Statuses, not X-Cache: the first connection may have stored what the second finds.
     assert [status for status, _ in answers(output)] == [status for status, _ in answers(reference)]
+
+
+def test_known_heads_have_their_audit_lines_with_the_client_a_trusted_proxy_names(
+    tmp_path: Path, nbia_upstream: FakeServer
+) -> None:
+    """The audit line of a hit answered from a known head is the shortcut's line; the client is
+    the one X-Forwarded-For names only when the connection comes from a trusted proxy."""
+    log = tmp_path / "audit.log"
+    harness = Harness(tmp_path, nbia_upstream.url, audit_log=str(log), trusted_proxies=["10.0.0.1"])
+    try:
+        forwarded = HEAD.replace(b"\r\n\r\n", b"\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
+        harness.exchange([forwarded])  # MISS, through the ASGI path
+        harness.exchange([forwarded], peer="10.0.0.1")  # the shortcut: learnt
+        harness.exchange([forwarded, forwarded], peer="10.0.0.1")  # known
+        harness.exchange([forwarded], peer="10.0.0.2")  # known, from an untrusted peer
+        assert harness.heads.used == [forwarded] * 3
+        harness.app.audit.flush()
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+    finally:
+        harness.close()
+    assert [(line["client"], line["cache"]) for line in lines] == [
+        ("127.0.0.1", "MISS"),
+        ("192.0.2.7", "HIT"),
+        ("192.0.2.7", "HIT"),
+        ("192.0.2.7", "HIT"),
+        ("10.0.0.2", "HIT"),
+    ]
+    first = lines[1]
+    for line in lines[2:]:
+        assert {k: v for k, v in line.items() if k not in ("time", "ms", "client")} == {
+            k: v for k, v in first.items() if k not in ("time", "ms", "client")
+        }
+        assert line["ms"] > 0 and line["outcome"] == "ok" and line["bytes"] > 1000
+    assert first["path"] == PATH and first["query"] == QUERY and first["user"] == "anonymous"
