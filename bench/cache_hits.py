@@ -109,6 +109,7 @@ def start_pair(
     extra = ["--nlst-upstream", upstream]
     extra += ["--workers", str(workers)] if workers > 1 else []
     urls: dict[str, str] = {}
+    proxies: set[str] = set()  # the nginx ones, which say X-Cache-Status
 
     def gateway(name: str, flags: list[str]) -> None:
         process, url = common.start_gateway(upstream, sub / name.replace(" ", "-"), flags)
@@ -121,6 +122,7 @@ def start_pair(
         )
         processes.append(process)
         urls[name] = url + PATH
+        proxies.add(name)
 
     gateway("gateway", extra)
     proxy("nginx", str(sub / "nginx-access.log"))
@@ -135,7 +137,7 @@ def start_pair(
         processes.append(old)
         urls["baseline"] = old_url + PATH
     for name, url in urls.items():
-        warm(url, "X-Cache-Status" if name.startswith("nginx") else "X-Cache", body)
+        warm(url, "X-Cache-Status" if name in proxies else "X-Cache", body)
     return urls
 
 
