@@ -54,6 +54,9 @@ _HIDDEN = "REDACTED"
 _NEEDS_ESCAPE = re.compile(r"[^ !#-\[\]-~]")
 #: What nginx escapes as \xHH in its access log.
 _NGINX_ESCAPE = re.compile(r'[^ !#-\[\]-~]|"|\\')
+#: What :meth:`AuditLog.prepare` renders of a line ahead of its time: in JSON the fields from
+#: ``user`` to ``bytes`` (and ""), in the combined format what comes before and after the time.
+LineParts = tuple[str, str]
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
@@ -134,6 +137,8 @@ class AuditLog:
         self._timer: TimerHandle | None = None
         self._second = -1
         self._stamp = ""
+        self._milli = -1
+        self._time = ""  # the JSON line's start for the millisecond _milli
         self.failures = 0  # writes that failed (their lines are lost)
 
     def describe(self) -> str:
@@ -160,38 +165,73 @@ class AuditLog:
         outcome: str = "ok",
     ) -> None:
         """Add the line of one request (``started``: ``perf_counter()`` at its first byte)."""
-        ms = (time.perf_counter() - started) * 1000
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._stamp = (
-                self._combined_time(second)
-                if self.combined
-                else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            )
+        parts = self.prepare(
+            user=user,
+            client=client,
+            method=method,
+            path=path,
+            query=query,
+            status=status,
+            cache=cache,
+            size=size,
+        )
+        self.record_prepared(parts, started, outcome)
+
+    def prepare(
+        self,
+        *,
+        user: str,
+        client: str,
+        method: str,
+        path: str,
+        query: str,
+        status: int,
+        cache: str,
+        size: int,
+    ) -> LineParts:
+        """The parts of a line that do not change with the time: a repeated hit renders them
+        once (per connection, in the protocol shortcut) and only the time and duration after."""
         if self.combined:
             request = f"{method} {path}?{query} HTTP/1.1" if query else f"{method} {path} HTTP/1.1"
             remote_user = user if user not in ("", "anonymous") else "-"
-            self.write(
-                f"{client} - {_nginx_escape(remote_user)} [{self._stamp}] "
-                f'"{_nginx_escape(request)}" {status} {size} "-" "-"\n'
+            return (
+                f"{client} - {_nginx_escape(remote_user)} [",
+                f'] "{_nginx_escape(request)}" {status} {size} "-" "-"\n',
             )
-            return
-        millis = int((now - second) * 1000)
         if _NEEDS_ESCAPE.search(f"{user}{client}{method}{path}{query}{cache}") is None:  # the usual
-            self.write(
-                f'{{"time":"{self._stamp}.{millis:03d}Z","user":"{user}","client":"{client}",'
-                f'"method":"{method}","path":"{path}","query":"{query}","status":{status},'
-                f'"cache":"{cache}","bytes":{size},"ms":{ms:.3f},"outcome":"{outcome}"}}\n'
+            return (
+                f'"user":"{user}","client":"{client}","method":"{method}","path":"{path}",'
+                f'"query":"{query}","status":{status},"cache":"{cache}","bytes":{size},',
+                "",
             )
-            return
-        self.write(
-            f'{{"time":"{self._stamp}.{millis:03d}Z","user":{_json_string(user)},'
-            f'"client":{_json_string(client)},"method":{_json_string(method)},'
-            f'"path":{_json_string(path)},"query":{_json_string(query)},"status":{status},'
-            f'"cache":{_json_string(cache)},"bytes":{size},"ms":{ms:.3f},"outcome":"{outcome}"}}\n'
+        return (
+            f'"user":{_json_string(user)},"client":{_json_string(client)},'
+            f'"method":{_json_string(method)},"path":{_json_string(path)},'
+            f'"query":{_json_string(query)},"status":{status},"cache":{_json_string(cache)},'
+            f'"bytes":{size},',
+            "",
         )
+
+    def record_prepared(self, parts: LineParts, started: float, outcome: str = "ok") -> None:
+        """Add the line of one request from the parts :meth:`prepare` rendered."""
+        ms = (time.perf_counter() - started) * 1000
+        milli = int(time.time() * 1000)
+        if milli != self._milli:  # lines within the same millisecond share their time
+            self._milli = milli
+            second = milli // 1000
+            if second != self._second:
+                self._second = second
+                self._stamp = (
+                    self._combined_time(second)
+                    if self.combined
+                    else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                )
+            self._time = f'{{"time":"{self._stamp}.{milli % 1000:03d}Z",'
+        # The line goes into the buffer in three pieces, joined when the buffer is written.
+        if self.combined:
+            self._add(parts[0], self._stamp, parts[1])
+        else:
+            self._add(self._time, parts[0], f'"ms":{ms:.3f},"outcome":"{outcome}"}}\n')
 
     @staticmethod
     def _combined_time(second: int) -> str:
@@ -205,10 +245,17 @@ class AuditLog:
 
     def write(self, line: str) -> None:
         """Buffer one rendered line (ending in a newline); write the buffer when it is due."""
+        self._add(line, "", "")
+
+    def _add(self, first: str, second: str, third: str) -> None:
+        """Buffer one line given in three pieces."""
         if not self.on:
             return
-        self._lines.append(line)
-        self._size += len(line)
+        lines = self._lines
+        lines.append(first)
+        lines.append(second)
+        lines.append(third)
+        self._size += len(first) + len(second) + len(third)
         if self._size >= self._buffer_bytes:
             self.flush()
         elif self._timer is None:
