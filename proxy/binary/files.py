@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from proxy.binary.ranges import etag_for
@@ -64,7 +63,7 @@ from proxy.cache.policy import CacheKey, glob_to_like
 from proxy.cache.store import ENVIRONMENT_ERRORS, storable
 from proxy.cache.writer import FailureLog
 from proxy.config import Settings
-from proxy.db import describe_failure, is_unreachable
+from proxy.db import describe_failure, is_unreachable, upsert_insert
 from proxy.store_health import StoreHealth
 
 log = logging.getLogger("nbia_proxy.binary")
@@ -344,9 +343,7 @@ class BinaryStore:
         self.counters = Counters()
         self._clock = clock
         self._host = _safe_host(host if host is not None else socket.gethostname())
-        self._insert: Callable[..., Any] = (
-            postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        )
+        self._insert: Callable[..., Any] = upsert_insert(engine)
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._busy: dict[str, _Busy] = {}  # digest -> open readers and fills (this process)
