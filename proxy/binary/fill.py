@@ -581,7 +581,18 @@ class Fills:
         filling.set_head(Head(200, headers, length))
         check = job.check()
         sizes = asyncio.ensure_future(job.sizes()) if job.sizes is not None else None
-        fill = await asyncio.to_thread(self.store.open_fill, job.key, length)
+        opening = asyncio.ensure_future(asyncio.to_thread(self.store.open_fill, job.key, length))
+        try:
+            fill = await asyncio.shield(opening)
+        except BaseException:
+            # Stopped (its last reader left) while the thread opened the file: the thread
+            # opens it whatever becomes of this await, and nobody else would close it.
+            if sizes is not None:
+                sizes.cancel()
+            await asyncio.wait([opening])
+            if not opening.cancelled() and opening.exception() is None:
+                await asyncio.to_thread(opening.result().discard)
+            raise
         filling.open_file(fill)
         writer = _Writer(fill, check, filling)
         committing: asyncio.Future[Kept | None] | None = None
