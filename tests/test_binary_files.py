@@ -822,19 +822,3 @@ def test_a_full_disk_under_a_batch_breaks_the_fill(
     assert fill.broken is not None and "No space left" in fill.broken
     assert files_in(store.directory) == []
     assert store.counters.write_failures == 1
-
-
-def test_a_batch_written_and_hashed_apart_keeps_the_hash_of_its_bytes(store: BinaryStore) -> None:
-    """The fill writes a batch in one thread and hashes it in another: the row's sha256 (and
-    the file's name) is still that of the bytes on disk."""
-    batches = [[b"a" * 3000, b"b" * 5000], [b"c" * 7000]]
-    with store.open_fill(image_key("apart")) as fill:
-        for batch in batches:
-            fill.write_all(batch, hashed=False)
-            fill.hash(batch)
-        kept = fill.commit(ZIP)
-    assert kept is not None
-    body = b"".join(b"".join(batch) for batch in batches)
-    assert kept.path.read_bytes() == body and kept.size == len(body)
-    assert kept.sha256 == hashlib.sha256(body).hexdigest()
-    assert kept.path.name.endswith(kept.sha256[:16])

@@ -210,13 +210,10 @@ class Fill:
         """Append ``chunk`` (ignored once broken or done)."""
         self.write_all([chunk])
 
-    def write_all(self, chunks: list[bytes], *, hashed: bool = True) -> None:
+    def write_all(self, chunks: list[bytes]) -> None:
         """Append ``chunks`` in one system call where the kernel takes them all (ignored once
         broken or done). Each system call and each hash update lets go of the GIL and must take
-        it back, so a batch costs the event loop's thread fewer hand-overs than its chunks.
-
-        ``hashed=False``: the caller gives the same chunks, in the same order, to :meth:`hash`
-        (in another thread, at the same time: the file and the hash are apart)."""
+        it back, so a batch costs the event loop's thread fewer hand-overs than its chunks."""
         if self._done or self.broken is not None:
             return
         count = sum(len(chunk) for chunk in chunks)
@@ -230,14 +227,9 @@ class Fill:
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
             return
-        if hashed:
-            self.hash(chunks)
-        self.size += count
-
-    def hash(self, chunks: list[bytes]) -> None:
-        """Add ``chunks`` to the content hash (for ``write_all(chunks, hashed=False)``)."""
         for chunk in chunks:
             self._hash.update(chunk)
+        self.size += count
 
     def commit(self, meta: Meta) -> Kept | None:
         """Publish the file under its final name and record it; None when it is not kept."""

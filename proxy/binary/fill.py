@@ -393,13 +393,10 @@ class _Writer:
             while self._pending:
                 batch, self._pending = self._pending, []
                 self._pending_bytes = 0
-                # Two threads a batch: the write, and the sha256 with the check's CRC-32 (the
-                # two halves of the work, about the same CPU), each letting go of the GIL, so
-                # they run beside each other and beside the event loop.
-                await asyncio.gather(
-                    asyncio.to_thread(self.fill.write_all, batch, hashed=False),
-                    asyncio.to_thread(self._digest, batch),
-                )
+                # One thread hop a batch: the file's write and sha256 and the check's CRC-32
+                # let go of the GIL, so they run beside the event loop; a second thread beside
+                # this one cost more in hand-overs of the GIL than it ran in parallel.
+                await asyncio.to_thread(self._work, batch)
                 self.filling.wrote(self.fill.size, self.fill.broken is not None)
         except Exception as exc:
             # The fill must hear of it: it may be waiting for this writer's progress.
@@ -407,8 +404,8 @@ class _Writer:
             self.filling.wrote(self.fill.size, True)
             raise
 
-    def _digest(self, batch: list[bytes]) -> None:
-        self.fill.hash(batch)
+    def _work(self, batch: list[bytes]) -> None:
+        self.fill.write_all(batch)
         for chunk in batch:
             self.check.feed(chunk)
 
