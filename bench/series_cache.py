@@ -12,6 +12,8 @@ measures, interleaved so that machine noise hits both sides alike:
   again) vs nginx relaying the upstream with ``proxy_buffering off``;
 * the same download through a gateway without the series cache (``relay-only``: what relaying
   alone costs here);
+* the CPU seconds each gateway (and the fake upstream) spent per GB on each path: on a small
+  machine the upstream, curl and the gateway share the cores, so these show where the floor is;
 * the gateway's peak RSS (VmHWM) over both, its schema migrated beforehand as
   ``deploy/nbia-proxy.service`` does (a start that migrates loads Alembic: about 8 MB more);
 * 20 concurrent cold requests (``--concurrent``) for one series through a second gateway whose
@@ -34,7 +36,7 @@ from pathlib import Path
 
 from bench import common
 from bench.common import Process
-from bench.stream import download, peak_rss_mb
+from bench.stream import cpu_seconds, download, peak_rss_mb
 
 # The kept files are 0600 in 0700 directories: the worker must be the gateway's user
 # (when nginx does not run as root, the directive is ignored and it already is).
@@ -158,12 +160,21 @@ def main(argv: list[str] | None = None) -> int:
                 "nginx-relay": [],
                 "relay-only": [],
             }
+            # CPU seconds per path: of the process that answers it, and of the fake upstream.
+            cpu: dict[str, list[float]] = {name: [0.0, 0.0] for name in speeds}
+            runs = {
+                "hit": (gateway.pid, gateway_url + path, ()),
+                "nginx-sendfile": (nginx.pid, nginx_url + "/kept.zip", ()),
+                "cold": (gateway.pid, gateway_url + path, ("Cache-Control: no-cache",)),
+                "nginx-relay": (nginx.pid, nginx_url + path, ()),
+                "relay-only": (relay.pid, relay_url + path, ()),
+            }
             for _ in range(args.rounds):
-                speeds["hit"].append(curl(gateway_url + path)[0])
-                speeds["nginx-sendfile"].append(curl(nginx_url + "/kept.zip")[0])
-                speeds["cold"].append(curl(gateway_url + path, "Cache-Control: no-cache")[0])
-                speeds["nginx-relay"].append(curl(nginx_url + path)[0])
-                speeds["relay-only"].append(curl(relay_url + path)[0])
+                for name, (pid, url, headers) in runs.items():
+                    before = cpu_seconds(pid), cpu_seconds(fake.pid)
+                    speeds[name].append(curl(url, *headers)[0])
+                    cpu[name][0] += cpu_seconds(pid) - before[0]
+                    cpu[name][1] += cpu_seconds(fake.pid) - before[1]
             _, rss_peak = peak_rss_mb(gateway.pid)
             _, relay_peak = peak_rss_mb(relay.pid)
             medians = {name: statistics.median(v) for name, v in speeds.items()}
@@ -171,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, values_ in speeds.items():
                 rounds = ", ".join(f"{v:.0f}" for v in values_)
                 print(f"{name:15s} median {medians[name]:7.0f} MB/s   (rounds: {rounds})")
+            gigabytes = args.rounds * size / 2**30
+            print("CPU s/GB (answering process, fake upstream): " + ", ".join(
+                f"{name} {own / gigabytes:.2f} + {up / gigabytes:.2f}"
+                for name, (own, up) in cpu.items()
+            ))  # fmt: skip
             print(f"hit  / nginx sendfile = {medians['hit'] / medians['nginx-sendfile']:.2f}")
             print(f"cold / nginx relay    = {medians['cold'] / medians['nginx-relay']:.2f}")
             print(f"cold / relay-only     = {medians['cold'] / medians['relay-only']:.2f}")

@@ -60,6 +60,15 @@ def digest(url: str) -> str:
     return md5.hexdigest()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time so far of a process (all its threads) and of its live
+    children (nginx's workers), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_seconds(int(child)) for child in children)
+
+
 def peak_rss_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) of a process in MB, from /proc."""
     fields = {}

@@ -782,3 +782,43 @@ def test_read_at_reads_a_range_and_stops_at_the_end(tmp_path: Path) -> None:
     assert middle == data[123_456:223_456]
     assert tail == data[250_000:]  # fewer bytes at the end of the file, not padding
     assert beyond == b""
+
+
+def test_a_batch_is_written_whole_when_the_kernel_takes_part_of_it(
+    store: BinaryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``write_all`` hands a batch to one ``writev``; what a short write leaves is written
+    after it, in order, and the hash covers every byte."""
+    real_writev = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: Any) -> int:
+        calls.append(len(buffers))
+        return real_writev(fd, [bytes(buffers[0])[:1000]])  # the kernel took 1000 bytes
+
+    monkeypatch.setattr(files_module.os, "writev", short_writev)
+    chunks = [bytes([n]) * 5000 for n in range(1, 5)]
+    with store.open_fill(image_key("batch")) as fill:
+        fill.write_all(chunks)
+        fill.write_all([b"tail"])
+        kept = fill.commit(ZIP)
+    assert kept is not None and calls == [4]
+    body = b"".join(chunks) + b"tail"
+    assert kept.path.read_bytes() == body
+    assert kept.sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_a_full_disk_under_a_batch_breaks_the_fill(
+    store: BinaryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, buffers: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files_module.os, "writev", full)
+    with store.open_fill(image_key("full")) as fill:
+        fill.write_all([b"a" * 4096, b"b" * 4096])
+        fill.write_all([b"c" * 4096, b"d" * 4096])  # ignored: broken already
+        assert fill.commit(ZIP) is None
+    assert fill.broken is not None and "No space left" in fill.broken
+    assert files_in(store.directory) == []
+    assert store.counters.write_failures == 1

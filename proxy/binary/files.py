@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from proxy.binary.ranges import etag_for
@@ -64,7 +63,7 @@ from proxy.cache.policy import CacheKey, glob_to_like
 from proxy.cache.store import ENVIRONMENT_ERRORS, storable
 from proxy.cache.writer import FailureLog
 from proxy.config import Settings
-from proxy.db import describe_failure, is_unreachable
+from proxy.db import describe_failure, is_unreachable, upsert_insert
 from proxy.store_health import StoreHealth
 
 log = logging.getLogger("nbia_proxy.binary")
@@ -90,6 +89,7 @@ _tokens = itertools.count()  # tells open readers and fills apart in the busy re
 # Temporary files of this process's fills, whichever store opened them.
 _LIVE_TEMPS: set[Path] = set()
 _LIVE_LOCK = threading.Lock()
+_IOV_MAX = 512  # buffers per writev (Linux takes 1024)
 
 
 def directory_for(settings: Settings) -> Path:
@@ -208,23 +208,28 @@ class Fill:
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk`` (ignored once broken or done)."""
+        self.write_all([chunk])
+
+    def write_all(self, chunks: list[bytes]) -> None:
+        """Append ``chunks`` in one system call where the kernel takes them all (ignored once
+        broken or done). Each system call and each hash update lets go of the GIL and must take
+        it back, so a batch costs the event loop's thread fewer hand-overs than its chunks."""
         if self._done or self.broken is not None:
             return
-        if self.size + len(chunk) > self._store.max_bytes:
+        count = sum(len(chunk) for chunk in chunks)
+        if self.size + count > self._store.max_bytes:
             self._store._count_too_large()
             self._give_up("larger than binary_cache_max_bytes")
             return
-        view = memoryview(chunk)
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            _write_fully(self._fd, chunks, count)
         except OSError as exc:
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
             return
-        self._hash.update(chunk)
-        self.size += len(chunk)
+        for chunk in chunks:
+            self._hash.update(chunk)
+        self.size += count
 
     def commit(self, meta: Meta) -> Kept | None:
         """Publish the file under its final name and record it; None when it is not kept."""
@@ -344,9 +349,7 @@ class BinaryStore:
         self.counters = Counters()
         self._clock = clock
         self._host = _safe_host(host if host is not None else socket.gethostname())
-        self._insert: Callable[..., Any] = (
-            postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        )
+        self._insert: Callable[..., Any] = upsert_insert(engine)
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._busy: dict[str, _Busy] = {}  # digest -> open readers and fills (this process)
@@ -902,6 +905,26 @@ def _split_part(tail: str) -> tuple[str, str | None]:
 def _safe_host(name: str) -> str:
     # The host goes into file names and is split off at the last dashes: no dashes in it.
     return re.sub(r"[^A-Za-z0-9.]", "_", name)[:64] or "host"
+
+
+def _write_fully(fd: int, chunks: list[bytes], count: int) -> None:
+    """Write all of ``chunks`` (``count`` bytes) to ``fd``: one ``write`` or ``writev`` (at
+    most :data:`_IOV_MAX` buffers a call), then whatever a short write left over."""
+    written = 0
+    if len(chunks) == 1:
+        written = os.write(fd, chunks[0])
+    else:
+        for start in range(0, len(chunks), _IOV_MAX):
+            part = chunks[start : start + _IOV_MAX]
+            done = os.writev(fd, part)
+            written += done
+            if done < sum(len(chunk) for chunk in part):
+                break
+    if written == count:
+        return
+    rest = memoryview(b"".join(chunks))[written:]
+    while rest:
+        rest = rest[os.write(fd, rest) :]
 
 
 def _size(path: Path) -> int | None:

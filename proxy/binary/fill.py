@@ -218,7 +218,8 @@ class Filling:
                 if self.failed is not None:
                     raise self.failed  # its file may have been closed under the read
                 self.readers[reader] = offset + len(data)
-                self._wake()
+                if self.file_broken:
+                    self._wake()  # the window waits for the slowest reader now
                 return data
             if self.done or self.checked:
                 return b""
@@ -392,11 +393,10 @@ class _Writer:
             while self._pending:
                 batch, self._pending = self._pending, []
                 self._pending_bytes = 0
-                # Two threads: the file's sha256 and the check's CRC-32/MD5 each release the
-                # GIL, so they run beside each other and beside the event loop.
-                await asyncio.gather(
-                    asyncio.to_thread(self._write, batch), asyncio.to_thread(self._feed, batch)
-                )
+                # One thread hop a batch: the file's write and sha256 and the check's CRC-32
+                # let go of the GIL, so they run beside the event loop; a second thread beside
+                # this one cost more in hand-overs of the GIL than it ran in parallel.
+                await asyncio.to_thread(self._work, batch)
                 self.filling.wrote(self.fill.size, self.fill.broken is not None)
         except Exception as exc:
             # The fill must hear of it: it may be waiting for this writer's progress.
@@ -404,11 +404,8 @@ class _Writer:
             self.filling.wrote(self.fill.size, True)
             raise
 
-    def _write(self, batch: list[bytes]) -> None:
-        for chunk in batch:
-            self.fill.write(chunk)
-
-    def _feed(self, batch: list[bytes]) -> None:
+    def _work(self, batch: list[bytes]) -> None:
+        self.fill.write_all(batch)
         for chunk in batch:
             self.check.feed(chunk)
 
@@ -584,7 +581,18 @@ class Fills:
         filling.set_head(Head(200, headers, length))
         check = job.check()
         sizes = asyncio.ensure_future(job.sizes()) if job.sizes is not None else None
-        fill = await asyncio.to_thread(self.store.open_fill, job.key, length)
+        opening = asyncio.ensure_future(asyncio.to_thread(self.store.open_fill, job.key, length))
+        try:
+            fill = await asyncio.shield(opening)
+        except BaseException:
+            # Stopped (its last reader left) while the thread opened the file: the thread
+            # opens it whatever becomes of this await, and nobody else would close it.
+            if sizes is not None:
+                sizes.cancel()
+            await asyncio.wait([opening])
+            if not opening.cancelled() and opening.exception() is None:
+                await asyncio.to_thread(opening.result().discard)
+            raise
         filling.open_file(fill)
         writer = _Writer(fill, check, filling)
         committing: asyncio.Future[Kept | None] | None = None

@@ -32,14 +32,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from proxy.cache.policy import CacheKey, glob_to_like
 from proxy.cache.tables import CacheCounter, CacheEntry, CacheTag
-from proxy.db import describe_failure
+from proxy.db import describe_failure, upsert_insert
 from proxy.headers import RawHeaders
 
 # Rough per-entry bookkeeping cost (row, index entries), counted in the size cap.
@@ -166,10 +165,7 @@ class CacheStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        dialect = engine.dialect.name
-        self._insert: Callable[..., Any] = (
-            postgresql.insert if dialect == "postgresql" else sqlite.insert
-        )
+        self._insert: Callable[..., Any] = upsert_insert(engine)
         # The write path's statements, built once: SQLAlchemy then reuses their compiled form,
         # and each is sent once per batch with every row's parameters (executemany).
         keys: BindParameter[str] = bindparam("keys", expanding=True)

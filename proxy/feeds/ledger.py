@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from proxy.datadir import sqlite_file
+from proxy.db import upsert_insert
 from proxy.feeds.plan import Form
 from proxy.feeds.tables import FeedPosition
 
@@ -43,8 +43,7 @@ class Ledger:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        dialect = engine.dialect.name
-        self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._insert = upsert_insert(engine)
 
     def read(self, upstream: str) -> Position:
         """Where ``upstream``'s feeds stand (never polled: an empty position)."""

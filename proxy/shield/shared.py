@@ -29,13 +29,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 if TYPE_CHECKING:
-    # Annotations only: both import modules that import this one.
+    # Annotations only: both import modules that import this one. Redis's client is imported
+    # by SharedStore only: a gateway without redis_url never loads it (about 6 MB of RSS).
+    import redis.asyncio as aioredis
+
     from proxy.shield.breaker import Breaker
     from proxy.shield.counters import ShieldCounters
 
@@ -157,6 +155,12 @@ class SharedStore:
     """
 
     def __init__(self, url: str, prefix: str, timeout: float, counters: ShieldCounters) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+
+        self._failures = (RedisError, OSError, TimeoutError)
         self.prefix = prefix
         self.counters = counters
         self.timeout = timeout
@@ -203,7 +207,7 @@ class SharedStore:
         try:
             async with asyncio.timeout(self.timeout * 2):
                 result = await command(self.client)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._failures as exc:
             self._failed(exc)
             raise StoreDown from None
         if self.down_since is not None:
