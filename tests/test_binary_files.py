@@ -29,6 +29,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from proxy.binary import files as files_module
+from proxy.binary.disk import read_at
 from proxy.binary.files import (
     MARKER,
     BinaryStore,
@@ -37,8 +38,6 @@ from proxy.binary.files import (
     capped_max_bytes,
     directory_for,
 )
-from proxy.binary.ranges import plan
-from proxy.binary.sendfile import ShortFile, read_at, send_range
 from proxy.binary.tables import BinaryFile, BinaryTag
 from proxy.cache.policy import CacheKey
 from proxy.cli import build_parser, settings_from_args
@@ -695,73 +694,7 @@ def test_settings_from_flag_env_and_file(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert (settings.binary_dir, settings.binary_cache_max_bytes) == (tmp_path, 3000)
 
 
-# sending -------------------------------------------------------------------------------------
-
-
-async def _receive_sent(path: Path, start: int, length: int) -> bytes:
-    """Serve ``length`` bytes of ``path`` from ``start`` over a local TCP socket; what arrived."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            with path.open("rb") as file:
-                transport = writer.transport
-                assert isinstance(transport, asyncio.WriteTransport)
-                await send_range(transport, file, start, length)
-            writer.close()
-            done.set_result(None)
-        except BaseException as exc:
-            done.set_exception(exc)
-            writer.transport.abort()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        received = await reader.read()
-        writer.close()
-        await done
-        return received
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-@pytest.mark.parametrize(
-    "range_header", [None, b"bytes=0-0", b"bytes=1000-", b"bytes=-4097", b"bytes=12345-1048575"]
-)
-def test_send_range_sends_the_planned_bytes_zero_copy(
-    store: BinaryStore, range_header: bytes | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    body = os.urandom(3 * 1024 * 1024 + 17)  # more than one socket buffer, not a round size
-    kept = keep(store, image_key("1.2.3"), body)
-    step = plan(kept.size, kept.etag, range_header=range_header)
-    kernel_bytes = []
-    real_sendfile = os.sendfile
-
-    def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
-        sent = real_sendfile(out_fd, in_fd, offset, count)
-        kernel_bytes.append(sent)
-        return sent
-
-    monkeypatch.setattr(os, "sendfile", sendfile)
-    received = asyncio.run(_receive_sent(kept.path, step.start, step.length))
-    assert received == body[step.start : step.end]
-    assert len(received) == (kept.size if range_header is None else step.length)
-    assert sum(kernel_bytes) == step.length  # every byte went file -> socket in the kernel
-
-
-def test_send_range_of_nothing_sends_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "empty"
-    path.write_bytes(b"")
-    assert asyncio.run(_receive_sent(path, 0, 0)) == b""
-
-
-def test_a_file_shorter_than_promised_raises(tmp_path: Path) -> None:
-    path = tmp_path / "short"
-    path.write_bytes(b"x" * 1000)
-    with pytest.raises(ShortFile):
-        asyncio.run(_receive_sent(path, 0, 2000))
+# reading -------------------------------------------------------------------------------------
 
 
 def test_read_at_reads_a_range_and_stops_at_the_end(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@
 * :mod:`proxy.binary.files`: the kept files (written beside their final name, renamed in place
   once checked, one database row each in :mod:`proxy.binary.tables`), their space and eviction;
 * :mod:`proxy.binary.ranges`: what a ``Range``/``If-Range``/``HEAD`` request gets of a kept file;
-* :mod:`proxy.binary.sendfile`: a kept file (or a range of it) sent zero-copy.
+* :mod:`proxy.binary.disk`: a kept file's bytes read off the event loop.
 
 The checks are pure (no sockets, no files): bytes in, a :class:`~proxy.binary.verdict.Verdict` out.
 To keep a bad download from reaching a client as a good one, a relay feeds each chunk to the

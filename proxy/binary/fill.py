@@ -38,8 +38,8 @@ from typing import Protocol
 import httpx
 
 from proxy.binary.decision import go_on_alone
+from proxy.binary.disk import read_at
 from proxy.binary.files import BinaryStore, Fill, Kept, Meta
-from proxy.binary.sendfile import read_at
 from proxy.binary.verdict import Check, Verdict
 from proxy.cache.policy import CacheKey
 from proxy.endpoints import Endpoint

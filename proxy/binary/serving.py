@@ -20,11 +20,11 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Send
 
 from proxy.binary.decision import Action, Stored, decide
+from proxy.binary.disk import read_at
 from proxy.binary.files import BinaryStore, Kept, Reading
 from proxy.binary.fill import FillFailed, Filling, FillJob, Fills, Head, Held, SizeSource
 from proxy.binary.imagecheck import DicomCheck, JpegCheck
 from proxy.binary.ranges import parse, plan
-from proxy.binary.sendfile import read_at
 from proxy.binary.verdict import Check
 from proxy.binary.zipcheck import Md5Policy, ZipCheck
 from proxy.cache.policy import CacheKey, pairs

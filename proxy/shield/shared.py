@@ -253,7 +253,7 @@ class SharedStore:
             async with asyncio.timeout(self.timeout * 4):
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await self.client.aclose()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._failures as exc:
             log.info("shared store connections closed uncleanly (%s)", type(exc).__name__)
 
     def _failed(self, exc: BaseException) -> None:

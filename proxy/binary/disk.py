@@ -1,0 +1,27 @@
+"""Reading a kept file's bytes from disk without the event loop waiting on the disk.
+
+Kept files are sent through ASGI, which gives an app no transport to hand to ``loop.sendfile``
+(uvicorn has no zero-copy send extension): each piece is read here and sent as a body message.
+Measured (``bench.series_cache``), that serves a kept 1 GB zip at 0.96x nginx's ``sendfile``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+
+async def read_at(fd: int, count: int, offset: int) -> bytearray:
+    """Up to ``count`` bytes of ``fd`` from ``offset`` (fewer at its end), read in a worker
+    thread into a buffer allocated here, on the event loop's thread.
+
+    ``asyncio.to_thread(os.pread, ...)`` allocates each buffer in the worker thread, and glibc
+    gives each thread its own malloc arena: the freed megabytes stay in as many arenas as the
+    pool has threads (about 12 MB of RSS for a download served at 2 MiB a read). Allocated
+    here, they come from, and go back to, the loop thread's heap only.
+    """
+    buffer = bytearray(count)
+    read = await asyncio.to_thread(os.preadv, fd, [buffer], offset)
+    if read < count:
+        del buffer[read:]
+    return buffer
