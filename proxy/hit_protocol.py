@@ -494,8 +494,9 @@ class HitProtocol(HttpToolsProtocol):
         entry = memo.fresh_entry(known.digest)
         if entry is None or access.limits.admit(principal.name, count=False):
             return False
-        self.transport.write(memo.hit_answer(entry))
+        # Counted before the write: whoever reads the answer may read the count at once.
         gateway.shortcut_hits += 1
+        self.transport.write(memo.hit_answer(entry))
         # After the write: the duration ends at the last byte (what Gateway.record_hit does).
         size = len(entry.body)
         tally = gateway.tally
