@@ -22,6 +22,7 @@ from tcia_utils import nbia
 
 from proxy.tcia import gateway_url_builder
 from tests.fake_nbia import FakeServer
+from tests.fake_nbia.app import SLOW_CHUNK
 from tests.gateway_server import GatewayFactory, GatewayProcess, GatewayServer
 
 S = "/nbia-api/services"
@@ -121,7 +122,11 @@ def test_a_joiner_gets_its_first_bytes_before_the_fill_ends(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
     uid = _series(nbia_upstream)
-    nbia_upstream.app.slow(seconds_between_chunks=0.05, path_contains="getImage")
+    # Small chunks, and the upstream stops after three until the joiner has its first bytes:
+    # the fill is surely running then, however loaded the machine (the last chunk received
+    # is held back until the verdict, so two are released).
+    nbia_upstream.app.slow(seconds_between_chunks=0.001, path_contains="getImage")
+    gate = nbia_upstream.app.hold_body("getImage", after_bytes=3 * SLOW_CHUNK)
     url = gw.url + _zip_path(uid)
     assert gw.app.series is not None
     fills = gw.app.series.fills
@@ -133,6 +138,7 @@ def test_a_joiner_gets_its_first_bytes_before_the_fill_ends(
             joined_chunks = joined.iter_raw()
             joined_head = next(joined_chunks)
             assert fills.in_progress == 1  # the first byte came while the fill runs
+            gate.set()
             whole = head + b"".join(chunks)
             assert joined_head + b"".join(joined_chunks) == whole
     assert _count(nbia_upstream, "/v4/getImage") == 1

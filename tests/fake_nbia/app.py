@@ -69,6 +69,7 @@ class FakeNBIA:
         self.dataset = build_dataset(name, bulk_series, bulk_instances_for(bulk_series_bytes))
         self._original: tuple[list[Series], list[Study]] | None = None
         self._holds: list[tuple[str, threading.Event]] = []
+        self._body_holds: list[tuple[str, int, threading.Event]] = []
         self.images = ImageStore(self.dataset)
         self.images.set_big_zip_bytes(big_zip_bytes)
         self.tables = Tables(self.dataset, self.images)
@@ -103,9 +104,10 @@ class FakeNBIA:
         self._huge = []
         self.restore_dataset()
         with self._lock:
-            for _, gate in self._holds:
+            for gate in [gate for _, gate in self._holds] + [g for *_, g in self._body_holds]:
                 gate.set()  # nothing stays held for the next test
             self._holds = []
+            self._body_holds = []
 
     # --- update feeds ---------------------------------------------------------------
 
@@ -144,6 +146,14 @@ class FakeNBIA:
         gate = threading.Event()
         with self._lock:
             self._holds.append((path_contains, gate))
+        return gate
+
+    def hold_body(self, path_contains: str, after_bytes: int) -> threading.Event:
+        """Stop every matching streamed answer once ``after_bytes`` of its body are sent, until
+        the returned event is set (a download that is surely still running, without a clock)."""
+        gate = threading.Event()
+        with self._lock:
+            self._body_holds.append((path_contains, after_bytes, gate))
         return gate
 
     def restore_dataset(self) -> None:
@@ -486,6 +496,8 @@ class FakeNBIA:
         cut = self.faults.take_cut(log.path) if reply.zip else None
         limit = cut.after_bytes if cut else None
         gap = slow.between_chunks if slow else 0.0
+        with self._lock:
+            holds = [(at, gate) for part, at, gate in self._body_holds if part in log.path]
         sent = 0
         for chunk in _chunks(reply.body, SLOW_CHUNK if gap > 0 else CHUNK):
             if limit is not None and sent + len(chunk) >= limit:
@@ -498,6 +510,9 @@ class FakeNBIA:
                 break  # "clean": a truncated zip with a proper end, as NBIA's writer does
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent += len(chunk)
+            for at, gate in [hold for hold in holds if sent >= hold[0]]:
+                holds.remove((at, gate))
+                await asyncio.to_thread(gate.wait, 60)  # a test's hold, never for ever
             if gap > 0:
                 await asyncio.sleep(gap)
         await send({"type": "http.response.body", "body": b""})
