@@ -28,6 +28,10 @@ from proxy.config import Settings
 from proxy.gateway import Gateway
 from proxy.server import Server, uvicorn_options
 
+#: How long a gateway may take to start before a test gives up on it: generous, since the
+#: machine may be loaded (a CI run beside other work); a start that hangs still fails here.
+START_SECONDS = 90.0
+
 
 def make_settings(
     data_dir: Path, upstream: str, nlst_upstream: str | None = None, **extra: Any
@@ -78,7 +82,7 @@ class GatewayServer:
         self._server = server
         self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
         self._thread.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + START_SECONDS
         while not server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("the gateway did not start")
@@ -163,7 +167,7 @@ class GatewayProcess:
     def __enter__(self) -> GatewayProcess:
         with open(self.stderr, "wb") if self.stderr else contextlib.nullcontext() as err:
             self.process = subprocess.Popen(self.command, preexec_fn=self.preexec_fn, stderr=err)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + START_SECONDS
         while True:
             try:
                 httpx.get(self.url + "/healthz", timeout=1)

@@ -20,7 +20,14 @@ from proxy.app import build_access
 from proxy.metrics import FAMILIES, PREFIX, Metrics
 from proxy.shield.counters import ShieldCounters
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import Clock, GatewayFactory, GatewayProcess, GatewayServer, make_settings
+from tests.gateway_server import (
+    START_SECONDS,
+    Clock,
+    GatewayFactory,
+    GatewayProcess,
+    GatewayServer,
+    make_settings,
+)
 from tests.test_accounts import LabFactory, bearer, make_lab  # noqa: F401 (a fixture)
 
 S = "/nbia-api/services"
@@ -272,7 +279,7 @@ def test_a_worker_that_dies_takes_nothing_from_the_sums(
         workers = [p for p in psutil.Process(gateway.pid).children() if p.pid in owners]
         assert len(workers) == 2
         workers[0].kill()  # no clean stop: only what it wrote before is left
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + START_SECONDS  # a new worker's start
         while len(list((data / "metrics").glob("*.json"))) < 3 or workers[0].is_running():
             assert time.monotonic() < deadline, "uvicorn did not replace the worker"
             time.sleep(0.1)
