@@ -15,6 +15,7 @@ import httpx
 
 from proxy.binary.fill import Fills
 from tests.fake_nbia import FakeServer
+from tests.fake_nbia.app import SLOW_CHUNK
 from tests.gateway_server import GatewayFactory, GatewayProcess, GatewayServer, make_settings
 
 S = "/nbia-api/services"
@@ -57,12 +58,17 @@ def test_fills_left_alone_beyond_the_cap_are_cancelled_and_keep_nothing(
     """A client that starts cold downloads and hangs up at once gets at most
     binary_max_background_fills of them downloaded for nobody; the rest stop at once."""
     one, two = _series(nbia_upstream, "4D-Lung"), _series(nbia_upstream, "TCGA-KIRC")
-    nbia_upstream.app.slow(seconds_between_chunks=0.05, path_contains="getImage")
+    nbia_upstream.app.slow(seconds_between_chunks=0.001, path_contains="getImage")
+    # Neither download can end before the second has been stopped, however loaded the machine.
+    held = [nbia_upstream.app.hold_body(uid, after_bytes=2 * SLOW_CHUNK) for uid in (one, two)]
     with make_gateway(binary_max_background_fills=1) as gw:
         fills = _fills(gw)
         _start_and_hang_up(gw.url + _zip_path(one))
         _until(lambda: fills.counters.background == 1)  # the first goes on alone
         _start_and_hang_up(gw.url + _zip_path(two))
+        _until(lambda: fills.counters.stopped_alone == 1)
+        for gate in held:
+            gate.set()
         _until(lambda: fills.in_progress == 0)
         assert fills.counters.stopped_alone == 1
         assert fills.counters.failures["cancelled"] == 1

@@ -149,7 +149,8 @@ class FakeNBIA:
         return gate
 
     def hold_body(self, path_contains: str, after_bytes: int) -> threading.Event:
-        """Stop every matching streamed answer once ``after_bytes`` of its body are sent, until
+        """Stop every streamed answer whose path or query contains ``path_contains`` once
+        ``after_bytes`` of its body are sent, until
         the returned event is set (a download that is surely still running, without a clock)."""
         gate = threading.Event()
         with self._lock:
@@ -497,7 +498,8 @@ class FakeNBIA:
         limit = cut.after_bytes if cut else None
         gap = slow.between_chunks if slow else 0.0
         with self._lock:
-            holds = [(at, gate) for part, at, gate in self._body_holds if part in log.path]
+            target = f"{log.path}?{log.query}"
+            holds = [(at, gate) for part, at, gate in self._body_holds if part in target]
         sent = 0
         for chunk in _chunks(reply.body, SLOW_CHUNK if gap > 0 else CHUNK):
             if limit is not None and sent + len(chunk) >= limit:
