@@ -14,7 +14,6 @@ import io
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,6 +24,7 @@ from proxy.cache.policy import pairs
 from proxy.endpoints import lookup
 from tests.fake_nbia import FakeNBIA, FakeServer
 from tests.gateway_server import GatewayFactory, GatewayServer
+from tests.test_kept_downloads import kept_files
 
 S = "/nbia-api/services/"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -77,13 +77,6 @@ JPEGS = {
     "root-getWado-jpeg": Ask("POST", "getWado", WADO + AS_JPEG),
 }
 ALL = {**ZIPS, **DICOMS, **JPEGS}
-
-
-def kept_files(server: GatewayServer) -> list[Path]:
-    root = server.settings.data_dir / "binaries"
-    return [
-        p for p in root.rglob("*") if p.is_file() and p.name[0] != "." and ".part-" not in p.name
-    ]
 
 
 def is_whole(answer: httpx.Response) -> bool:
