@@ -320,6 +320,118 @@ def test_thumbnail_is_a_jpeg(client: httpx.Client, fake: FakeNBIA) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("path", "extra", "md5"),
+    [
+        (V4 + "getDCMImage", {}, False),
+        (V4 + "getDCMImage", {"MD5Verification": "yes"}, True),
+        (V2 + "getDCMImage", {"MD5Verification": "Yes"}, True),
+        (V1 + "getDCMImage", {"IncludeAnnotation": "true"}, False),
+        (V4 + "getImageOther", {}, False),
+        (V1 + "getImageOther", {}, False),
+    ],
+)
+def test_dcm_image_and_image_other_zips(
+    client: httpx.Client, fake: FakeNBIA, path: str, extra: dict[str, str], md5: bool
+) -> None:
+    uid = series_of(fake, "CT")
+    auth = bearer(login(client)["access_token"]) if path.startswith(V2) else {}
+    r = client.get(path, params={"SeriesInstanceUID": uid, **extra}, headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["content-disposition"] == f'attachment; filename="{uid}.zip"'
+    names = _zip(r).namelist()
+    # original file names, no LICENSE, the hashes only when asked for
+    images = names[:-1] if md5 else names
+    assert images and all(re.fullmatch(r"\d+-\d\d\.dcm", n) for n in images)
+    if md5:
+        assert _check_md5s(_zip(r)) == images
+    missing = client.get(path, params=extra, headers=auth)
+    assert missing.status_code == 400
+    assert missing.text == "A parameter, SeriesInstanceUID, is required for this API call."
+
+
+def test_dcm_image_and_image_other_allow_lists(client: httpx.Client) -> None:
+    r = client.get(V4 + "getDCMImage", params={"SeriesInstanceUID": "1", "NewFileNames": "yes"})
+    assert r.status_code == 400 and r.text.startswith("Invalid query parameter: 'NewFileNames'")
+    r = client.get(V4 + "getImageOther", params={"SeriesInstanceUID": "1", "IncludeMD5": "yes"})
+    assert r.text == (
+        "Invalid query parameter: 'IncludeMD5'. Allowed parameters are: [SeriesInstanceUID]"
+    )
+    assert client.get(V2 + "getImageOther").status_code == 404  # not in v2
+
+
+def _wado_params(fake: FakeNBIA, **extra: str) -> dict[str, str]:
+    uid = series_of(fake, "CT")
+    series = fake.dataset.find_series(uid)
+    assert series is not None
+    sop = fake.images.instances(uid)[0].sop_uid
+    ids = {"studyUID": series.study_uid, "seriesUID": uid, "objectUID": sop}
+    return {"requestType": "WADO", **ids, **extra}
+
+
+def test_wado_answers_a_jpeg_or_the_dicom_file(client: httpx.Client, fake: FakeNBIA) -> None:
+    params = _wado_params(fake)
+    jpeg = client.get(V1 + "wado", params=params)
+    assert (jpeg.status_code, jpeg.headers["content-type"]) == (200, "image/jpeg")
+    assert jpeg.content[:2] == b"\xff\xd8" and jpeg.content[-2:] == b"\xff\xd9"
+    asked = client.get(V1 + "wado", params={**params, "contentType": "image/jpeg"})
+    assert asked.content == jpeg.content  # image/jpeg is WADO-URI's default
+    bigger = client.get(V1 + "wado", params={**params, "rows": "40", "columns": "20"})
+    assert b"\xff\xc0\x00\x0b\x08\x00\x28\x00\x28" in bigger.content  # 40x40 frame
+    dicom = client.get(V1 + "wado", params={**params, "contentType": "application/dicom"})
+    assert dicom.headers["content-type"] == "application/dicom"
+    single = client.get(
+        V1 + "getSingleImage",
+        params={"SeriesInstanceUID": params["seriesUID"], "SOPInstanceUID": params["objectUID"]},
+    )
+    assert dicom.content == single.content
+    # getWado: the same resource as a form POST, on v1 and (with a token) root
+    auth = bearer(login(client)["access_token"])
+    for path, headers in ((V1 + "getWado", {}), (ROOT + "getWado", auth)):
+        as_dicom = {**params, "contentType": "application/dicom"}
+        posted = client.post(path, data=as_dicom, headers=headers)
+        assert (posted.status_code, posted.content) == (200, dicom.content)
+        assert client.post(path, data=params, headers=headers).content == jpeg.content
+    assert client.post(V1 + "getWado", params=params).status_code == 400  # form only
+    assert client.get(V1 + "getWado", params=params).status_code == 405
+    assert client.post(V1 + "wado", data=params).status_code == 405
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"requestType": "WADO-RS"},
+        {"requestType": ""},
+        {"studyUID": "1.2.3"},
+        {"objectUID": "1.2.3"},
+        {"contentType": "image/png"},
+        {"rows": "x"},
+        {"columns": "100000"},
+    ],
+)
+def test_wado_errors_are_a_400_text(
+    client: httpx.Client, fake: FakeNBIA, change: dict[str, str]
+) -> None:
+    r = client.get(V1 + "wado", params=_wado_params(fake, **change))
+    assert (r.status_code, r.headers["content-type"]) == (400, "text/plain")
+    assert r.text.startswith("WADO request failed: ")
+
+
+@pytest.mark.parametrize("content_type", ["image/jpeg", "application/dicom"])
+def test_wado_with_an_altered_image(
+    client: httpx.Client, fake: FakeNBIA, content_type: str
+) -> None:
+    params = _wado_params(fake, contentType=content_type)
+    good = client.get(V1 + "wado", params=params).content
+    fake.close_zip_after(0, times=1)  # a zip fault: means nothing to one image
+    fake.alter_image(2, times=1)  # another image: taken, changes nothing
+    fake.alter_image(1, times=1)
+    assert client.get(V1 + "wado", params=params).content == good
+    bad = client.get(V1 + "wado", params=params).content
+    assert (len(bad), bad[:-1]) == (len(good), good[:-1]) and bad != good
+    assert client.get(V1 + "wado", params=params).content == good  # times=1: healed
+
+
 def test_dicom_tags(client: httpx.Client, fake: FakeNBIA) -> None:
     uid = series_of(fake, "CT")
     tags = client.get(V4 + "getDicomTags", params={"SeriesUID": uid}).json()

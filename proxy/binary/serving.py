@@ -48,6 +48,16 @@ HIT_READ_BYTES = 2 * 1024 * 1024
 _NOT_A_DICOM_FILE = frozenset({"v1/getAllSOPClassDefinition"})
 #: Zips that always carry md5hashes.csv (series-cache-anchors.md §B1).
 _ALWAYS_MD5 = frozenset({"getImageWithMD5Hash"})
+#: Parameters that, set to ``yes``, make NBIA write md5hashes.csv: getImage's IncludeMD5,
+#: getDCMImage's MD5Verification (catalog §2.1).
+_ASKS_MD5 = frozenset({"includemd5", "md5verification"})
+#: WADO-URI resources (catalog §2.2): the answer is a DICOM file or a JPEG, as ``contentType``
+#: asks, so the check is chosen by that parameter.
+_WADO = frozenset({"v1/wado", "v1/getWado", "getWado"})
+_WADO_CHECKS: dict[str, Callable[[], Check]] = {
+    "application/dicom": DicomCheck,
+    "image/jpeg": JpegCheck,
+}
 
 Relay = Callable[[], Awaitable[None]]
 
@@ -482,11 +492,17 @@ def _check_for(endpoint: Endpoint, params: list[tuple[str, str]]) -> Check | Non
     payload = endpoint.payload
     if payload is Payload.BINARY_ZIP:
         name = endpoint.path.rpartition("/")[2]
-        asked = any(k.lower() == "includemd5" and v.lower() == "yes" for k, v in params)
+        asked = any(k.lower() in _ASKS_MD5 and v.lower() == "yes" for k, v in params)
         md5s: Md5Policy = "required" if name in _ALWAYS_MD5 or asked else "optional"
         if md5s == "optional" and name == "getImage":
             md5s = "ignore"  # NBIA writes md5hashes.csv only when asked: CRC-32s suffice
         return ZipCheck(md5s=md5s)
+    if endpoint.path in _WADO:
+        # Without one known type (absent: the server's default; a list: its pick) the kind of
+        # answer is not known beforehand: relayed, never kept.
+        content_type = next((v for k, v in params if k == "contentType"), "")
+        make = _WADO_CHECKS.get(content_type.strip().lower())
+        return None if make is None else make()
     if payload is Payload.BINARY_DICOM and endpoint.path not in _NOT_A_DICOM_FILE:
         return DicomCheck()
     if payload is Payload.BINARY_JPEG:

@@ -292,7 +292,9 @@ class FakeNBIA:
         self, number: int = 1, times: int | None = None, path_contains: str | None = None
     ) -> None:
         """Image ``number`` (1-based) of series zips has other bytes than the MD5 that
-        md5hashes.csv and getMD5HashForImage list; the zip's CRC-32s match the bytes sent."""
+        md5hashes.csv and getMD5HashForImage list; the zip's CRC-32s match the bytes sent.
+        A WADO answer (v1 wado, getWado) of image ``number`` is changed the same way (its
+        last byte: a JPEG loses its end-of-image marker)."""
         self._zip_fault("altered_image", number, times, path_contains)
 
     def _zip_fault(

@@ -139,6 +139,14 @@ class Faults:
         rule = self._take(self._zip_faults, path)  # type: ignore[arg-type]
         return rule if isinstance(rule, ZipFault) else None
 
+    def take_image_fault(self, path: str) -> ZipFault | None:
+        """An ``altered_image`` rule for a single-image answer (a zip's other faults have no
+        meaning for one image)."""
+        with self._lock:
+            altering = [f for f in self._zip_faults if f.kind == "altered_image"]
+        rule = self._take(altering, path)  # type: ignore[arg-type]
+        return rule if isinstance(rule, ZipFault) else None
+
     def slowness(self, path: str) -> SlowRule | None:
         slow = self._slow
         return slow if slow is not None and slow.matches(path) else None

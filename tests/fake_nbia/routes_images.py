@@ -1,4 +1,4 @@
-"""Binary endpoints (zips, single images, hashes, thumbnails) for v1, v2, v4 and root."""
+"""Binary endpoints (zips, single images, WADO, hashes, thumbnails) for v1, v2, v4 and root."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import hashlib
 from collections.abc import Callable
 
 from .dataset import Series
-from .dicom import ZipLayout, make_jpeg
+from .dicom import ZipLayout, altered, make_jpeg
+from .images import Instance
 from .responses import ApiError, Reply, bad_request, no_access, server_error, text
 from .routing import Call, route
 
@@ -57,6 +58,23 @@ def get_image_legacy(call: Call) -> Reply:
 @route("v1", "getImageWithMD5Hash")
 def get_image_with_md5(call: Call) -> Reply:
     return zip_reply(call, ZipLayout(license=False, md5=True))
+
+
+@route("v4", "getDCMImage", allowed=("SeriesInstanceUID", "IncludeAnnotation", "MD5Verification"))
+@route("v2", "getDCMImage")
+@route("v1", "getDCMImage")
+def get_dcm_image(call: Call) -> Reply:
+    """Original file names, md5hashes.csv when MD5Verification=yes (the fake has no
+    annotation files, so IncludeAnnotation changes nothing)."""
+    md5 = _yes(call.get("MD5Verification"))
+    return zip_reply(call, ZipLayout(license=False, new_names=True, md5=md5))
+
+
+@route("v4", "getImageOther", allowed=("SeriesInstanceUID",))
+@route("v1", "getImageOther")
+def get_image_other(call: Call) -> Reply:
+    """The files as the alternate data source names them: original names, nothing else."""
+    return zip_reply(call, ZipLayout(license=False, new_names=True))
 
 
 @route("v4", "getSingleImage", allowed=("SeriesInstanceUID", "SOPInstanceUID"))
@@ -131,15 +149,73 @@ route(
 route("root", "getMD5Hierarchy", "POST")(md5_hierarchy)
 
 
-def thumbnail(call: Call) -> Reply:
-    series_uid, sop = call.get("seriesUID"), call.get("objectUID")
-    series = call.fake.dataset.find_series(series_uid or "")
-    insts = call.fake.images.instances(series_uid or "") if series else []
+def _wado_failed(reason: str) -> ApiError:
+    return ApiError(text(f"WADO request failed: {reason}", 400))
+
+
+def _wado_image(call: Call, series_param: str, object_param: str) -> tuple[Series, Instance]:
+    """The series and instance a WADO-style request names; any miss is WADO's 400."""
+    series_uid, sop = call.get(series_param) or "", call.get(object_param)
+    series = call.fake.dataset.find_series(series_uid)
+    insts = call.fake.images.instances(series_uid) if series else []
     inst = next((i for i in insts if i.sop_uid == sop), None)
     if series is None or inst is None:
-        raise ApiError(text("WADO request failed: image not found", 400))
-    return Reply(200, make_jpeg(series.pk // 65_536 + inst.number), "image/jpeg")
+        raise _wado_failed("image not found")
+    return series, inst
+
+
+def _shade(series: Series, inst: Instance) -> int:
+    return series.pk // 65_536 + inst.number
+
+
+def thumbnail(call: Call) -> Reply:
+    series, inst = _wado_image(call, "seriesUID", "objectUID")
+    return Reply(200, make_jpeg(_shade(series, inst)), "image/jpeg")
 
 
 route("v4", "getThumbnail", "POST", allowed=("seriesUID", "objectUID"))(thumbnail)
 route("root", "getThumbnail", "POST")(thumbnail)
+
+#: WADO-URI's default answer for a single-frame image (DICOM PS3.18); application/dicom asks
+#: for the file itself.
+WADO_DEFAULT_TYPE = "image/jpeg"
+WADO_TYPES = ("image/jpeg", "application/dicom")
+WADO_MAX_SIDE = 256
+
+
+def _wado_side(call: Call) -> int:
+    """The JPEG's side: ``rows``/``columns`` (the larger, up to a multiple of 8), else 16."""
+    asked = [call.get(name) for name in ("rows", "columns")]
+    sides = []
+    for value in filter(None, asked):
+        if not value.isdigit() or not 0 < int(value) <= WADO_MAX_SIDE:
+            raise _wado_failed(f"rows and columns must be 1 to {WADO_MAX_SIDE}, not {value!r}")
+        sides.append(int(value))
+    return -(-max(sides, default=16) // 8) * 8
+
+
+def wado(call: Call) -> Reply:
+    """WADO-URI (v1 wado GET query, getWado POST form): one image as a JPEG (the default) or
+    the DICOM file; every error is WADO's 400 text/plain. ``alter_image(n)`` changes image
+    ``n``'s bytes as it does in zips."""
+    if call.get("requestType") != "WADO":
+        raise _wado_failed("requestType must be WADO")
+    series, inst = _wado_image(call, "seriesUID", "objectUID")
+    if call.get("studyUID") != series.study_uid:
+        raise _wado_failed("image not found")
+    content_type = call.get("contentType") or WADO_DEFAULT_TYPE
+    if content_type not in WADO_TYPES:
+        raise _wado_failed(f"contentType {content_type!r} is not supported")
+    if content_type == "application/dicom":
+        data = call.fake.images.instance_bytes(series.uid, inst.sop_uid) or b""
+    else:
+        data = make_jpeg(_shade(series, inst), _wado_side(call))
+    fault = call.fake.faults.take_image_fault(call.log.path)
+    if fault is not None and fault.images == inst.number:
+        data = altered(data)
+    return Reply(200, data, content_type)
+
+
+route("v1", "wado")(wado)
+route("v1", "getWado", "POST")(wado)
+route("root", "getWado", "POST")(wado)
