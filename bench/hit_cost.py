@@ -38,48 +38,13 @@ from proxy.app import create_app
 from proxy.config import Settings
 from proxy.hit_protocol import HitProtocol
 from proxy.server import uvicorn_options
+from tests.transport import CountingTransport
 
 PATH = "/nbia-api/services/v4/getSeries?Collection=TCGA-KIRC&Modality=MR"
 HEAD = f"GET {PATH} HTTP/1.1\r\nHost: gateway\r\nUser-Agent: wrk\r\n\r\n".encode()
 #: Hits between two turns of the event loop (wrk's 50 connections give a server about as many
 #: reads a turn).
 BATCH = 50
-
-
-class CountingTransport:
-    """Just enough of an asyncio transport for the protocol: it counts what is written."""
-
-    def __init__(self) -> None:
-        self.written = 0
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += len(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8080)}.get(
-            name, default
-        )
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_protocol(self, protocol: Any) -> None:
-        pass
 
 
 class Variant:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cachetools import FIFOCache
 
-from proxy.cache.answer import HIT, StoredAnswer
+from proxy.cache.answer import HIT, StoredAnswer, answer_age
 from proxy.cache.policy import CacheKey
 from proxy.cache.store import Entry
 from proxy.cache.tiers import TieredCache
@@ -102,10 +102,7 @@ class HitMemo:
         """The whole response of a ``HIT`` from ``entry``, counted as
         :func:`proxy.cache.answer.stored_answer` counts one. Its bytes differ only when its
         ``Age`` does, once a second: a small one is rendered once for all the hits meanwhile."""
-        cache = self.cache
-        age = max(0, int(cache.clock() - entry.created_at))
-        cache.count(entry.endpoint, hit=True)
-        cache.served(entry.digest)
+        age = answer_age(self.cache, entry)
         wires = self._wires
         kept = wires.get(entry.digest)
         if kept is not None and kept[0] is entry and kept[1] == age:

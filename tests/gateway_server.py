@@ -111,6 +111,14 @@ GatewayFactory = Callable[..., AbstractContextManager[GatewayServer]]
 """What the ``make_gateway`` fixture (tests/conftest.py) returns: settings in, a gateway out."""
 
 
+def cache_stats(server: GatewayServer, section: str) -> dict[str, Any]:
+    """One section of the gateway's ``/_proxy/cache/stats`` (``binaries``, ``shield``, ...)."""
+    answer = httpx.get(server.url + "/_proxy/cache/stats", timeout=60)
+    assert answer.status_code == 200, answer.text
+    found: dict[str, Any] = answer.json()[section]
+    return found
+
+
 def audit_lines(path: Path | str, count: int = 0, timeout: float = 10) -> list[dict[str, Any]]:
     """The JSON lines of the audit log at ``path``, once it holds ``count`` (lines are written
     in batches, up to a second late); what it holds when ``timeout`` runs out."""

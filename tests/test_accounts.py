@@ -61,6 +61,14 @@ def login(gw: GatewayServer, name: str, key: str) -> httpx.Response:
     return httpx.post(gw.url + TOKEN, data=form)
 
 
+def access_token(gw: GatewayServer, name: str, key: str) -> str:
+    """The access token ``name`` gets by logging in with ``key`` (the login must succeed)."""
+    answer = login(gw, name, key)
+    assert answer.status_code == 200, answer.text
+    token: str = answer.json()["access_token"]
+    return token
+
+
 def wait_until(check: Callable[[], bool], seconds: float = 5.0) -> bool:
     """Poll ``check`` until it holds (the gateway re-reads accounts every REFRESH_SECONDS)."""
     deadline = time.monotonic() + seconds
@@ -296,7 +304,7 @@ def test_gateway_tokens_expire(make_lab: LabFactory) -> None:
         time.time() + 60
     )  # after the users are created (tokens older than a key are void)
     lab = make_lab(clock, client_token_lifetime_seconds=600)
-    token = login(lab.gw, "alice", lab.keys["alice"]).json()["access_token"]
+    token = access_token(lab.gw, "alice", lab.keys["alice"])
     clock.advance(599)
     assert lab.get(SERIES, bearer(token)).status_code == 200
     clock.advance(2)
@@ -319,7 +327,7 @@ def test_revoking_a_user_ends_their_key_and_tokens(
     lab: Lab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = lab.keys["alice"]
-    token = login(lab.gw, "alice", key).json()["access_token"]
+    token = access_token(lab.gw, "alice", key)
     users_cli(lab.data_dir, "revoke", "alice", capsys=capsys)
     assert wait_until(lambda: lab.get(SERIES, bearer(key)).status_code == 401)
     assert lab.get(SERIES, bearer(token)).status_code == 401
@@ -331,7 +339,7 @@ def test_rotating_a_key_ends_the_old_key_and_its_tokens(
     lab: Lab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old = lab.keys["alice"]
-    token = login(lab.gw, "alice", old).json()["access_token"]
+    token = access_token(lab.gw, "alice", old)
     time.sleep(0.01)  # the rotation happens strictly after the token was issued
     new = users_cli(lab.data_dir, "rotate", "alice", capsys=capsys).strip().splitlines()[-1]
     assert wait_until(lambda: lab.get(SERIES, bearer(new)).status_code == 200)
@@ -578,7 +586,7 @@ def test_after_generated_credentials_the_gateway_is_healthy_and_the_cache_unchan
 
 def test_audit_lines_name_the_lab_user(lab: Lab) -> None:
     key = lab.keys["alice"]
-    token = login(lab.gw, "alice", key).json()["access_token"]
+    token = access_token(lab.gw, "alice", key)
     lab.get(SERIES, bearer(key))  # miss
     with httpx.Client(base_url=lab.gw.url) as client:
         client.get(SERIES, headers=bearer(token))  # hit (in-protocol)

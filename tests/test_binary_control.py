@@ -7,7 +7,6 @@ runs it (``python -m proxy``) on the same data dir.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +15,10 @@ import pytest
 
 from proxy.binary.files import MARKER
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings, request_line, send_raw
+from tests.gateway_server import GatewayServer, cache_stats, request_line, send_raw
 from tests.test_failsafe_cli import assert_one_line, run_cli
 
 S = "/nbia-api/services"
-STATS = "/_proxy/cache/stats"
-
-
-@pytest.fixture
-def gw(
-    tmp_path: Path, nbia_upstream: FakeServer, nlst_upstream: FakeServer
-) -> Iterator[GatewayServer]:
-    settings = make_settings(tmp_path / "data", nbia_upstream.url, nlst_upstream.url)
-    with GatewayServer(settings) as server:
-        yield server
 
 
 def _series(fake: FakeServer, collection: str) -> str:
@@ -52,10 +41,7 @@ def kept_files(server: GatewayServer) -> list[Path]:
 
 
 def binaries(server: GatewayServer) -> dict[str, Any]:
-    answer = get(server, STATS)
-    assert answer.status_code == 200, answer.text
-    section: dict[str, Any] = answer.json()["binaries"]
-    return section
+    return cache_stats(server, "binaries")
 
 
 def keep(server: GatewayServer, uid: str) -> bytes:
@@ -75,6 +61,20 @@ def purge(server: GatewayServer, query: str) -> dict[str, Any]:
     assert status == 200, body
     answer: dict[str, Any] = json.loads(body)
     return answer
+
+
+def lung_and_kirc(server: GatewayServer, fake: FakeServer) -> tuple[str, str]:
+    """Keep a 4D-Lung and a TCGA-KIRC series; their UIDs."""
+    lung, kirc = _series(fake, "4D-Lung"), _series(fake, "TCGA-KIRC")
+    keep(server, lung)
+    keep(server, kirc)
+    return lung, kirc
+
+
+def assert_purged_only(server: GatewayServer, purged: str, kept: str) -> None:
+    """The series ``purged`` is fetched anew, ``kept`` is still answered from its file."""
+    assert get(server, _zip(purged)).headers["x-cache"] == "MISS"
+    assert get(server, _zip(kept)).headers["x-cache"] == "HIT"
 
 
 def cli(server: GatewayServer, *args: str) -> dict[str, Any]:
@@ -139,15 +139,13 @@ def test_purge_by_series_removes_its_kept_file(
     assert (answer["purged_files"], answer["purged_file_bytes"]) == (1, len(body))
     assert binaries(gw)["files"] == 1
     assert len(kept_files(gw)) == 1
-    assert get(gw, _zip(uid)).headers["x-cache"] == "MISS"
-    assert get(gw, _zip(other)).headers["x-cache"] == "HIT"
+    assert_purged_only(gw, uid, other)
 
 
 def test_purge_everything_removes_every_kept_file(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
-    keep(gw, _series(nbia_upstream, "4D-Lung"))
-    keep(gw, _series(nbia_upstream, "TCGA-KIRC"))
+    lung_and_kirc(gw, nbia_upstream)
     assert purge(gw, "?all=true")["purged_files"] == 2
     assert kept_files(gw) == []
     assert binaries(gw)["files"] == 0
@@ -165,10 +163,7 @@ def test_purge_by_path_removes_the_matching_kept_files(
 def test_purge_by_collection_finds_series_through_the_cached_getseries(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
-    lung = _series(nbia_upstream, "4D-Lung")
-    kirc = _series(nbia_upstream, "TCGA-KIRC")
-    keep(gw, lung)
-    keep(gw, kirc)
+    lung, kirc = lung_and_kirc(gw, nbia_upstream)
     assert get(gw, f"{S}/v4/getSeries?Collection=4D-Lung").status_code == 200
     asked = len(nbia_upstream.app.requests_to("/v4/getSeries"))
     answer = purge(gw, "?collection=4D-Lung")
@@ -176,25 +171,20 @@ def test_purge_by_collection_finds_series_through_the_cached_getseries(
     # The other file's collection is unknown, so 4D-Lung's list was asked again: from the
     # metadata cache (read before the purge drops it), not from TCIA.
     assert len(nbia_upstream.app.requests_to("/v4/getSeries")) == asked
-    assert get(gw, _zip(lung)).headers["x-cache"] == "MISS"
-    assert get(gw, _zip(kirc)).headers["x-cache"] == "HIT"
+    assert_purged_only(gw, lung, kirc)
 
 
 def test_purge_by_collection_asks_getseries_when_it_has_not_seen_the_collection(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
-    lung = _series(nbia_upstream, "4D-Lung")
-    kirc = _series(nbia_upstream, "TCGA-KIRC")
-    keep(gw, lung)
-    keep(gw, kirc)
+    lung, kirc = lung_and_kirc(gw, nbia_upstream)
     assert nbia_upstream.app.requests_to("/v4/getSeries") == []
     answer = purge(gw, "?collection=4D-Lung")
     assert (answer["purged_files"], answer["files_of_unknown_collection"]) == (1, 1)
     assert any(
         "Collection=4D-Lung" in r.query for r in nbia_upstream.app.requests_to("/v4/getSeries")
     )
-    assert get(gw, _zip(lung)).headers["x-cache"] == "MISS"
-    assert get(gw, _zip(kirc)).headers["x-cache"] == "HIT"
+    assert_purged_only(gw, lung, kirc)
     # With every kept file's collection known, a purge asks nothing.
     assert get(gw, f"{S}/v4/getSeries?Collection=TCGA-KIRC").status_code == 200
     assert get(gw, f"{S}/v4/getSeries?Collection=4D-Lung").status_code == 200
@@ -215,10 +205,7 @@ def test_purge_by_collection_with_the_upstream_down_counts_the_files_it_cannot_p
 
 
 def test_cli_purge_removes_kept_files(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
-    lung = _series(nbia_upstream, "4D-Lung")
-    kirc = _series(nbia_upstream, "TCGA-KIRC")
-    keep(gw, lung)
-    keep(gw, kirc)
+    lung, _ = lung_and_kirc(gw, nbia_upstream)
     assert get(gw, f"{S}/v4/getSeries?Collection=TCGA-KIRC").status_code == 200
     assert gw.app.cache is not None
     gw.app.cache.writer.flush()

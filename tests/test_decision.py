@@ -101,6 +101,20 @@ TABLE = [
 ]
 
 
+def decided(
+    stored: Freshness, ok: bool, wants_fresh: bool, offline: bool, shared: bool, circuit_open: bool
+) -> Decision:
+    """:func:`decide` on the inputs in the order of a TABLE row."""
+    return decide(
+        stored,
+        stored_ok=ok,
+        wants_fresh=wants_fresh,
+        offline=offline,
+        shared=shared,
+        circuit_open=circuit_open,
+    )
+
+
 @pytest.mark.parametrize(
     ("stored", "ok", "wants_fresh", "offline", "shared", "circuit_open", "expected"), TABLE
 )
@@ -113,15 +127,7 @@ def test_decide(
     circuit_open: bool,
     expected: Decision,
 ) -> None:
-    got = decide(
-        stored,
-        stored_ok=ok,
-        wants_fresh=wants_fresh,
-        offline=offline,
-        shared=shared,
-        circuit_open=circuit_open,
-    )
-    assert got == expected
+    assert decided(stored, ok, wants_fresh, offline, shared, circuit_open) == expected
 
 
 def test_every_combination_has_a_safe_answer() -> None:
@@ -133,14 +139,7 @@ def test_every_combination_has_a_safe_answer() -> None:
     ):
         if stored is Freshness.ABSENT and ok:
             continue  # not a state: nothing stored has no status
-        got = decide(
-            stored,
-            stored_ok=ok,
-            wants_fresh=wants_fresh,
-            offline=offline,
-            shared=shared,
-            circuit_open=circuit_open,
-        )
+        got = decided(stored, ok, wants_fresh, offline, shared, circuit_open)
         serves = got.action in (
             Action.SERVE,
             Action.SERVE_STALE,

@@ -60,6 +60,13 @@ TOKEN_BY_GENERATION = {
 }
 
 
+def catalogued(path: str) -> Endpoint:
+    """The table's entry for ``path`` below /nbia-api/services/ (the test fails without one)."""
+    endpoint = lookup(SERVICES + path)
+    assert endpoint is not None, f"{path} is not in the table"
+    return endpoint
+
+
 @dataclass(frozen=True)
 class Catalogued:
     """One endpoint as the catalog lists it."""
@@ -210,8 +217,7 @@ SIDE_EFFECTS = [
 @pytest.mark.parametrize("path", SIDE_EFFECTS)
 def test_side_effecting_endpoints_are_never_cacheable(path: str) -> None:
     """Writes, admin calls and all of v3 are flagged side-effecting and not cacheable."""
-    endpoint = lookup(SERVICES + path)
-    assert endpoint is not None
+    endpoint = catalogued(path)
     assert endpoint.side_effect
     assert not endpoint.cacheable
 
@@ -243,8 +249,7 @@ BINARY_PATHS = [
 @pytest.mark.parametrize("path", BINARY_PATHS)
 def test_binary_endpoints_are_binary(path: str) -> None:
     """Zips, DICOM and JPEG answers are binary (streamed) and outside the metadata cache."""
-    endpoint = lookup(SERVICES + path)
-    assert endpoint is not None
+    endpoint = catalogued(path)
     assert endpoint.payload.is_binary
     assert not endpoint.cacheable
 
@@ -267,8 +272,7 @@ READ_ONLY_POSTS = [
 @pytest.mark.parametrize("path", READ_ONLY_POSTS)
 def test_read_only_posts_are_cacheable(path: str) -> None:
     """Search, manifest, metadata and MD5 POSTs are read-only: cacheable, not side-effecting."""
-    endpoint = lookup(SERVICES + path)
-    assert endpoint is not None
+    endpoint = catalogued(path)
     assert "POST" in endpoint.methods
     assert not endpoint.side_effect and not endpoint.payload.is_binary
     assert endpoint.cacheable
@@ -355,8 +359,7 @@ def test_identity_dependent_generations() -> None:
 )
 def test_identity_dependence(path: str, identity: bool) -> None:
     """Whether the answer depends on who asks, as catalog §3 lists it."""
-    endpoint = lookup(SERVICES + path)
-    assert endpoint is not None
+    endpoint = catalogued(path)
     assert endpoint.identity is identity
 
 
@@ -365,8 +368,8 @@ def test_identity_dependence(path: str, identity: bool) -> None:
 )
 def test_lookup_through_the_keycloak_alias(path: str) -> None:
     """/nbia-api/<version>/... (no /services) finds the same entry as /nbia-api/services/..."""
-    endpoint = lookup(SERVICES + path)
-    assert endpoint is not None and endpoint.path == path
+    endpoint = catalogued(path)
+    assert endpoint.path == path
     assert lookup(ALIAS + path) is endpoint
 
 
@@ -374,8 +377,7 @@ def test_lookup_through_the_keycloak_alias(path: str) -> None:
 def test_keycloak_alias_also_covers_root_endpoints(path: str) -> None:
     """Catalog §1.1: the Keycloak build maps Jersey at both /* and /services/*, so EVERY
     resource, root "Advanced" ones included, is reachable without /services."""
-    endpoint = lookup(SERVICES + path)
-    assert endpoint is not None
+    endpoint = catalogued(path)
     assert lookup(ALIAS + path) is endpoint
 
 

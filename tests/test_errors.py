@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -48,36 +48,37 @@ def _assert_gateway_error(response: httpx.Response, status: int) -> dict[str, st
     return body
 
 
-@pytest.mark.parametrize("kind", ["metadata", "binary"])
-def test_upstream_down_is_a_fast_502(
-    quick_gateway: GatewayServer, nbia_upstream: FakeServer, kind: str
-) -> None:
-    path = V4_LIST if kind == "metadata" else _zip(nbia_upstream)
-    nbia_upstream.stop()
-    started = time.monotonic()
-    response = httpx.get(quick_gateway.url + path, timeout=10)
-    assert time.monotonic() - started < 2
-    body = _assert_gateway_error(response, 502)
-    assert body == {
-        "error": f"upstream 127.0.0.1:{nbia_upstream.port} refused the connection",
-        "upstream": "nbia",
-    }
+def _stop(fake: FakeServer) -> None:
+    fake.stop()
+
+
+def _slow(fake: FakeServer) -> None:
+    fake.app.slow(seconds_before_headers=3.0)
 
 
 @pytest.mark.parametrize("kind", ["metadata", "binary"])
-def test_slow_upstream_is_a_504_within_the_read_timeout(
-    quick_gateway: GatewayServer, nbia_upstream: FakeServer, kind: str
+@pytest.mark.parametrize(
+    ("fault", "status", "error"),
+    [
+        pytest.param(_stop, 502, "refused the connection", id="down-502"),
+        pytest.param(_slow, 504, "did not answer within 0.5 s", id="slow-504-within-read-timeout"),
+    ],
+)
+def test_upstream_down_or_slow_is_a_fast_gateway_error(
+    quick_gateway: GatewayServer,
+    nbia_upstream: FakeServer,
+    kind: str,
+    fault: Callable[[FakeServer], None],
+    status: int,
+    error: str,
 ) -> None:
     path = V4_LIST if kind == "metadata" else _zip(nbia_upstream)
-    nbia_upstream.app.slow(seconds_before_headers=3.0)
+    fault(nbia_upstream)
     started = time.monotonic()
     response = httpx.get(quick_gateway.url + path, timeout=10)
     assert time.monotonic() - started < 2
-    body = _assert_gateway_error(response, 504)
-    assert body == {
-        "error": f"upstream 127.0.0.1:{nbia_upstream.port} did not answer within 0.5 s",
-        "upstream": "nbia",
-    }
+    body = _assert_gateway_error(response, status)
+    assert body == {"error": f"upstream 127.0.0.1:{nbia_upstream.port} {error}", "upstream": "nbia"}
 
 
 @pytest.mark.parametrize("kind", ["metadata", "binary"])

@@ -28,7 +28,7 @@ from proxy.feeds.poller import FeedError, forced_wait
 from tests.databases import BACKENDS, database
 from tests.fake_nbia import FakeServer
 from tests.fake_nbia.dataset import Series
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import GatewayServer, cache_stats, make_settings
 
 DAY = 86400.0
 NOON = dt.datetime(2026, 12, 1, 12, tzinfo=dt.UTC).timestamp()
@@ -244,6 +244,19 @@ def _get(gateway: GatewayServer, path: str) -> httpx.Response:
     return answer
 
 
+def _get_series(gateway: GatewayServer, series: Series) -> httpx.Response:
+    """getSeries of that one series, through the gateway."""
+    return _get(gateway, f"v4/getSeries?SeriesInstanceUID={series.uid}")
+
+
+def _cached_then_updated(gateway: GatewayServer, fake: FakeServer) -> Series:
+    """A 4D-Lung series whose getSeries the gateway has cached, then changed upstream."""
+    series = _series(fake, "4D-Lung")
+    _get_series(gateway, series)
+    fake.app.mark_updated(series.uid, description="NEW")
+    return series
+
+
 def _poll(gateway: GatewayServer, upstream: str = "nbia") -> dict[str, Any]:
     answer = httpx.post(f"{gateway.url}/_proxy/feeds/poll?upstream={upstream}", timeout=60)
     assert answer.status_code == 200, answer.text
@@ -252,8 +265,7 @@ def _poll(gateway: GatewayServer, upstream: str = "nbia") -> dict[str, Any]:
 
 
 def _feeds(gateway: GatewayServer, upstream: str = "nbia") -> dict[str, Any]:
-    stats = httpx.get(f"{gateway.url}/_proxy/cache/stats", timeout=30).json()
-    shown: dict[str, Any] = stats["feeds"]["upstreams"][upstream]
+    shown: dict[str, Any] = cache_stats(gateway, "feeds")["upstreams"][upstream]
     return shown
 
 
@@ -342,27 +354,22 @@ def test_a_changed_series_is_fresh_after_one_poll_and_nothing_else_is_purged(
 def test_the_position_survives_a_restart(
     tmp_path: Path, nbia_upstream: FakeServer, no_background_polls: None
 ) -> None:
-    series = _series(nbia_upstream, "4D-Lung")
     with GatewayServer(_settings(tmp_path, nbia_upstream)) as gateway:
-        _get(gateway, f"v4/getSeries?SeriesInstanceUID={series.uid}")
-        nbia_upstream.app.mark_updated(series.uid, description="NEW")
+        series = _cached_then_updated(gateway, nbia_upstream)
         assert _poll(gateway)["changed"] == 1
-        _get(gateway, f"v4/getSeries?SeriesInstanceUID={series.uid}")  # fresh, kept
+        _get_series(gateway, series)  # fresh, kept
         before = _feeds(gateway)
     assert before["last_success"] is not None
     with GatewayServer(_settings(tmp_path, nbia_upstream)) as gateway:
         after = _feeds(gateway)
         assert after["last_success"] == before["last_success"]
         assert after["next_poll"] is not None and after["next_poll"] > after["last_success"]
-        fresh = _get(gateway, f"v4/getSeries?SeriesInstanceUID={series.uid}")
+        fresh = _get_series(gateway, series)
         assert fresh.headers["x-cache"] == "HIT"
         # What the last poll saw survived too: the overlap is no change.
         result = _poll(gateway)
         assert (result["changed"], result["purged_entries"]) == (0, 0), result
-        assert (
-            _get(gateway, f"v4/getSeries?SeriesInstanceUID={series.uid}").headers["x-cache"]
-            == "HIT"
-        )
+        assert _get_series(gateway, series).headers["x-cache"] == "HIT"
 
 
 def test_a_failing_feed_backs_off_and_shows_in_the_stats_and_metrics(
@@ -393,10 +400,8 @@ def test_a_failing_feed_backs_off_and_shows_in_the_stats_and_metrics(
 def test_v4_is_asked_where_v2_is_not_served(
     tmp_path: Path, nbia_upstream: FakeServer, no_background_polls: None
 ) -> None:
-    series = _series(nbia_upstream, "4D-Lung")
     with GatewayServer(_settings(tmp_path, nbia_upstream)) as gateway:
-        _get(gateway, f"v4/getSeries?SeriesInstanceUID={series.uid}")
-        nbia_upstream.app.mark_updated(series.uid, description="NEW")
+        series = _cached_then_updated(gateway, nbia_upstream)
         nbia_upstream.app.fail_next(1, status=404, path_contains="v2/getUpdatedSeries")
         result = _poll(gateway)
         assert result["outcome"] == "ok" and result["form"] == "v4", result

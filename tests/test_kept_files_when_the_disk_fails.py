@@ -8,16 +8,17 @@ the upstream's bytes, the failure is logged once (not once per download) and cou
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.fake_nbia import FakeServer
-from tests.gateway_server import GatewayServer, make_settings
+from tests.gateway_server import GatewayFactory, GatewayServer, cache_stats
 from tests.test_failsafe_store import fill, small_disk
 
 __all__ = ["small_disk"]  # the fixture, used by name below
@@ -25,35 +26,34 @@ __all__ = ["small_disk"]  # the fixture, used by name below
 S = "/nbia-api/services"
 
 
-def zip_paths(fake: FakeServer) -> list[str]:
-    return [f"{S}/v4/getImage?SeriesInstanceUID={s.uid}" for s in fake.app.dataset.series[:4]]
-
-
-def binary_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno >= logging.WARNING and "binary cache" in r.getMessage()
-    ]
+@pytest.fixture
+def make_gateway(make_gateway: GatewayFactory, small_disk: Path) -> GatewayFactory:
+    # The database and the audit log live elsewhere: only the kept files are on the small disk.
+    return functools.partial(
+        make_gateway, binary_dir=small_disk / "binaries", binary_cache_max_bytes=2 * 1024 * 1024
+    )
 
 
 @pytest.fixture
-def gw(small_disk: Path, tmp_path: Path, nbia_upstream: FakeServer) -> Iterator[GatewayServer]:
-    # The database and the audit log live elsewhere: only the kept files are on the small disk.
-    settings = make_settings(
-        tmp_path / "data",
-        nbia_upstream.url,
-        binary_dir=small_disk / "binaries",
-        binary_cache_max_bytes=2 * 1024 * 1024,
-    )
-    with GatewayServer(settings) as server:
-        yield server
+def paths(nbia_upstream: FakeServer) -> list[str]:
+    """Downloads of four series."""
+    series = nbia_upstream.app.dataset.series[:4]
+    return [f"{S}/v4/getImage?SeriesInstanceUID={s.uid}" for s in series]
 
 
-def binaries_stats(gw: GatewayServer) -> dict[str, object]:
-    stats = httpx.get(gw.url + "/_proxy/cache/stats", timeout=60).json()
-    binaries: dict[str, object] = stats["binaries"]
-    return binaries
+@pytest.fixture
+def binary_warnings(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    """The warnings about the binary cache logged so far."""
+    caplog.set_level(logging.INFO)
+
+    def logged() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and "binary cache" in r.getMessage()
+        ]
+
+    return logged
 
 
 def relayed_each_once(gw: GatewayServer, fake: FakeServer, paths: list[str]) -> None:
@@ -70,43 +70,41 @@ def test_a_full_disk_relays_every_download_logs_once_and_keeps_again_with_room(
     gw: GatewayServer,
     small_disk: Path,
     nbia_upstream: FakeServer,
-    caplog: pytest.LogCaptureFixture,
+    paths: list[str],
+    binary_warnings: Callable[[], list[str]],
 ) -> None:
-    caplog.set_level(logging.INFO)
-    paths = zip_paths(nbia_upstream)
     fill(small_disk)
     relayed_each_once(gw, nbia_upstream, paths[:3])
     relayed_each_once(gw, nbia_upstream, paths[:1])  # still not kept: fetched again
-    stats = binaries_stats(gw)
+    stats = cache_stats(gw, "binaries")
     assert stats["files"] == 0 and stats["write_failures"] == 4
     assert "No space left" in str(stats["last_write_failure"])
-    assert len(binary_warnings(caplog)) == 1, binary_warnings(caplog)
+    assert len(binary_warnings()) == 1, binary_warnings()
     (small_disk / "filler").unlink()
     first = httpx.get(gw.url + paths[3], timeout=60)
     second = httpx.get(gw.url + paths[3], timeout=60)
     assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
     assert second.content == first.content
-    assert binaries_stats(gw)["files"] == 1
+    assert cache_stats(gw, "binaries")["files"] == 1
 
 
 def test_a_read_only_binary_dir_relays_every_download_and_logs_once(
     gw: GatewayServer,
     small_disk: Path,
     nbia_upstream: FakeServer,
-    caplog: pytest.LogCaptureFixture,
+    paths: list[str],
+    binary_warnings: Callable[[], list[str]],
 ) -> None:
-    caplog.set_level(logging.INFO)
-    paths = zip_paths(nbia_upstream)
     remount = ["mount", "-o", "remount,ro", str(small_disk)]
     done = subprocess.run(remount, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
     try:
         relayed_each_once(gw, nbia_upstream, paths[:3])
-        stats = binaries_stats(gw)
+        stats = cache_stats(gw, "binaries")
         assert stats["files"] == 0 and stats["write_failures"] == 3
         assert "Read-only" in str(stats["last_write_failure"])
-        assert len(binary_warnings(caplog)) == 1, binary_warnings(caplog)
+        assert len(binary_warnings()) == 1, binary_warnings()
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     first = httpx.get(gw.url + paths[3], timeout=60)

@@ -33,46 +33,12 @@ from proxy.hit_protocol import HitProtocol
 from proxy.server import uvicorn_options
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import make_settings
+from tests.transport import RecordingTransport
 
 PATH = "/nbia-api/services/v4/getSeries"
 QUERY = "Collection=TCGA-KIRC&Modality=MR"
 HEAD = f"GET {PATH}?{QUERY} HTTP/1.1\r\nHost: gateway\r\nAccept: */*\r\n\r\n".encode()
 T = TypeVar("T")
-
-
-class Wire:
-    """A transport that records what the protocol writes."""
-
-    def __init__(self, peer: str = "127.0.0.1") -> None:
-        self.out = bytearray()
-        self.closed = False
-        self._peer = peer
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    abort = close
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": (self._peer, 40000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_protocol(self, protocol: Any) -> None:
-        pass
 
 
 class Recording(dict[bytes, KnownHead]):
@@ -121,7 +87,7 @@ class Harness:
 
         async def go() -> bytes:
             protocol = HitProtocol(config=self.config, server_state=ServerState(), app_state={})
-            wire = Wire(peer)
+            wire = RecordingTransport(peer)
             protocol.connection_made(wire)  # type: ignore[arg-type]
             for data in reads:
                 if wire.closed:

@@ -220,15 +220,19 @@ def test_a_rate_limited_upstream_never_passes_429_to_clients(
     assert counters["retries"] >= counters["upstream_429"]
 
 
-def test_side_effects_are_never_retried(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
-    uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
-    nbia_upstream.app.fail_next(1, status=503, retry_after=1, path_contains="createSharedList")
-    answer = httpx.post(
+def create_shared_list(gw: GatewayServer, fake: FakeServer, name: str) -> httpx.Response:
+    """Ask the gateway to create a shared list (a side effect) of one 4D-Lung series."""
+    uid = next(s.uid for s in fake.app.dataset.series if s.collection == "4D-Lung")
+    return httpx.post(
         gw.url + f"{S}/createSharedList",
-        content=f"list={uid}&name=once",
+        content=f"list={uid}&name={name}",
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
-    assert answer.status_code == 503
+
+
+def test_side_effects_are_never_retried(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
+    nbia_upstream.app.fail_next(1, status=503, retry_after=1, path_contains="createSharedList")
+    assert create_shared_list(gw, nbia_upstream, "once").status_code == 503
     assert len(nbia_upstream.app.requests_to("/createSharedList")) == 1
 
 
@@ -245,14 +249,8 @@ def test_a_read_whose_connection_breaks_before_an_answer_is_sent_once_more(
 def test_a_side_effect_whose_connection_breaks_is_not_sent_again(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
-    uid = next(s.uid for s in nbia_upstream.app.dataset.series if s.collection == "4D-Lung")
     nbia_upstream.app.drop_connection_next(1, path_contains="createSharedList")
-    answer = httpx.post(
-        gw.url + f"{S}/createSharedList",
-        content=f"list={uid}&name=dropped",
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-    )
-    assert answer.status_code == 502
+    assert create_shared_list(gw, nbia_upstream, "dropped").status_code == 502
     assert len(nbia_upstream.app.requests_to("/createSharedList")) == 1
 
 
