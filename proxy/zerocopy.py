@@ -93,28 +93,31 @@ class ZeroCopy:
         if count > cycle.expected_content_length:
             raise RuntimeError("Response content longer than Content-Length")
         cycle.expected_content_length -= count
-        if not count or cycle.disconnected:
+        if not count:
             return
         transport = self.transport
-        if transport.get_write_buffer_size():
+        if transport.get_write_buffer_size() and not cycle.disconnected:
             await self._drained()
         if cycle.disconnected or transport.is_closing():
-            return
+            raise _gone()
         paused = transport.is_reading()
         if paused:
             transport.pause_reading()
         sending = _Sendfile(self.loop, os.dup(transport.get_extra_info("socket").fileno()), fd)
         self._sending = sending
         try:
-            await sending.run(offset, count)
-        except OSError:
+            left = await sending.run(offset, count)
+        except OSError as exc:
             # The client is gone (a reset, a broken pipe): the transport hears it here.
             transport.abort()
+            raise _gone() from exc
         finally:
             self._sending = None
             sending.close()
             if paused and not transport.is_closing():
                 transport.resume_reading()
+        if left:
+            raise _gone()  # stopped: the connection was lost (or aborted by the server)
 
     async def _drained(self) -> None:
         """Wait until the transport has handed all it buffered to the socket."""
@@ -139,9 +142,9 @@ class _Sendfile:
         self._writable: asyncio.Future[None] | None = None
         self._hop: asyncio.Future[tuple[int, bool]] | None = None
 
-    async def run(self, offset: int, count: int) -> None:
-        """Send; raises ``OSError`` when the socket fails, ``EOFError`` when the file ends
-        before ``count`` bytes; returns early once stopped."""
+    async def run(self, offset: int, count: int) -> int:
+        """Send; how many bytes were left unsent when it was stopped. Raises ``OSError`` when
+        the socket fails, ``EOFError`` when the file ends before ``count`` bytes."""
         while count and not self.stopped:
             self._hop = self.loop.run_in_executor(None, self._send, offset, count)
             # Shielded: a cancelled request must not close the descriptor under the thread.
@@ -151,6 +154,7 @@ class _Sendfile:
             count -= sent
             if blocked and count and not self.stopped:
                 await self._until_writable()
+        return count
 
     def _send(self, offset: int, count: int) -> tuple[int, bool]:
         """In a worker thread: send until the socket's buffer is full (then ``blocked``), the
@@ -199,6 +203,12 @@ class _Sendfile:
         if not hop.cancelled():
             hop.exception()
         os.close(self.out)
+
+
+def _gone() -> ConnectionResetError:
+    """What a zero-copy send raises on a lost connection (the ASGI spec's ``OSError`` for a
+    send after a disconnect): the app stops sending, and its response counts as unfinished."""
+    return ConnectionResetError("the client connection is gone")
 
 
 def _settle(future: asyncio.Future[None]) -> None:

@@ -77,13 +77,17 @@ class GatewayServer:
 
     def __enter__(self) -> GatewayServer:
         # The options `nbia-proxy serve` uses, on a free loopback port.
-        options = uvicorn_options(self.settings) | {
-            "host": "127.0.0.1",
-            "port": 0,
-            "log_level": "warning",
-            "lifespan": "on",
-            "timeout_keep_alive": self.timeout_keep_alive,
-        } | self.uvicorn_extra
+        options = (
+            uvicorn_options(self.settings)
+            | {
+                "host": "127.0.0.1",
+                "port": 0,
+                "log_level": "warning",
+                "lifespan": "on",
+                "timeout_keep_alive": self.timeout_keep_alive,
+            }
+            | self.uvicorn_extra
+        )
         config = uvicorn.Config(self.app, **options)
         server = Server(config)  # signal handlers are skipped off the main thread
         self._server = server

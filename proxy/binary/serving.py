@@ -264,6 +264,8 @@ class SeriesCache:
                         await send({**message, "more_body": bool(remaining)})
                     except EOFError as exc:
                         raise StreamBroken("the kept file ended early") from exc
+                    except OSError:
+                        return  # the client is gone: the answer stays unfinished
                     offset += count
 
             async def pump() -> None:
