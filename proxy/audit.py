@@ -30,6 +30,8 @@ from pathlib import Path
 
 from starlette.types import Message, Send
 
+from proxy.responses import ZERO_COPY
+
 log = logging.getLogger("nbia_proxy.audit")
 
 #: The scope key under which the protocol passes the ``perf_counter`` reading of the request's
@@ -323,6 +325,8 @@ class AuditLog:
 
 #: The audit log of a gateway built without one (off).
 OFF = AuditLog(None)
+#: The messages that carry a response's body.
+_BODY = ("http.response.body", ZERO_COPY)
 
 
 class Progress:
@@ -351,10 +355,12 @@ class Progress:
                         self.cache = value.decode("latin-1")
                 if self.cache == "MISS" and JOINED.get():
                     self.cache = "JOINED"
+            elif message["type"] == ZERO_COPY:
+                self.size += message["count"]
             else:
                 self.size += len(message.get("body", b""))
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if message["type"] in _BODY and not message.get("more_body", False):
                 self.complete = True
 
         return tracked

@@ -47,7 +47,7 @@ from proxy.forwarding import Forwarding, OutgoingRequest, within
 from proxy.headers import check_forwardable, for_client
 from proxy.metrics import METRICS_PATH, Tally, bearer_matches, endpoint_class
 from proxy.request_body import read_body
-from proxy.responses import send_bytes, send_error, send_refusal
+from proxy.responses import ZERO_COPY, send_bytes, send_error, send_refusal
 from proxy.shield.coalescer import Coalescer
 from proxy.shield.counters import ShieldCounters
 from proxy.shield.policy import ShieldPolicy
@@ -299,6 +299,7 @@ class Gateway:
                         send,
                         lambda: self._relay(upstream, path, endpoint, request, receive, send),
                         slot,
+                        zero_copy=ZERO_COPY in scope.get("extensions", {}),
                     )
                     return
                 await self._relay(upstream, path, endpoint, request, receive, send)

@@ -46,6 +46,8 @@ from proxy.cache.store import Entry
 from proxy.gateway import Gateway
 from proxy.headers import RawHeaders
 from proxy.hit_memo import KnownHead
+from proxy.responses import ZERO_COPY
+from proxy.zerocopy import ZeroCopy, offered
 
 log = logging.getLogger("nbia_proxy.protocol")
 
@@ -150,9 +152,12 @@ class HitProtocol(HttpToolsProtocol):
         # with what they were rendered for (head, entry, user, client).
         self._line_for: tuple[KnownHead, Entry, str, str] | None = None
         self._line: audit.LineParts = ("", "")
+        self._zero_copy: ZeroCopy | None = None  # the file sends of a plain TCP connection
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        if offered(self.scheme):
+            self._zero_copy = ZeroCopy(self.loop, transport, self.flow)
         if self.client:
             self._peer = str(self.client[0])
             self._peer_trusted = self._trusted is not None and self._peer in self._trusted
@@ -166,6 +171,8 @@ class HitProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._zero_copy is not None:
+            self._zero_copy.lost()
         for timer in (self.timeout_keep_alive_task, self._head_timer, self._grace_timer):
             if timer is not None:
                 timer.cancel()  # it would keep this protocol alive until then
@@ -254,7 +261,10 @@ class HitProtocol(HttpToolsProtocol):
         """Run uvicorn's ``on_message_begin`` now, keeping what the parser already delivered."""
         url, headers, expect_100_continue = self.url, self.headers, self.expect_100_continue
         super().on_message_begin()
-        cast(dict[str, Any], self.scope)[audit.STARTED] = self._began
+        scope = cast(dict[str, Any], self.scope)
+        scope[audit.STARTED] = self._began
+        if self._zero_copy is not None:
+            scope["extensions"] = {ZERO_COPY: {}}
         self.url, self.expect_100_continue = url, expect_100_continue
         self.headers.extend(headers)  # the list the new scope holds
 
@@ -360,7 +370,10 @@ class HitProtocol(HttpToolsProtocol):
         answer = self._hit() if self._gateway is not None else None
         if answer is None:
             self._start_message()
+            cycle = self.cycle
             super().on_headers_complete()
+            if self._zero_copy is not None and self.cycle is not cycle:
+                self._zero_copy.adopt(self.cycle)
             return
         self._answered = True
         self.transport.write(answer)

@@ -58,6 +58,7 @@ NEEDED: dict[str, dict[str, tuple[str, ...]]] = {
             "transport",
             "flow",
             "client",
+            "scheme",
             "pipeline",
             "cycle",
             "url",
@@ -66,9 +67,20 @@ NEEDED: dict[str, dict[str, tuple[str, ...]]] = {
             "timeout_keep_alive",
             "timeout_keep_alive_task",
         ),
-        "RequestResponseCycle": ("response_complete",),
+        "RequestResponseCycle": (
+            "response_complete",
+            # the zero-copy send (proxy.zerocopy)
+            "send",
+            "scope",
+            "response_started",
+            "disconnected",
+            "chunked_encoding",
+            "expected_content_length",
+        ),
     },
-    "uvicorn.protocols.http.flow_control": {"FlowControl": ("write_paused", "resume_reading")},
+    "uvicorn.protocols.http.flow_control": {
+        "FlowControl": ("write_paused", "resume_reading", "drain")
+    },
     "uvicorn.server": {"ServerState": ("total_requests",)},
     "uvicorn.middleware.proxy_headers": {
         "ProxyHeadersMiddleware": ("app", "trusted_hosts"),

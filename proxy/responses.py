@@ -16,6 +16,9 @@ BYPASS = (b"x-cache", b"BYPASS")
 AGE_ZERO = (b"age", b"0")
 #: On every answer the gateway makes itself (errors, token answers, refusals): never cached.
 GATEWAY_MADE = [(b"cache-control", b"no-store"), BYPASS, AGE_ZERO]
+#: The ASGI "Zero Copy Send" extension: its name in ``scope["extensions"]`` and its message
+#: type (a file's bytes sent by the server, :mod:`proxy.zerocopy`).
+ZERO_COPY = "http.response.zerocopysend"
 
 
 async def send_bytes(

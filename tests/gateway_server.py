@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+import uvloop
 
 from proxy.app import create_app
 from proxy.config import Settings
@@ -59,10 +60,20 @@ class GatewayServer:
     """The gateway app served by uvicorn in a thread; ``url`` is its base URL."""
 
     def __init__(
-        self, settings: Settings, *, timeout_keep_alive: int = 5, **create_kwargs: Any
+        self,
+        settings: Settings,
+        *,
+        timeout_keep_alive: int = 5,
+        loop: str = "asyncio",
+        uvicorn_extra: dict[str, Any] | None = None,
+        **create_kwargs: Any,
     ) -> None:
+        """``loop``: ``asyncio`` (its default loop) or ``uvloop`` (what ``nbia-proxy serve``
+        runs on); ``uvicorn_extra``: more uvicorn options (TLS, say)."""
         self.settings = settings
         self.timeout_keep_alive = timeout_keep_alive
+        self.loop = loop
+        self.uvicorn_extra = uvicorn_extra or {}
         self.app: Gateway = create_app(settings, **create_kwargs)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -70,17 +81,27 @@ class GatewayServer:
 
     def __enter__(self) -> GatewayServer:
         # The options `nbia-proxy serve` uses, on a free loopback port.
-        options = uvicorn_options(self.settings) | {
-            "host": "127.0.0.1",
-            "port": 0,
-            "log_level": "warning",
-            "lifespan": "on",
-            "timeout_keep_alive": self.timeout_keep_alive,
-        }
+        options = (
+            uvicorn_options(self.settings)
+            | {
+                "host": "127.0.0.1",
+                "port": 0,
+                "log_level": "warning",
+                "lifespan": "on",
+                "timeout_keep_alive": self.timeout_keep_alive,
+            }
+            | self.uvicorn_extra
+        )
         config = uvicorn.Config(self.app, **options)
         server = Server(config)  # signal handlers are skipped off the main thread
         self._server = server
-        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+        factory = uvloop.new_event_loop if self.loop == "uvloop" else None
+
+        def run() -> None:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(server.serve())
+
+        self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_SECONDS
         while not server.started:
@@ -88,7 +109,8 @@ class GatewayServer:
                 raise RuntimeError("the gateway did not start")
             time.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        scheme = "https" if "ssl_certfile" in self.uvicorn_extra else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}"
         return self
 
     def audit_lines(self, count: int = 0, timeout: float = 10) -> list[dict[str, Any]]:

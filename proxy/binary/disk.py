@@ -1,10 +1,10 @@
 """Reading a kept file's bytes from disk without the event loop waiting on the disk.
 
-Kept files are sent through ASGI, which gives an app no transport to hand to ``loop.sendfile``
-(uvicorn has no zero-copy send extension): each piece is read here and sent as a body message.
-Measured (``bench.series_cache``), that serves a kept 1 GB zip at 0.79x to 0.97x nginx's
-``sendfile``, at three times its CPU: answering such hits in :mod:`proxy.hit_protocol`, which
-holds the transport, is the way to zero-copy.
+A kept file is sent with ``sendfile`` when the server offers the ASGI zero-copy send
+(:mod:`proxy.zerocopy`: plain TCP under :class:`proxy.hit_protocol.HitProtocol`); this is the
+other way, for a connection that cannot take it (TLS, uvicorn's plain protocol): each piece is
+read here and sent as a body message. Measured (``bench.series_cache``), that way served a kept
+1 GB zip at 0.79x to 0.97x nginx's ``sendfile``, at three times its CPU.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from proxy.endpoints import Endpoint, Payload, lookup
 from proxy.errors import StreamBroken, UpstreamError
 from proxy.forwarding import Forwarding, OutgoingRequest, offline_miss
 from proxy.headers import RawHeaders, find
-from proxy.responses import AGE_ZERO, send_bytes
+from proxy.responses import AGE_ZERO, ZERO_COPY, send_bytes
 from proxy.upstream import Upstream
 
 log = logging.getLogger("nbia_proxy.binary")
@@ -44,6 +44,9 @@ HIT = (b"x-cache", b"HIT")
 MISS = (b"x-cache", b"MISS")
 #: Bytes read from a kept file per thread hop (and per ASGI body message).
 HIT_READ_BYTES = 2 * 1024 * 1024
+#: Bytes of a kept file per zero-copy send message: its figures (``bytes_from_disk``, the
+#: audit line, the status page) grow by this much at a time.
+HIT_SEND_BYTES = 32 * 1024 * 1024
 #: Endpoints catalogued as DICOM whose answer is not one DICOM file: relayed, never kept.
 _NOT_A_DICOM_FILE = frozenset({"v1/getAllSOPClassDefinition"})
 #: Zips that always carry md5hashes.csv (series-cache-anchors.md §B1).
@@ -119,9 +122,12 @@ class SeriesCache:
         send: Send,
         relay: Relay,
         held: Held | None = None,
+        *,
+        zero_copy: bool = False,
     ) -> None:
         """Answer a binary download (``fit`` as classified for its GET/POST form); ``held`` is
-        the client's download slot, which a fill it leaves going on alone takes over."""
+        the client's download slot, which a fill it leaves going on alone takes over;
+        ``zero_copy``: the server offers the ASGI zero-copy send, for a kept file's bytes."""
         key = cache_key(upstream, endpoint, _as_read(request), self.token_on_v4)
         headers = request.headers
         wants_fresh = wants_fresh_answer(find(headers, b"cache-control"), find(headers, b"pragma"))
@@ -160,7 +166,7 @@ class SeriesCache:
             if action is Action.SERVE:
                 assert kept is not None
                 reading = opened if opened is not None and opened.kept is kept else None
-                if await self._serve_kept(kept, request, receive, send, reading):
+                if await self._serve_kept(kept, request, receive, send, reading, zero_copy):
                     return
                 action = Action.REFUSE_OFFLINE if self.forwarding.offline else Action.RELAY
             if action is Action.REFUSE_OFFLINE:
@@ -178,7 +184,15 @@ class SeriesCache:
                     token_or_none = await self.fills.across.claim(key.digest, self._settled(key))
                     if token_or_none is None:  # filled by another process meanwhile: anew
                         await self.serve(
-                            upstream, endpoint, request, fit, receive, send, relay, held
+                            upstream,
+                            endpoint,
+                            request,
+                            fit,
+                            receive,
+                            send,
+                            relay,
+                            held,
+                            zero_copy=zero_copy,
                         )
                         return
                     token = token_or_none
@@ -223,9 +237,10 @@ class SeriesCache:
         receive: Receive,
         send: Send,
         reading: Reading | None = None,
+        zero_copy: bool = False,
     ) -> bool:
-        """Send a kept file (``reading``: already open); False when it is gone after all
-        (nothing sent then)."""
+        """Send a kept file (``reading``: already open; ``zero_copy``: with the server's
+        zero-copy send); False when it is gone after all (nothing sent then)."""
         if reading is None:
             reading = await asyncio.to_thread(self.store.open_read, kept)
         if reading is None:
@@ -248,6 +263,21 @@ class SeriesCache:
                 return True
             fd = reading.file.fileno()
 
+            async def send_file() -> None:
+                offset, remaining = answer.start, answer.length
+                while remaining:
+                    count = min(HIT_SEND_BYTES, remaining)
+                    remaining -= count
+                    self.hit_bytes += count
+                    message = {"type": ZERO_COPY, "file": fd, "offset": offset, "count": count}
+                    try:
+                        await send({**message, "more_body": bool(remaining)})
+                    except EOFError as exc:
+                        raise StreamBroken("the kept file ended early") from exc
+                    except OSError:
+                        return  # the client is gone: the answer stays unfinished
+                    offset += count
+
             async def pump() -> None:
                 offset, remaining = answer.start, answer.length
                 while remaining:
@@ -260,7 +290,7 @@ class SeriesCache:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
 
-            await _until_gone(pump(), receive)
+            await _until_gone(send_file() if zero_copy else pump(), receive)
             return True
         finally:
             reading.close()
