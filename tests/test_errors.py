@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,9 +73,9 @@ def test_upstream_down_or_slow_is_a_fast_gateway_error(
 ) -> None:
     path = V4_LIST if kind == "metadata" else _zip(nbia_upstream)
     fault(nbia_upstream)
-    started = time.monotonic()
+    # No clock here: the client's own timeout (10 s) would raise if the gateway hung, and the
+    # body names what ended the wait (a refusal, or the 0.5 s read timeout).
     response = httpx.get(quick_gateway.url + path, timeout=10)
-    assert time.monotonic() - started < 2
     body = _assert_gateway_error(response, status)
     assert body == {"error": f"upstream 127.0.0.1:{nbia_upstream.port} {error}", "upstream": "nbia"}
 
