@@ -9,15 +9,13 @@ clock bound.
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
 from proxy.binary.fill import Fills
+from tests.downloads import fd_targets, open_fds, until
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings
 
@@ -25,26 +23,6 @@ S = "/nbia-api/services"
 CYCLES = 6
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-
-
-def _open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-def _targets(fds: set[str]) -> list[str]:
-    """What the descriptors name (a leaked one shows its file)."""
-    named = []
-    for fd in sorted(fds):
-        try:
-            named.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass  # closed meanwhile (listdir's own descriptor)
-    return named
-
-
-def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        threading.Event().wait(0.02)
 
 
 def _hang_up_after_first_bytes(url: str) -> None:
@@ -62,7 +40,7 @@ def _fills(server: GatewayServer) -> Fills:
 
 
 def _binary_fds(directory: Path) -> list[str]:
-    return [t for t in _targets(_open_fds()) if t.startswith(str(directory))]
+    return [t for t in fd_targets(open_fds()) if t.startswith(str(directory))]
 
 
 @pytest.mark.parametrize("background", [False, True])
@@ -87,8 +65,8 @@ def test_readers_that_leave_fills_leak_no_descriptor(
         binaries = gw.settings.data_dir / "binaries"
         for cycle in range(1, CYCLES + 1):
             _hang_up_after_first_bytes(url)
-            _until(lambda cycle=cycle: fills.counters.stopped_alone == cycle)  # type: ignore[misc]
-            _until(lambda: fills.in_progress == 0)
+            until(lambda cycle=cycle: fills.counters.stopped_alone == cycle)  # type: ignore[misc]
+            until(lambda: fills.in_progress == 0)
         assert fills.counters.failures["cancelled"] == CYCLES
         assert fills.counters.kept == 0
         # A fill leaves the registry only once its file is discarded and its read side closed.
@@ -109,7 +87,7 @@ def test_hits_and_joined_fills_give_back_their_descriptors(
         binaries = gw.settings.data_dir / "binaries"
         with httpx.Client(timeout=60) as client:
             assert client.get(url).headers["x-cache"] == "MISS"  # pools, database, threads
-        before = _open_fds()
+        before = open_fds()
         nbia_upstream.app.slow(seconds_between_chunks=0.05, path_contains="getImage")
         for _ in range(3):
             # a fresh fill (no-cache) that two readers leave: it goes on alone, then is kept
@@ -120,8 +98,8 @@ def test_hits_and_joined_fills_give_back_their_descriptors(
                     next(first.iter_raw())
                     with client.stream("GET", url, headers=headers) as joiner:
                         next(joiner.iter_raw())
-            _until(lambda kept=kept: fills.counters.kept == kept + 1)  # type: ignore[misc]
-            _until(lambda: fills.in_progress == 0)
+            until(lambda kept=kept: fills.counters.kept == kept + 1)  # type: ignore[misc]
+            until(lambda: fills.in_progress == 0)
         nbia_upstream.app.slow()
         for _ in range(3):
             with httpx.Client(timeout=60) as client:
@@ -129,5 +107,5 @@ def test_hits_and_joined_fills_give_back_their_descriptors(
                 with client.stream("GET", url) as answer:
                     next(answer.iter_raw())
         # A hit's handler may still be closing its file when the client has hung up.
-        _until(lambda: not _binary_fds(binaries))
-        assert [t for t in _targets(_open_fds() - before) if "binaries" in t] == []
+        until(lambda: not _binary_fds(binaries))
+        assert [t for t in fd_targets(open_fds() - before) if "binaries" in t] == []

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcia_utils import nbia
 
 from proxy.tcia import gateway_url_builder
+from tests.downloads import zip_path
 from tests.fake_nbia import FakeServer
 from tests.fake_nbia.app import SLOW_CHUNK
 from tests.gateway_server import GatewayFactory, GatewayProcess, GatewayServer
@@ -30,10 +31,6 @@ S = "/nbia-api/services"
 
 def _series(fake: FakeServer, collection: str = "4D-Lung") -> str:
     return next(s.uid for s in fake.app.dataset.series if s.collection == collection)
-
-
-def _zip_path(uid: str, endpoint: str = "v4/getImage") -> str:
-    return f"{S}/{endpoint}?SeriesInstanceUID={uid}"
 
 
 def _count(fake: FakeServer, suffix: str) -> int:
@@ -58,12 +55,12 @@ def test_second_zip_download_costs_nothing_and_is_identical(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
     uid = _series(nbia_upstream)
-    first = get(gw, _zip_path(uid))
+    first = get(gw, zip_path(uid))
     assert (first.status_code, first.headers["x-cache"]) == (200, "MISS")
     names = zipfile.ZipFile(io.BytesIO(first.content)).namelist()
     assert any(name.endswith(".dcm") for name in names)
     before = len(nbia_upstream.app.requests)
-    second = get(gw, _zip_path(uid))
+    second = get(gw, zip_path(uid))
     assert len(nbia_upstream.app.requests) == before  # nothing at all upstream
     assert (second.status_code, second.headers["x-cache"]) == (200, "HIT")
     assert second.content == first.content
@@ -111,7 +108,7 @@ def test_twenty_concurrent_cold_requests_make_one_upstream_request(
     # Slow enough that all twenty arrive while the one download is still running.
     nbia_upstream.app.slow(seconds_between_chunks=0.02, path_contains="getImage")
     with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(lambda _: get(gw, _zip_path(uid)), range(20)))
+        answers = list(pool.map(lambda _: get(gw, zip_path(uid)), range(20)))
     assert {a.status_code for a in answers} == {200}
     assert len({a.content for a in answers}) == 1
     assert _count(nbia_upstream, "/v4/getImage") == 1
@@ -127,7 +124,7 @@ def test_a_joiner_gets_its_first_bytes_before_the_fill_ends(
     # is held back until the verdict, so two are released).
     nbia_upstream.app.slow(seconds_between_chunks=0.001, path_contains="getImage")
     gate = nbia_upstream.app.hold_body("getImage", after_bytes=3 * SLOW_CHUNK)
-    url = gw.url + _zip_path(uid)
+    url = gw.url + zip_path(uid)
     assert gw.app.series is not None
     fills = gw.app.series.fills
     with httpx.Client(timeout=60) as first, first.stream("GET", url) as started:
@@ -157,7 +154,7 @@ def test_a_bad_zip_aborts_the_transfer_is_not_kept_and_is_fetched_again(
     make_gateway: GatewayFactory, nbia_upstream: FakeServer, fault: Callable[[Any], None]
 ) -> None:
     uid = _series(nbia_upstream)
-    path = _zip_path(uid, "v4/getImageWithMD5Hash")
+    path = zip_path(uid, "v4/getImageWithMD5Hash")
     with make_gateway() as gw:
         fault(nbia_upstream.app)
         with pytest.raises(httpx.HTTPError):
@@ -187,7 +184,7 @@ def test_a_failed_fill_aborts_every_reader(gw: GatewayServer, nbia_upstream: Fak
     # The answer's head comes late, so that all five readers are in before the zip ends short.
     nbia_upstream.app.slow(seconds_before_headers=1.0, path_contains="getImage")
     nbia_upstream.app.close_zip_after(2, times=1)
-    path = _zip_path(uid, "v4/getImageWithMD5Hash")
+    path = zip_path(uid, "v4/getImageWithMD5Hash")
     assert gw.app.series is not None
     fills = gw.app.series.fills
 
@@ -212,34 +209,34 @@ def test_connection_dropped_mid_zip_keeps_nothing_and_the_retry_succeeds(
     uid = _series(nbia_upstream)
     nbia_upstream.app.cut_stream(2000, mode="abort", times=1)
     with pytest.raises(httpx.HTTPError):
-        get(gw, _zip_path(uid))
+        get(gw, zip_path(uid))
     assert _kept_files(gw) == []
     # The download started over in the background: the retry joins it (or finds it kept).
-    retry = get(gw, _zip_path(uid))
+    retry = get(gw, zip_path(uid))
     assert retry.status_code == 200
     zipfile.ZipFile(io.BytesIO(retry.content)).testzip()
-    assert get(gw, _zip_path(uid)).headers["x-cache"] == "HIT"
+    assert get(gw, zip_path(uid)).headers["x-cache"] == "HIT"
     assert _count(nbia_upstream, "/v4/getImage") == 2
     assert gw.app.series is not None and gw.app.series.fills.counters.retried == 1
 
 
 def test_ranges_and_head_on_a_kept_file(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
     uid = _series(nbia_upstream)
-    whole = get(gw, _zip_path(uid)).content
+    whole = get(gw, zip_path(uid)).content
     size = len(whole)
-    part = get(gw, _zip_path(uid), headers={"Range": "bytes=10-19"})
+    part = get(gw, zip_path(uid), headers={"Range": "bytes=10-19"})
     assert (part.status_code, part.content) == (206, whole[10:20])
     assert part.headers["content-range"] == f"bytes 10-19/{size}"
-    suffix = get(gw, _zip_path(uid), headers={"Range": "bytes=-5"})
+    suffix = get(gw, zip_path(uid), headers={"Range": "bytes=-5"})
     assert (suffix.status_code, suffix.content) == (206, whole[-5:])
-    beyond = get(gw, _zip_path(uid), headers={"Range": f"bytes={size}-"})
+    beyond = get(gw, zip_path(uid), headers={"Range": f"bytes={size}-"})
     assert (beyond.status_code, beyond.headers["content-range"]) == (416, f"bytes */{size}")
     etag = part.headers["etag"]
-    matching = get(gw, _zip_path(uid), headers={"Range": "bytes=0-0", "If-Range": etag})
+    matching = get(gw, zip_path(uid), headers={"Range": "bytes=0-0", "If-Range": etag})
     assert (matching.status_code, matching.content) == (206, whole[:1])
-    other = get(gw, _zip_path(uid), headers={"Range": "bytes=0-0", "If-Range": '"other"'})
+    other = get(gw, zip_path(uid), headers={"Range": "bytes=0-0", "If-Range": '"other"'})
     assert (other.status_code, other.content) == (200, whole)
-    head = httpx.head(gw.url + _zip_path(uid), timeout=60)
+    head = httpx.head(gw.url + zip_path(uid), timeout=60)
     assert (head.status_code, head.content) == (200, b"")
     assert head.headers["content-length"] == str(size)
     assert head.headers["x-cache"] == "HIT"
@@ -250,7 +247,7 @@ def test_a_range_on_a_fill_in_progress(gw: GatewayServer, nbia_upstream: FakeSer
     uid = _series(nbia_upstream)
     # Five chunks: slow enough that the range arrives before the fill ends on a loaded machine.
     nbia_upstream.app.slow(seconds_between_chunks=0.25, path_contains="getImage")
-    url = gw.url + _zip_path(uid)
+    url = gw.url + zip_path(uid)
     with httpx.Client(timeout=60) as first, first.stream("GET", url) as started:
         chunks = started.iter_raw()
         head = next(chunks)
@@ -268,20 +265,20 @@ def test_kept_files_are_served_while_the_upstream_is_down_and_offline(
     uid = _series(nbia_upstream)
     other = _series(nbia_upstream, "TCGA-KIRC")
     with make_gateway() as gw:
-        kept = get(gw, _zip_path(uid)).content
+        kept = get(gw, zip_path(uid)).content
         nbia_upstream.stop()
         try:
-            down = get(gw, _zip_path(uid))
+            down = get(gw, zip_path(uid))
             assert (down.headers["x-cache"], down.content) == ("HIT", kept)
-            missing = get(gw, _zip_path(other))
+            missing = get(gw, zip_path(other))
             assert missing.status_code in (502, 503, 504)
             assert "error" in missing.json()
         finally:
             nbia_upstream.start()
     with make_gateway(offline=True) as gw:
-        served = get(gw, _zip_path(uid))
+        served = get(gw, zip_path(uid))
         assert (served.headers["x-cache"], served.content) == ("HIT", kept)
-        refused = get(gw, _zip_path(other))
+        refused = get(gw, zip_path(other))
         assert refused.status_code == 504
         assert refused.json()["error"] == "offline and not cached"
 
@@ -291,7 +288,7 @@ def test_a_fill_goes_on_when_its_only_client_leaves(
 ) -> None:
     uid = _series(nbia_upstream)
     nbia_upstream.app.slow(seconds_between_chunks=0.01, path_contains="getImage")
-    url = gw.url + _zip_path(uid)
+    url = gw.url + zip_path(uid)
     with httpx.Client(timeout=60) as client, client.stream("GET", url) as started:
         next(started.iter_raw())  # then hang up
     assert gw.app.series is not None
@@ -299,7 +296,7 @@ def test_a_fill_goes_on_when_its_only_client_leaves(
     # Wait (without a clock bound) until the background fill has ended.
     while fills.in_progress:
         threading.Event().wait(0.05)
-    again = get(gw, _zip_path(uid))
+    again = get(gw, zip_path(uid))
     assert again.headers["x-cache"] == "HIT"
     assert _count(nbia_upstream, "/v4/getImage") == 1
     zipfile.ZipFile(io.BytesIO(again.content)).testzip()
@@ -312,8 +309,8 @@ def test_an_unwritable_binary_dir_still_relays(
     blocked.write_text("a file where the directory should be")
     uid = _series(nbia_upstream)
     with make_gateway(binary_dir=blocked / "binaries") as gw:
-        first = get(gw, _zip_path(uid))
-        second = get(gw, _zip_path(uid))
+        first = get(gw, zip_path(uid))
+        second = get(gw, zip_path(uid))
         assert first.status_code == second.status_code == 200
         assert first.content == second.content
         assert _count(nbia_upstream, "/v4/getImage") == 2
@@ -360,8 +357,8 @@ def test_tcia_utils_reports_a_short_zip_instead_of_saving_it(
 
 def test_a_binary_hit_has_its_audit_line(gw: GatewayServer, nbia_upstream: FakeServer) -> None:
     uid = _series(nbia_upstream)
-    get(gw, _zip_path(uid))
-    hit = get(gw, _zip_path(uid))
+    get(gw, zip_path(uid))
+    hit = get(gw, zip_path(uid))
     lines = [line for line in gw.audit_lines(2) if line["path"].endswith("/v4/getImage")]
     assert [(line["cache"], line["bytes"]) for line in lines] == [
         ("MISS", len(hit.content)),
@@ -375,7 +372,7 @@ def test_head_on_a_fill_in_progress_waits_for_the_kept_file(
 ) -> None:
     uid = _series(nbia_upstream)
     nbia_upstream.app.slow(seconds_between_chunks=0.02, path_contains="getImage")
-    url = gw.url + _zip_path(uid)
+    url = gw.url + zip_path(uid)
     with httpx.Client(timeout=60) as first, first.stream("GET", url) as started:
         chunks = started.iter_raw()
         whole = next(chunks)
@@ -390,10 +387,10 @@ def test_no_cache_fetches_again_and_replaces_the_kept_file(
     gw: GatewayServer, nbia_upstream: FakeServer
 ) -> None:
     uid = _series(nbia_upstream)
-    get(gw, _zip_path(uid))
-    fresh = get(gw, _zip_path(uid), headers={"Cache-Control": "no-cache"})
+    get(gw, zip_path(uid))
+    fresh = get(gw, zip_path(uid), headers={"Cache-Control": "no-cache"})
     assert fresh.headers["x-cache"] == "MISS"
-    again = get(gw, _zip_path(uid))
+    again = get(gw, zip_path(uid))
     assert (again.headers["x-cache"], again.content) == ("HIT", fresh.content)
     assert _count(nbia_upstream, "/v4/getImage") == 2
     assert len(_kept_files(gw)) == 1
@@ -406,15 +403,15 @@ def test_an_open_circuit_serves_kept_files_and_refuses_the_rest(
     other = _series(nbia_upstream, "TCGA-KIRC")
     settings = {"circuit_probe_seconds": 0, "circuit_cooldown_seconds": 600}
     with make_gateway(circuit_failure_threshold=1, retry_max_attempts=0, **settings) as gw:
-        kept = get(gw, _zip_path(uid)).content
+        kept = get(gw, zip_path(uid)).content
         nbia_upstream.app.fail_next(1, status=502, path_contains="getSeries")
         failed = get(gw, f"{S}/v4/getSeries?Collection=4D-Lung")  # opens the circuit
         assert failed.status_code == 502
         assert next(u.breaker for u in gw.app.upstreams if u.name == "nbia").refusing
         before = len(nbia_upstream.app.requests)
-        served = get(gw, _zip_path(uid))
+        served = get(gw, zip_path(uid))
         assert (served.headers["x-cache"], served.content) == ("HIT", kept)
-        refused = get(gw, _zip_path(other))
+        refused = get(gw, zip_path(other))
         assert refused.status_code == 503 and "error" in refused.json()
         assert len(nbia_upstream.app.requests) == before
 
@@ -427,7 +424,7 @@ def test_without_background_fills_a_client_leaving_stops_the_download(
     with make_gateway(binary_fill_in_background=False) as gw:
         assert gw.app.series is not None
         fills = gw.app.series.fills
-        url = gw.url + _zip_path(uid)
+        url = gw.url + zip_path(uid)
         with httpx.Client(timeout=60) as client, client.stream("GET", url) as started:
             next(started.iter_raw())
         while fills.in_progress:
@@ -441,14 +438,14 @@ def test_two_gateways_on_one_data_dir_serve_each_others_kept_files(
 ) -> None:
     uid = _series(nbia_upstream)
     with make_gateway() as one, make_gateway() as two:
-        first = get(one, _zip_path(uid))
+        first = get(one, zip_path(uid))
         # The last byte reaches the client once the zip is checked; the file is renamed into
         # place and its row written just after. Wait (no clock bound) until the fill has ended,
         # else the other gateway rightly finds nothing kept yet.
         assert one.app.series is not None
         while one.app.series.fills.in_progress:
             threading.Event().wait(0.05)
-        second = get(two, _zip_path(uid))
+        second = get(two, zip_path(uid))
     assert (second.headers["x-cache"], second.content) == ("HIT", first.content)
     assert _count(nbia_upstream, "/v4/getImage") == 1
 
@@ -460,7 +457,7 @@ def test_kill_9_during_a_fill_leaves_nothing_that_is_served(
     nbia_upstream.app.slow(seconds_between_chunks=0.05, path_contains="getImage")
     data = tmp_path / "data"
     with GatewayProcess(nbia_upstream.url, data) as gateway:
-        url = gateway.url + _zip_path(uid)
+        url = gateway.url + zip_path(uid)
         with httpx.Client(timeout=60) as client, client.stream("GET", url) as started:
             chunks = started.iter_raw()
             next(chunks)
@@ -471,7 +468,7 @@ def test_kill_9_during_a_fill_leaves_nothing_that_is_served(
     nbia_upstream.app.slow()
     with GatewayProcess(nbia_upstream.url, data) as gateway:
         assert not any(".part-" in p.name for p in (data / "binaries").rglob("*"))  # swept
-        again = httpx.get(gateway.url + _zip_path(uid), timeout=60)
+        again = httpx.get(gateway.url + zip_path(uid), timeout=60)
         assert again.headers["x-cache"] == "MISS"
         zipfile.ZipFile(io.BytesIO(again.content)).testzip()
 
@@ -494,7 +491,7 @@ def test_a_fill_stopped_while_it_commits_leaves_the_file_to_the_commit(
 
     monkeypatch.setattr(files.os, "fsync", slow_fsync)
     uid = _series(nbia_upstream)
-    answer = get(gw, _zip_path(uid))  # the end is released before the fsync
+    answer = get(gw, zip_path(uid))  # the end is released before the fsync
     assert answer.status_code == 200 and fsyncing.wait(30)
     series = gw.app.series
     assert series is not None

@@ -16,20 +16,17 @@ import psutil
 import pytest
 import requests
 
+from tests.downloads import zip_path
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayProcess, GatewayServer, make_settings
 
 MIB = 1024 * 1024
 
 
-def _zip_path(uid: str) -> str:
-    return f"/nbia-api/services/v4/getImage?SeriesInstanceUID={uid}"
-
-
 def test_big_zip_is_byte_identical(gateway: GatewayServer, nbia_upstream: FakeServer) -> None:
     """The zip that reaches the client through the gateway is the upstream's, byte for byte."""
     nbia_upstream.app.set_big_zip_bytes(8 * MIB)
-    path = _zip_path(nbia_upstream.app.big_series_uid)
+    path = zip_path(nbia_upstream.app.big_series_uid)
     direct = httpx.get(nbia_upstream.url + path, timeout=30)
     through = httpx.get(gateway.url + path, timeout=30)
     assert through.status_code == direct.status_code == 200
@@ -46,7 +43,7 @@ def test_first_byte_arrives_before_upstream_finishes(
     fake = nbia_upstream.app
     fake.set_big_zip_bytes(128 * 1024)  # a slow fake sends 4 KiB chunks: about 32 pauses
     fake.slow(seconds_between_chunks=0.05, path_contains="getImage")
-    with httpx.stream("GET", gateway.url + _zip_path(fake.big_series_uid), timeout=30) as response:
+    with httpx.stream("GET", gateway.url + zip_path(fake.big_series_uid), timeout=30) as response:
         chunks = response.iter_raw()
         first = next(chunks)
         first_at = time.monotonic()
@@ -65,7 +62,7 @@ def test_truncated_upstream_gives_a_detectable_failure(
     fake = nbia_upstream.app
     fake.set_big_zip_bytes(4 * MIB)
     fake.cut_stream(after_bytes=MIB + 12345, mode="abort", path_contains="getImage")
-    url = gateway.url + _zip_path(fake.big_series_uid)
+    url = gateway.url + zip_path(fake.big_series_uid)
     if client == "httpx":
         with pytest.raises(httpx.HTTPError):
             httpx.get(url, timeout=30)
@@ -103,7 +100,7 @@ def test_client_disconnect_closes_the_upstream_request(
     fake = nbia_upstream.app
     fake.set_big_zip_bytes(16 * MIB)
     fake.slow(seconds_between_chunks=0.5, path_contains="getImage")
-    with httpx.stream("GET", gateway.url + _zip_path(fake.big_series_uid), timeout=30) as response:
+    with httpx.stream("GET", gateway.url + zip_path(fake.big_series_uid), timeout=30) as response:
         chunks = response.iter_raw()  # keep a reference: a collected iterator closes the stream
         next(chunks)
         assert _connections_to(nbia_upstream.port) == 1
@@ -132,7 +129,7 @@ def test_memory_stays_flat_for_a_large_zip_and_a_slow_client(
     url, pid = gateway_process.url, gateway_process.pid
     fake = nbia_upstream.app
     fake.set_big_zip_bytes(192 * MIB)
-    path = _zip_path(fake.big_series_uid)
+    path = zip_path(fake.big_series_uid)
     httpx.get(url + "/healthz")
     baseline = _rss_mib(pid)
     peak = baseline

@@ -14,7 +14,7 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import pytest
 import trustme
 
 from proxy.hit_protocol import HitProtocol
+from tests.downloads import fd_targets, until, zip_path
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayServer, make_settings
 
@@ -52,22 +53,13 @@ def sendfile(monkeypatch: pytest.MonkeyPatch) -> Calls:
     return calls
 
 
-def _until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        threading.Event().wait(0.02)
-
-
-def _zip_path(uid: str) -> str:
-    return f"{S}/v4/getImage?SeriesInstanceUID={uid}"
-
-
 class Kept:
     """A gateway whose big zip (48 MiB: more than the socket buffers hold) is kept."""
 
     def __init__(self, gw: GatewayServer, uid: str, body: bytes) -> None:
         self.gw = gw
-        self.url = gw.url + _zip_path(uid)
-        self.path = _zip_path(uid)
+        self.url = gw.url + zip_path(uid)
+        self.path = zip_path(uid)
         self.body = body
 
     @property
@@ -94,11 +86,11 @@ def _keep(tmp_path: Path, fake: FakeServer, loop: str, **settings: Any) -> Itera
     uid = fake.app.big_series_uid
     config = make_settings(tmp_path, fake.url, **settings)
     with GatewayServer(config, loop=loop) as gw:
-        first = httpx.get(gw.url + _zip_path(uid), timeout=120)
+        first = httpx.get(gw.url + zip_path(uid), timeout=120)
         assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
         assert gw.app.series is not None
         fills = gw.app.series.fills
-        _until(lambda: fills.in_progress == 0)
+        until(lambda: fills.in_progress == 0)
         yield Kept(gw, uid, first.content)
 
 
@@ -201,25 +193,12 @@ def test_a_pipelined_request_behind_a_zero_copy_answer_is_answered(
 
 
 def _binary_fds(kept: Kept) -> list[str]:
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(str(kept.gw.settings.data_dir / "binaries")):
-            found.append(target)
-    return found
+    binaries = str(kept.gw.settings.data_dir / "binaries")
+    return [target for target in fd_targets() if target.startswith(binaries)]
 
 
 def _sockets() -> int:
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
-    return count
+    return sum(target.startswith("socket:") for target in fd_targets())
 
 
 def test_clients_that_leave_mid_transfer_leave_no_descriptor_and_no_trace(
@@ -227,7 +206,7 @@ def test_clients_that_leave_mid_transfer_leave_no_descriptor_and_no_trace(
 ) -> None:
     caplog.set_level(logging.WARNING)
     httpx.get(kept.url, timeout=120)  # warm: pools and threads
-    _until(lambda: not kept.protocols())
+    until(lambda: not kept.protocols())
     sockets = _sockets()
     hits = kept.stats["hits"]
     for _ in range(4):
@@ -236,8 +215,8 @@ def test_clients_that_leave_mid_transfer_leave_no_descriptor_and_no_trace(
         sock.recv(65536)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()  # a reset, mid-body
-    _until(lambda: not kept.protocols() and not _binary_fds(kept))
-    _until(lambda: _sockets() <= sockets)
+    until(lambda: not kept.protocols() and not _binary_fds(kept))
+    until(lambda: _sockets() <= sockets)
     assert kept.stats["hits"] == hits + 4
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     outcomes = [line["outcome"] for line in kept.gw.audit_lines(6)[-4:]]
@@ -257,7 +236,7 @@ def test_a_client_that_stops_reading_holds_no_thread_and_the_next_gets_its_file(
             sends = [p._zero_copy._sending for p in kept.protocols() if p._zero_copy]
             return any(s is not None and s._writable is not None for s in sends)
 
-        _until(waiting)  # its socket is full: the send waits on the loop, in no thread
+        until(waiting)  # its socket is full: the send waits on the loop, in no thread
         assert not any(_in_sendfile(t) for t in threading.enumerate())
         assert httpx.get(kept.url, timeout=120).content == kept.body  # others are served
         # It reads again: the rest arrives, whole.
@@ -284,7 +263,7 @@ def test_shutdown_aborts_a_send_to_a_client_that_stopped_reading(
     kept = next(keeping)
     sock, head, first = _head_and_socket(kept)
     with sock:
-        _until(lambda: any(p._zero_copy and p._zero_copy._sending for p in kept.protocols()))
+        until(lambda: any(p._zero_copy and p._zero_copy._sending for p in kept.protocols()))
         with pytest.raises(StopIteration):
             next(keeping)  # the server stops: after the grace, the transfer is aborted
         received = len(first)
@@ -317,14 +296,14 @@ def test_over_tls_a_hit_is_sent_in_body_messages(
     context = ssl.create_default_context()
     ca.configure_trust(context)
     with GatewayServer(settings, loop=loop, uvicorn_extra=tls) as gw:
-        url = gw.url + _zip_path(nbia_upstream.app.big_series_uid)
+        url = gw.url + zip_path(nbia_upstream.app.big_series_uid)
         assert url.startswith("https://")
         with httpx.Client(timeout=120, verify=context) as client:
             first = client.get(url)
             assert first.headers["x-cache"] == "MISS"
             assert gw.app.series is not None
             fills = gw.app.series.fills
-            _until(lambda: fills.in_progress == 0)
+            until(lambda: fills.in_progress == 0)
             hit = client.get(url)
             assert hit.headers["x-cache"] == "HIT" and hit.content == first.content
             assert client.get(url, headers={"Range": "bytes=5-9"}).content == first.content[5:10]
