@@ -77,9 +77,14 @@ def test_100_identical_cold_gets_cause_one_upstream_request(
 def test_100_identical_cold_form_posts_cause_one_upstream_request(
     make_gateway: GatewayFactory, nbia_upstream: FakeServer
 ) -> None:
-    # Generous upstream time-outs: on a loaded machine 100 client threads in this process can
-    # hold up the flight's connect past the usual 2 s, and that 504 is not what this is about.
-    with make_gateway(connect_timeout_seconds=30, read_timeout_seconds=30) as gw:
+    # Generous time-outs: on a loaded machine 100 client threads in this process can hold up
+    # the flight's connect past the usual 2 s, and that 504 is not what this is about. The
+    # database's too: the test holds two reads on purpose, and a read held past
+    # database_timeout_seconds marks the database unreachable, so the flight's write is
+    # skipped (as in an outage) and the late miss waits in vain for it.
+    with make_gateway(
+        connect_timeout_seconds=30, read_timeout_seconds=30, database_timeout_seconds=60
+    ) as gw:
         coalesce_cold_form_posts(gw, nbia_upstream)
 
 
@@ -95,6 +100,7 @@ def coalesce_cold_form_posts(gw: GatewayServer, nbia_upstream: FakeServer) -> No
     real_get, real_put_many = store.get, store.put_many
     reads, misses = itertools.count(1), itertools.count(1)
     late_missed, written, others_answered = threading.Event(), threading.Event(), threading.Event()
+    why: list[str] = []  # what the late miss saw, when the flight's entry never came
     answered = itertools.count(1)
 
     def get(digest: str) -> Entry | None:
@@ -104,7 +110,14 @@ def coalesce_cold_form_posts(gw: GatewayServer, nbia_upstream: FakeServer) -> No
             assert late_missed.wait(30)
         elif entry is None and next(misses) == 1:
             late_missed.set()
-            assert written.wait(30) and others_answered.wait(30)
+            if not written.wait(30):
+                writer = cache.writer
+                why.append(
+                    f"the flight's entry was never written: database {cache.health.state} "
+                    f"({cache.health.reason}), skipped unreachable {writer.skipped_unreachable}, "
+                    f"skipped for disk {writer.skipped_low_disk}"
+                )
+            assert others_answered.wait(30)
             cache.writer.flush()  # the writer is done with that batch, callbacks included
         return entry
 
@@ -126,7 +139,7 @@ def coalesce_cold_form_posts(gw: GatewayServer, nbia_upstream: FakeServer) -> No
         return answer
 
     answers = burst(100, send)
-    assert late_missed.is_set() and written.is_set() and others_answered.is_set()
+    assert late_missed.is_set() and written.is_set() and others_answered.is_set(), why
     assert len(nbia_upstream.app.requests_to("/v4/getSeriesMetadata")) == 1
     assert {a.status_code for a in answers} == {200}
     assert len({a.content for a in answers}) == 1 and b"," in answers[0].content
