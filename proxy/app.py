@@ -233,6 +233,7 @@ def build_binaries(
         directory_for(settings),
         settings.binary_cache_max_bytes,
         clock=clock,
+        direct_writes=settings.binary_direct_writes,
     )
     if health is not None:
         store.health = health

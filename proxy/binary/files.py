@@ -40,6 +40,7 @@ download goes on uncached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -57,6 +58,7 @@ from typing import Any, BinaryIO
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from proxy.binary.appender import Appender
 from proxy.binary.ranges import etag_for
 from proxy.binary.tables import BinaryFile, BinaryTag
 from proxy.cache.policy import CacheKey, glob_to_like
@@ -89,7 +91,6 @@ _tokens = itertools.count()  # tells open readers and fills apart in the busy re
 # Temporary files of this process's fills, whichever store opened them.
 _LIVE_TEMPS: set[Path] = set()
 _LIVE_LOCK = threading.Lock()
-_IOV_MAX = 512  # buffers per writev (Linux takes 1024)
 
 
 def directory_for(settings: Settings) -> Path:
@@ -195,13 +196,15 @@ class Fill:
     :attr:`broken` (the temporary file is removed at once) and the relay carries on.
     """
 
-    def __init__(self, store: BinaryStore, key: CacheKey, temp: Path | None, fd: int) -> None:
+    def __init__(
+        self, store: BinaryStore, key: CacheKey, temp: Path | None, file: Appender | None
+    ) -> None:
         self.key = key
         self.temp = temp
         self.size = 0
         self.broken: str | None = None if temp is not None else "not opened"
         self._store = store
-        self._fd = fd
+        self._file = file
         self._hash = hashlib.sha256()
         self._done = temp is None
         self.token = next(_tokens)
@@ -210,11 +213,17 @@ class Fill:
         """Append ``chunk`` (ignored once broken or done)."""
         self.write_all([chunk])
 
+    @property
+    def on_disk(self) -> int:
+        """Bytes another descriptor can read from the temporary file (the appender stages the
+        rest until a whole buffer is there)."""
+        return self._file.on_disk if self._file is not None else 0
+
     def write_all(self, chunks: list[bytes]) -> None:
-        """Append ``chunks`` in one system call where the kernel takes them all (ignored once
-        broken or done). Each system call and each hash update lets go of the GIL and must take
+        """Append ``chunks`` (ignored once broken or done), in as few system calls as the
+        appender needs. Each system call and each hash update lets go of the GIL and must take
         it back, so a batch costs the event loop's thread fewer hand-overs than its chunks."""
-        if self._done or self.broken is not None:
+        if self._done or self.broken is not None or self._file is None:
             return
         count = sum(len(chunk) for chunk in chunks)
         if self.size + count > self._store.max_bytes:
@@ -222,7 +231,7 @@ class Fill:
             self._give_up("larger than binary_cache_max_bytes")
             return
         try:
-            _write_fully(self._fd, chunks, count)
+            self._file.append(chunks)
         except OSError as exc:
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
@@ -233,15 +242,16 @@ class Fill:
 
     def commit(self, meta: Meta) -> Kept | None:
         """Publish the file under its final name and record it; None when it is not kept."""
-        if self._done or self.broken is not None or self.temp is None:
+        if self._done or self.broken is not None or self.temp is None or self._file is None:
             self._release()
             return None
         sha256 = self._hash.hexdigest()
         final = self._store.path_for(self.key.digest, sha256)
         try:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            self._file.finish()
+            os.fsync(self._file.fd)
+            file, self._file = self._file, None
+            file.close()
         except OSError as exc:
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
@@ -285,12 +295,10 @@ class Fill:
 
     def _give_up(self, reason: str) -> None:
         self.broken = self.broken or reason
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = -1
+        if self._file is not None:
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                file.close()
         if not self._done and self.temp is not None:
             try:
                 self.temp.unlink()
@@ -342,10 +350,13 @@ class BinaryStore:
         *,
         clock: Callable[[], float] = time.time,
         host: str | None = None,
+        direct_writes: bool = True,
     ) -> None:
         self.engine = engine
         self.directory = directory
         self.max_bytes = max_bytes
+        #: Fills write past the page cache where the filesystem allows (binary_direct_writes).
+        self.direct_writes = direct_writes
         self.counters = Counters()
         self._clock = clock
         self._host = _safe_host(host if host is not None else socket.gethostname())
@@ -542,19 +553,19 @@ class BinaryStore:
         """
         if self.health.skipping("binary_commit"):
             # Its row could not be written: relayed without keeping a file nothing would name.
-            fill = Fill(self, key, None, -1)
+            fill = Fill(self, key, None, None)
             fill.broken = f"database unreachable: {self.health.reason}"
             return fill
         try:
             room = expected_size is None or self.make_room(expected_size, keep=key.digest)
         except ENVIRONMENT_ERRORS as exc:
             self._write_failed(exc)
-            fill = Fill(self, key, None, -1)
+            fill = Fill(self, key, None, None)
             fill.broken = describe_failure(exc)
             return fill
         if not room:
             assert expected_size is not None
-            fill = Fill(self, key, None, -1)
+            fill = Fill(self, key, None, None)
             if expected_size > self.max_bytes:
                 self._count_too_large()
                 fill.broken = "larger than binary_cache_max_bytes"
@@ -566,13 +577,13 @@ class BinaryStore:
         temp = folder / f"{key.digest}{_PART}{self._host}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             self._make_folder(folder)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            file = Appender.create(temp, direct=self.direct_writes)
         except OSError as exc:
             self._write_failed(exc)
-            fill = Fill(self, key, None, -1)
+            fill = Fill(self, key, None, None)
             fill.broken = describe_failure(exc)
             return fill
-        fill = Fill(self, key, temp, fd)
+        fill = Fill(self, key, temp, file)
         with self._lock:
             self._busy.setdefault(key.digest, _Busy()).holders.add(fill.token)
         with _LIVE_LOCK:
@@ -905,26 +916,6 @@ def _split_part(tail: str) -> tuple[str, str | None]:
 def _safe_host(name: str) -> str:
     # The host goes into file names and is split off at the last dashes: no dashes in it.
     return re.sub(r"[^A-Za-z0-9.]", "_", name)[:64] or "host"
-
-
-def _write_fully(fd: int, chunks: list[bytes], count: int) -> None:
-    """Write all of ``chunks`` (``count`` bytes) to ``fd``: one ``write`` or ``writev`` (at
-    most :data:`_IOV_MAX` buffers a call), then whatever a short write left over."""
-    written = 0
-    if len(chunks) == 1:
-        written = os.write(fd, chunks[0])
-    else:
-        for start in range(0, len(chunks), _IOV_MAX):
-            part = chunks[start : start + _IOV_MAX]
-            done = os.writev(fd, part)
-            written += done
-            if done < sum(len(chunk) for chunk in part):
-                break
-    if written == count:
-        return
-    rest = memoryview(b"".join(chunks))[written:]
-    while rest:
-        rest = rest[os.write(fd, rest) :]
 
 
 def _size(path: Path) -> int | None:

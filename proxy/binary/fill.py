@@ -140,7 +140,8 @@ class Filling:
         self.checked = False  # the verdict is ok: every byte is released
         self.received = 0
         self.released = 0  # bytes every reader may have: all but the last chunk until ok
-        self.written = 0  # bytes in the temporary file
+        self.written = 0  # bytes in the temporary file (readable from it)
+        self.processed = 0  # bytes the writer has taken (in the file or staged for it)
         self.file_broken = False
         self.readers: dict[int, int] = {}  # reader id -> its offset
         self._window: deque[bytes] = deque()
@@ -274,17 +275,23 @@ class Filling:
         self._evict()
         self._wake()
 
-    def wrote(self, size: int, broken: bool) -> None:
-        """The file holds ``size`` bytes now (or broke)."""
+    def wrote(self, processed: int, on_disk: int, broken: bool) -> None:
+        """The writer has taken ``processed`` bytes, ``on_disk`` of them readable from the
+        file (or the file broke)."""
         if broken and not self.file_broken:
             self.file_broken = True
         if not self.file_broken:
-            self.written = size
+            self.written = on_disk
+            self.processed = processed
         self._evict()
         self._wake()
 
     def backlog(self) -> int:
-        return self.received - self._floor()
+        """Bytes received that the writer has not taken yet (or, the file broken, that the
+        slowest reader has not read)."""
+        if self.file_broken:
+            return self.received - self._floor()
+        return self.received - self.processed
 
     async def wait_progress(self) -> None:
         await self._wait()
@@ -397,11 +404,11 @@ class _Writer:
                 # let go of the GIL, so they run beside the event loop; a second thread beside
                 # this one cost more in hand-overs of the GIL than it ran in parallel.
                 await asyncio.to_thread(self._work, batch)
-                self.filling.wrote(self.fill.size, self.fill.broken is not None)
+                self.filling.wrote(self.fill.size, self.fill.on_disk, self.fill.broken is not None)
         except Exception as exc:
             # The fill must hear of it: it may be waiting for this writer's progress.
             self.error = exc
-            self.filling.wrote(self.fill.size, True)
+            self.filling.wrote(self.fill.size, self.fill.on_disk, True)
             raise
 
     def _work(self, batch: list[bytes]) -> None:
