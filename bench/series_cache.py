@@ -7,7 +7,10 @@ Run on purpose (not part of the test suite)::
 It starts the fake NBIA upstream with a large series, the gateway, and nginx (one worker), and
 measures, interleaved so that machine noise hits both sides alike:
 
-* hits: the kept zip through the gateway vs nginx serving the same file (``sendfile on``);
+* hits: the kept zip through the gateway vs nginx serving the same file (``sendfile on``),
+  with the file in the page cache (read once before each download) and, as ``*-disk``, without
+  it (its pages dropped before each: fills write past the page cache, so the first hit after a
+  fill reads the disk);
 * cold: a download that fills the cache (``Cache-Control: no-cache``: fetched, checked, kept
   again) vs nginx relaying the upstream with ``proxy_buffering off``;
 * the same download through a gateway without the series cache (``relay-only``: what relaying
@@ -92,6 +95,22 @@ def kept_file(data_dir: Path) -> Path:
         time.sleep(0.1)
 
 
+def in_page_cache(path: Path) -> None:
+    """Read ``path`` once, so that the next download finds it in the page cache."""
+    with path.open("rb", buffering=0) as file:
+        while file.read(8 * 1024 * 1024):
+            pass
+
+
+def out_of_page_cache(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (they are clean: any user may)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def migrate(data_dir: Path) -> None:
     """``nbia-proxy migrate``: the serving process then never loads Alembic (as deployed)."""
     command = [sys.executable, "-m", "proxy", "migrate", "--data-dir", str(data_dir)]
@@ -156,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             speeds: dict[str, list[float]] = {
                 "hit": [],
                 "nginx-sendfile": [],
+                "hit-disk": [],
+                "nginx-disk": [],
                 "cold": [],
                 "nginx-relay": [],
                 "relay-only": [],
@@ -165,12 +186,18 @@ def main(argv: list[str] | None = None) -> int:
             runs = {
                 "hit": (gateway.pid, gateway_url + path, ()),
                 "nginx-sendfile": (nginx.pid, nginx_url + "/kept.zip", ()),
+                "hit-disk": (gateway.pid, gateway_url + path, ()),
+                "nginx-disk": (nginx.pid, nginx_url + "/kept.zip", ()),
                 "cold": (gateway.pid, gateway_url + path, ("Cache-Control: no-cache",)),
                 "nginx-relay": (nginx.pid, nginx_url + path, ()),
                 "relay-only": (relay.pid, relay_url + path, ()),
             }
             for _ in range(args.rounds):
                 for name, (pid, url, headers) in runs.items():
+                    if name in ("hit", "nginx-sendfile"):
+                        in_page_cache(kept)
+                    elif name.endswith("-disk"):
+                        out_of_page_cache(kept)
                     before = cpu_seconds(pid), cpu_seconds(fake.pid)
                     speeds[name].append(curl(url, *headers)[0])
                     cpu[name][0] += cpu_seconds(pid) - before[0]
@@ -188,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (own, up) in cpu.items()
             ))  # fmt: skip
             print(f"hit  / nginx sendfile = {medians['hit'] / medians['nginx-sendfile']:.2f}")
+            print(f"hit from disk / nginx = {medians['hit-disk'] / medians['nginx-disk']:.2f}")
             print(f"cold / nginx relay    = {medians['cold'] / medians['nginx-relay']:.2f}")
             print(f"cold / relay-only     = {medians['cold'] / medians['relay-only']:.2f}")
             print(

@@ -220,9 +220,14 @@ class Fill:
         return self._file.on_disk if self._file is not None else 0
 
     def write_all(self, chunks: list[bytes]) -> None:
-        """Append ``chunks`` (ignored once broken or done), in as few system calls as the
-        appender needs. Each system call and each hash update lets go of the GIL and must take
-        it back, so a batch costs the event loop's thread fewer hand-overs than its chunks."""
+        """Append ``chunks`` and hash them (ignored once broken or done)."""
+        self.append(chunks)
+        self.hash(chunks)
+
+    def append(self, chunks: list[bytes]) -> None:
+        """Append ``chunks`` to the file, in as few system calls as the appender needs (ignored
+        once broken or done); :meth:`hash` must see the same chunks, in the same order, before
+        the commit. The two may run at once, in two threads."""
         if self._done or self.broken is not None or self._file is None:
             return
         count = sum(len(chunk) for chunk in chunks)
@@ -236,9 +241,12 @@ class Fill:
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))
             return
+        self.size += count
+
+    def hash(self, chunks: list[bytes]) -> None:
+        """Add ``chunks`` to the file's sha256 (its name and ETag)."""
         for chunk in chunks:
             self._hash.update(chunk)
-        self.size += count
 
     def commit(self, meta: Meta) -> Kept | None:
         """Publish the file under its final name and record it; None when it is not kept."""
