@@ -208,6 +208,10 @@ class Fill:
         self._hash = hashlib.sha256()
         self._done = temp is None
         self.token = next(_tokens)
+        # The descriptor's owner: the writer's thread, the commit's and a discard's (from
+        # another thread, when the fill is stopped) take turns, so it is never closed under a
+        # write or an fsync, nor twice (its number may be another file's by then).
+        self._lock = threading.RLock()
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk`` (ignored once broken or done)."""
@@ -228,6 +232,10 @@ class Fill:
         """Append ``chunks`` to the file, in as few system calls as the appender needs (ignored
         once broken or done); :meth:`hash` must see the same chunks, in the same order, before
         the commit. The two may run at once, in two threads."""
+        with self._lock:
+            self._append(chunks)
+
+    def _append(self, chunks: list[bytes]) -> None:
         if self._done or self.broken is not None or self._file is None:
             return
         count = sum(len(chunk) for chunk in chunks)
@@ -250,6 +258,10 @@ class Fill:
 
     def commit(self, meta: Meta) -> Kept | None:
         """Publish the file under its final name and record it; None when it is not kept."""
+        with self._lock:  # a discard meanwhile waits, then finds the fill done
+            return self._commit(meta)
+
+    def _commit(self, meta: Meta) -> Kept | None:
         if self._done or self.broken is not None or self.temp is None or self._file is None:
             self._release()
             return None
@@ -302,6 +314,10 @@ class Fill:
             self.discard()
 
     def _give_up(self, reason: str) -> None:
+        with self._lock:
+            self._give_up_owned(reason)
+
+    def _give_up_owned(self, reason: str) -> None:
         self.broken = self.broken or reason
         if self._file is not None:
             file, self._file = self._file, None

@@ -33,7 +33,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -607,7 +607,7 @@ class Fills:
             # opens it whatever becomes of this await, and nobody else would close it.
             if sizes is not None:
                 sizes.cancel()
-            await asyncio.wait([opening])
+            await _outlast(opening)
             if not opening.cancelled() and opening.exception() is None:
                 await asyncio.to_thread(opening.result().discard)
             raise
@@ -659,7 +659,7 @@ class Fills:
                 # The file is the commit thread's until it returns (a cancelled await does not
                 # stop it): closing its descriptor under its fsync failed the commit (EBADF),
                 # or could have hit another file opened under the same number meanwhile.
-                await asyncio.wait([committing])
+                await _outlast(committing)
             await asyncio.to_thread(fill.discard)
             raise
 
@@ -696,6 +696,16 @@ class Fills:
             len(filling.readers),
         )
         filling.fail(failure)
+
+
+async def _outlast(future: asyncio.Future[Any]) -> None:
+    """Until ``future`` (a worker thread's) is done, whatever cancels the wait meanwhile: what
+    the thread holds is cleaned up after it, and a fill cancelled a second time during its
+    teardown (a reader joined the dying fill and left) must not skip that. The caller is
+    raising already; a cancellation here adds nothing to it."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
 
 
 def _refused(verdict: Verdict) -> FillFailed:
