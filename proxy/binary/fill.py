@@ -4,10 +4,12 @@ checked, then kept.
 :class:`Fills` is the registry (like the metadata cache's coalescer): the first request for a
 key starts a :class:`Filling`, a task of its own that owns the upstream response; every client,
 the first included, is a reader of it. Each chunk goes to a bounded in-memory window (readers
-that keep up are served from it) and, in a worker thread, to the temporary file
-(:class:`~proxy.binary.files.Fill`) and the check (:mod:`proxy.binary.zipcheck`,
-:mod:`proxy.binary.imagecheck`); readers behind the window read the file. So memory is flat
-whatever the download's size, and a joiner gets the bytes already there at once.
+that keep up are served from it) and, in batches, to two worker threads side by side: one
+appends it to the temporary file (:class:`~proxy.binary.files.Fill`, past the page cache where
+the file system allows: :mod:`proxy.binary.appender`), the other hashes it and feeds the check
+(:mod:`proxy.binary.zipcheck`, :mod:`proxy.binary.imagecheck`); readers behind the window read
+the file. So memory is flat whatever the download's size, and a joiner gets the bytes already
+there at once.
 
 The last chunk is held back from every reader until the check's verdict is ok (a zip's last
 bytes are its end record: without them no client takes it for complete). A failed check or a
