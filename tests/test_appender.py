@@ -262,3 +262,42 @@ def test_the_buffer_must_be_whole_blocks(path: Path) -> None:
             Appender(fd, direct=True, buffer_bytes=ALIGN + 1)
     finally:
         os.close(fd)
+
+
+def test_a_buffer_that_cannot_be_mapped_leaves_no_file_open(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not direct_supported(path.parent):
+        pytest.skip("this file system has no O_DIRECT: no buffer is mapped")
+
+    def no_memory(*args: Any) -> Any:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(appender_module.mmap, "mmap", no_memory)
+    with pytest.raises(OSError) as raised:
+        Appender.create(path, direct=True)
+    assert raised.value.errno == errno.ENOMEM
+    assert not path.exists()
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_device_wanting_larger_blocks_gets_the_last_ones_buffered(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole buffers pass a 64 KiB alignment, the last blocks (4 KiB multiples) may not."""
+    real_pwrite = os.pwrite
+
+    def strict(fd: int, data: Any, offset: int) -> int:
+        if DIRECT_FLAG and is_direct(fd) and (len(data) % SMALL or offset % SMALL):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(appender_module.os, "pwrite", strict)
+    chunks = chunks_of(2 * SMALL + 3 * ALIGN + 7, seed=11)
+    file = Appender.create(path, direct=True, buffer_bytes=SMALL)
+    file.append(chunks)
+    file.finish()
+    assert file.on_disk == file.size == 2 * SMALL + 3 * ALIGN + 7
+    file.close()
+    assert path.read_bytes() == b"".join(chunks)

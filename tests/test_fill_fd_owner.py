@@ -99,7 +99,10 @@ def test_a_stopped_fill_never_closes_the_descriptor_its_writer_uses(
         filling = Filling(job.key)
         answer: Any = _Answer()
         task = asyncio.ensure_future(fills._fill(filling, job, answer))
-        await asyncio.to_thread(entered.wait)  # the writer thread is inside its write
+        # The writer thread is inside its write (bounded: a file system the store cannot use,
+        # whose free space reads 0, opens no fill at all).
+        await asyncio.to_thread(entered.wait, 60)
+        assert entered.is_set(), "the fill never reached its write"
         if stop == "shutdown":
             # What asyncio.run does on the way out (after the lifespan's shutdown).
             for each in asyncio.all_tasks() - {asyncio.current_task()}:

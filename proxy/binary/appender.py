@@ -65,7 +65,6 @@ class Appender:
         if direct and DIRECT_FLAG:
             try:
                 fd = os.open(path, _NEW_FILE | DIRECT_FLAG, mode)
-                return cls(fd, direct=True, buffer_bytes=buffer_bytes)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -73,6 +72,14 @@ class Appender:
                 # come after the create): it is this fill's own name, so it goes.
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+            else:
+                try:
+                    return cls(fd, direct=True, buffer_bytes=buffer_bytes)
+                except BaseException:  # the buffer could not be mapped: no file is left open
+                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                    raise
         return cls(os.open(path, _NEW_FILE, mode), direct=False, buffer_bytes=buffer_bytes)
 
     def append(self, chunks: Sequence[bytes]) -> None:
@@ -95,7 +102,17 @@ class Appender:
             return
         whole = self._staged - self._staged % ALIGN
         if whole:
-            self._write_direct(self._view[:whole])
+            try:
+                self._write_direct(self._view[:whole])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The device wants more alignment than ALIGN (16 or 64 KiB blocks): the whole
+                # buffers went, these last blocks go through the page cache (nothing of them
+                # was written: the refusal comes before any byte).
+                self._go_buffered()
+                _pwrite_fully(self.fd, self._view[:whole], self.on_disk)
+                self.on_disk += whole
         rest = self._staged - whole
         if rest:
             self._go_buffered()  # the tail is not a whole block

@@ -372,8 +372,8 @@ class _Writer:
         self.error: Exception | None = None
 
     def put(self, chunk: bytes) -> None:
-        if self._stopped:
-            return
+        if self._stopped or self.error is not None:
+            return  # a writer that failed is not started again: the file lacks a batch
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
         # In batches: a thread hop per upstream chunk costs the event loop more than the work.
@@ -385,6 +385,8 @@ class _Writer:
             self._task = asyncio.ensure_future(self._run())
 
     async def drain(self) -> None:
+        if self.error is not None:
+            raise self.error
         self._start()
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
