@@ -19,6 +19,9 @@ GATEWAY_MADE = [(b"cache-control", b"no-store"), BYPASS, AGE_ZERO]
 #: The ASGI "Zero Copy Send" extension: its name in ``scope["extensions"]`` and its message
 #: type (a file's bytes sent by the server, :mod:`proxy.zerocopy`).
 ZERO_COPY = "http.response.zerocopysend"
+#: The key of a zero-copy message in which its sender counts the bytes gone so far: the audit
+#: line says what went when the client left (or the app stopped) in the middle of a large send.
+SENT = "nbia_proxy.sent"
 
 
 async def send_bytes(

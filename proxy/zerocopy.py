@@ -33,7 +33,7 @@ from typing import Any
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from proxy.responses import ZERO_COPY
+from proxy.responses import SENT, ZERO_COPY
 
 #: At most this many bytes per ``sendfile`` call (the kernel's own cap is about 2 GiB).
 _CALL_BYTES = 64 * 1024 * 1024
@@ -63,6 +63,7 @@ class ZeroCopy:
             if message["type"] != ZERO_COPY:
                 await send(message)
                 return
+            message[SENT] = 0
             await self._send(cycle, message)
             if not message.get("more_body", False):
                 # uvicorn ends the response: its length check, keep-alive or close, pipelining.
@@ -106,7 +107,7 @@ class ZeroCopy:
         sending = _Sendfile(self.loop, os.dup(transport.get_extra_info("socket").fileno()), fd)
         self._sending = sending
         try:
-            left = await sending.run(offset, count)
+            left = await sending.run(offset, count, message)
         except OSError as exc:
             # The client is gone (a reset, a broken pipe): the transport hears it here.
             transport.abort()
@@ -139,22 +140,29 @@ class _Sendfile:
         self.out = out
         self.file = file
         self.stopped = False
+        self.sent = 0  # bytes sent so far (by the hops' threads, one at a time)
         self._writable: asyncio.Future[None] | None = None
         self._hop: asyncio.Future[tuple[int, bool]] | None = None
 
-    async def run(self, offset: int, count: int) -> int:
-        """Send; how many bytes were left unsent when it was stopped. Raises ``OSError`` when
-        the socket fails, ``EOFError`` when the file ends before ``count`` bytes."""
-        while count and not self.stopped:
-            self._hop = self.loop.run_in_executor(None, self._send, offset, count)
-            # Shielded: a cancelled request must not close the descriptor under the thread.
-            sent, blocked = await asyncio.shield(self._hop)
-            self._hop = None
-            offset += sent
-            count -= sent
-            if blocked and count and not self.stopped:
-                await self._until_writable()
-        return count
+    async def run(self, offset: int, count: int, message: dict[str, Any]) -> int:
+        """Send; how many bytes were left unsent when it was stopped (``message[SENT]`` counts
+        the bytes sent as they go). Raises ``OSError`` when the socket fails, ``EOFError``
+        when the file ends before ``count`` bytes."""
+        try:
+            while count and not self.stopped:
+                self._hop = self.loop.run_in_executor(None, self._send, offset, count)
+                # Shielded: a cancelled request must not close the descriptor under the thread.
+                sent, blocked = await asyncio.shield(self._hop)
+                self._hop = None
+                offset += sent
+                count -= sent
+                if blocked and count and not self.stopped:
+                    await self._until_writable()
+            return count
+        finally:
+            # Counted call by call in the thread: a hop that fails (the client reset the
+            # connection) has sent its first calls' bytes all the same.
+            message[SENT] = self.sent
 
     def _send(self, offset: int, count: int) -> tuple[int, bool]:
         """In a worker thread: send until the socket's buffer is full (then ``blocked``), the
@@ -171,6 +179,7 @@ class _Sendfile:
             if not went:
                 raise EOFError("the file ended before the bytes to send")
             sent += went
+            self.sent += went
         return sent, False
 
     async def _until_writable(self) -> None:

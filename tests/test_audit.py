@@ -26,6 +26,7 @@ from proxy.db import SCHEMA_HEAD, SQLITE_FILE
 from proxy.shield.breaker import Breaker
 from proxy.shield.counters import ShieldCounters
 from proxy.upstream import Upstream
+from tests.downloads import until
 from tests.fake_nbia import FakeServer
 from tests.gateway_server import GatewayProcess, GatewayServer, audit_lines, make_settings
 from tests.test_failsafe_cli import SERVE, assert_one_line, run_cli
@@ -139,8 +140,14 @@ def test_aborted_and_abandoned_transfers_say_so(
     url = gateway.url + zip_path(fake.big_series_uid)
     with pytest.raises(httpx.HTTPError):
         httpx.get(url, timeout=30)
+    # The gateway starts the broken download over in the background (so that a retry is a
+    # hit); this is about a download from the upstream, so that one goes first.
+    assert gateway.app.series is not None
+    fills = gateway.app.series.fills
+    until(lambda: fills.in_progress == 0)
     fake.slow(seconds_between_chunks=0.3, path_contains="getImage")
-    with httpx.stream("GET", url, timeout=30) as response:
+    headers = {"Cache-Control": "no-cache"}  # fetched again, from the slow upstream
+    with httpx.stream("GET", url, headers=headers, timeout=30) as response:
         chunks = response.iter_raw()
         next(chunks)
         time.sleep(0.3)
@@ -148,9 +155,28 @@ def test_aborted_and_abandoned_transfers_say_so(
     # A download is a fill of the series cache: MISS, and aborted when the upstream broke off.
     assert (aborted["status"], aborted["cache"], aborted["outcome"]) == (200, "MISS", "aborted")
     assert MIB <= aborted["bytes"] < 4 * MIB
-    assert (abandoned["status"], abandoned["outcome"]) == (200, "abandoned")
+    assert (abandoned["status"], abandoned["cache"]) == (200, "MISS")
+    assert abandoned["outcome"] == "abandoned"
     assert 0 < abandoned["bytes"] < 4 * MIB
     assert abandoned["ms"] >= 250  # it lasted until the client went away
+
+
+def test_an_abandoned_hit_counts_the_bytes_that_went_not_the_file(
+    gateway: GatewayServer, nbia_upstream: FakeServer
+) -> None:
+    # A kept file goes out by sendfile in one large message; a client that leaves stops it,
+    # and its line says what went (at most what the socket buffers took), not the file's size.
+    fake = nbia_upstream.app
+    fake.set_big_zip_bytes(64 * MIB)
+    url = gateway.url + zip_path(fake.big_series_uid)
+    size = len(httpx.get(url, timeout=60).content)  # kept
+    with httpx.stream("GET", url, timeout=30) as response:
+        assert response.headers["x-cache"] == "HIT"
+        next(response.iter_raw())
+    line = gateway.audit_lines(2)[-1]
+    assert (line["status"], line["cache"], line["outcome"]) == (200, "HIT", "abandoned")
+    # Sent in 32 MiB messages: what the socket buffers took (a few MB), not a message's count.
+    assert 0 < line["bytes"] < 16 * MIB < size
 
 
 def test_a_transfer_cut_at_shutdown_is_aborted_and_its_line_kept(
