@@ -84,8 +84,11 @@ def test_a_stopped_fill_never_closes_the_descriptor_its_writer_uses(
     real_append = Appender.append
     in_use: list[int] = []
 
+    threads: list[str] = []
+
     def held_append(self: Appender, chunks: list[bytes]) -> None:
         in_use.append(self.fd)
+        threads.append(threading.current_thread().name)
         entered.set()
         gate.wait()
         real_append(self, chunks)
@@ -136,6 +139,8 @@ def test_a_stopped_fill_never_closes_the_descriptor_its_writer_uses(
     finally:
         gate.set()
         engine.dispose()
+    # The fill writers' own pool, not the default executor that hits and commits need.
+    assert threads and all(name.startswith("nbia-proxy-fill") for name in threads)
     assert other.stat().st_size == 0, "the writer thread wrote the download into another file"
     assert store.counters.write_failures == 0, store.counters.last_failure
     with pytest.raises(OSError):

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,6 +69,10 @@ WINDOW_BYTES = 2 * 1024 * 1024
 BACKLOG_BYTES = 8 * 1024 * 1024
 #: Bytes handed to the writer threads at once.
 BATCH_BYTES = 4 * 1024 * 1024
+#: Threads of this process's fill writers (two a fill at a time): their own pool, so that
+#: fills never hold up the default executor's short jobs (a hit's lookup, a commit, a read of
+#: a lagging reader); fills beyond four at once queue among themselves.
+WRITER_THREADS = 8
 #: Kept files remembered per process for requests that raced their fill's commit.
 RECENT_FILES = 256
 #: The largest piece a reader gets at once.
@@ -411,9 +417,10 @@ class _Writer:
                 # disk (a direct write returns when the device has the bytes), and the sha256
                 # and the check, which are CPU (their C code lets go of the GIL). One after the
                 # other, each batch waited for the disk before its hashing began.
+                loop = asyncio.get_running_loop()
                 done = await asyncio.gather(
-                    asyncio.to_thread(self.fill.append, batch),
-                    asyncio.to_thread(self._hash_and_check, batch),
+                    loop.run_in_executor(_writer_threads(), self.fill.append, batch),
+                    loop.run_in_executor(_writer_threads(), self._hash_and_check, batch),
                     return_exceptions=True,
                 )
                 for outcome in done:
@@ -710,6 +717,12 @@ async def _outlast(future: asyncio.Future[Any]) -> None:
     while not future.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait([future])
+
+
+@functools.cache
+def _writer_threads() -> ThreadPoolExecutor:
+    """The fill writers' pool, made on first use (per process: a worker's own)."""
+    return ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="nbia-proxy-fill")
 
 
 def _refused(verdict: Verdict) -> FillFailed:
