@@ -85,15 +85,16 @@ class Appender:
     def append(self, chunks: Sequence[bytes]) -> None:
         """Append ``chunks``; raises :class:`OSError` as ``write`` does (a full disk)."""
         count = sum(len(chunk) for chunk in chunks)
-        for index, chunk in enumerate(chunks):
-            if self._view is None:  # buffered (from the start, or since a refusal)
-                self.on_disk += _write_fully(self.fd, chunks[index:], self.on_disk)
-                break
-            left = self._stage(chunk)
-            if left:  # the filesystem refused direct writes on the way: buffered from here
-                rest = [bytes(left), *chunks[index + 1 :]]
-                self.on_disk += _write_fully(self.fd, rest, self.on_disk)
-                break
+        buffered: Sequence[bytes] = chunks
+        if self._view is not None:
+            buffered = ()
+            for index, chunk in enumerate(chunks):
+                left = self._stage(chunk)
+                if self._view is None:  # direct writes stopped (refused, short): buffered now
+                    buffered = [bytes(left), *chunks[index + 1 :]]
+                    break
+        if buffered:
+            self.on_disk += _write_fully(self.fd, buffered, self.on_disk)
         self.size += count
 
     def finish(self) -> None:
@@ -102,17 +103,9 @@ class Appender:
             return
         whole = self._staged - self._staged % ALIGN
         if whole:
-            try:
-                self._write_direct(self._view[:whole])
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                # The device wants more alignment than ALIGN (16 or 64 KiB blocks): the whole
-                # buffers went, these last blocks go through the page cache (nothing of them
-                # was written: the refusal comes before any byte).
-                self._go_buffered()
-                _pwrite_fully(self.fd, self._view[:whole], self.on_disk)
-                self.on_disk += whole
+            # A refusal here is of these blocks only (the device wants more alignment than
+            # ALIGN: 16 or 64 KiB blocks, which the whole buffers had): they go buffered.
+            self._write_direct(self._view[:whole], may_refuse=True)
         rest = self._staged - whole
         if rest:
             self._go_buffered()  # the tail is not a whole block
@@ -131,7 +124,7 @@ class Appender:
 
     def _stage(self, chunk: bytes) -> memoryview:
         """Copy ``chunk`` into the buffer, writing it each time it is full; returns what was
-        left when direct writes were refused on the way (the buffer is gone then)."""
+        left when direct writes stopped on the way (refused, or short: the buffer is gone then)."""
         assert self._view is not None
         data = memoryview(chunk)
         while data:
@@ -140,22 +133,24 @@ class Appender:
             self._staged += take
             data = data[take:]
             if self._staged == self._capacity:
-                self._write_direct(self._view)
+                # Refused at the first write: the filesystem took the flag at open but not the
+                # write. Later, a refusal means something else is wrong: it is raised.
+                self._write_direct(self._view, may_refuse=not self.on_disk)
                 self._staged = 0
                 if not self.direct:
                     self._free()
                     return data
         return data
 
-    def _write_direct(self, data: memoryview) -> None:
-        """Write ``data`` (whole blocks) at the end of the file."""
+    def _write_direct(self, data: memoryview, *, may_refuse: bool) -> None:
+        """Write ``data`` (whole blocks) at the end of the file; a refusal (EINVAL, which comes
+        before any byte is written) sends it, and what follows, through the page cache when
+        ``may_refuse``, else is raised."""
         try:
             written = os.pwrite(self.fd, data, self.on_disk)
         except OSError as exc:
-            if exc.errno != errno.EINVAL or self.on_disk:
+            if exc.errno != errno.EINVAL or not may_refuse:
                 raise
-            # The first direct write refused (the filesystem took the flag at open but not
-            # the write, or wants a larger alignment): buffered from here on.
             written = 0
             self._go_buffered()
         if written < len(data):
