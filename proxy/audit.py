@@ -347,7 +347,8 @@ class Progress:
         """``send``, noting in this progress what passes through it."""
 
         async def tracked(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 self.started = True
                 self.status = message["status"]
                 for name, value in message["headers"]:
@@ -355,22 +356,19 @@ class Progress:
                         self.cache = value.decode("latin-1")
                 if self.cache == "MISS" and JOINED.get():
                     self.cache = "JOINED"
-            elif message["type"] == ZERO_COPY:
+            elif kind != ZERO_COPY:
+                self.size += len(message.get("body", b""))
+            try:
+                await send(message)
+            except BaseException:
+                if kind == ZERO_COPY:
+                    self.size += message.get(SENT, 0)
+                raise
+            if kind == ZERO_COPY:
                 # What went, not what was asked: a client that leaves ends a large send early
                 # (the sender counts in the message; one that does not sent all or nothing).
-                try:
-                    await send(message)
-                except BaseException:
-                    self.size += message.get(SENT, 0)
-                    raise
                 self.size += message.get(SENT, message["count"])
-                if not message.get("more_body", False):
-                    self.complete = True
-                return
-            else:
-                self.size += len(message.get("body", b""))
-            await send(message)
-            if message["type"] in _BODY and not message.get("more_body", False):
+            if kind in _BODY and not message.get("more_body", False):
                 self.complete = True
 
         return tracked

@@ -107,12 +107,15 @@ class ZeroCopy:
         sending = _Sendfile(self.loop, os.dup(transport.get_extra_info("socket").fileno()), fd)
         self._sending = sending
         try:
-            left = await sending.run(offset, count, message)
+            left = await sending.run(offset, count)
         except OSError as exc:
             # The client is gone (a reset, a broken pipe): the transport hears it here.
             transport.abort()
             raise _gone() from exc
         finally:
+            # What went, counted call by call (a hop that failed on a reset sent its first
+            # calls' bytes all the same): the audit line says it, not the count asked.
+            message[SENT] = sending.sent
             self._sending = None
             sending.close()
             if paused and not transport.is_closing():
@@ -144,25 +147,20 @@ class _Sendfile:
         self._writable: asyncio.Future[None] | None = None
         self._hop: asyncio.Future[tuple[int, bool]] | None = None
 
-    async def run(self, offset: int, count: int, message: dict[str, Any]) -> int:
-        """Send; how many bytes were left unsent when it was stopped (``message[SENT]`` counts
-        the bytes sent as they go). Raises ``OSError`` when the socket fails, ``EOFError``
-        when the file ends before ``count`` bytes."""
-        try:
-            while count and not self.stopped:
-                self._hop = self.loop.run_in_executor(None, self._send, offset, count)
-                # Shielded: a cancelled request must not close the descriptor under the thread.
-                sent, blocked = await asyncio.shield(self._hop)
-                self._hop = None
-                offset += sent
-                count -= sent
-                if blocked and count and not self.stopped:
-                    await self._until_writable()
-            return count
-        finally:
-            # Counted call by call in the thread: a hop that fails (the client reset the
-            # connection) has sent its first calls' bytes all the same.
-            message[SENT] = self.sent
+    async def run(self, offset: int, count: int) -> int:
+        """Send; how many bytes were left unsent when it was stopped (:attr:`sent` counts the
+        bytes sent as they go). Raises ``OSError`` when the socket fails, ``EOFError`` when
+        the file ends before ``count`` bytes."""
+        while count and not self.stopped:
+            self._hop = self.loop.run_in_executor(None, self._send, offset, count)
+            # Shielded: a cancelled request must not close the descriptor under the thread.
+            sent, blocked = await asyncio.shield(self._hop)
+            self._hop = None
+            offset += sent
+            count -= sent
+            if blocked and count and not self.stopped:
+                await self._until_writable()
+        return count
 
     def _send(self, offset: int, count: int) -> tuple[int, bool]:
         """In a worker thread: send until the socket's buffer is full (then ``blocked``), the
