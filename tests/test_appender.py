@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -31,8 +32,6 @@ def direct_supported(folder: Path) -> bool:
     except OSError:
         return False
     try:
-        import mmap
-
         block = mmap.mmap(-1, ALIGN)
         try:
             os.pwrite(fd, block, 0)
