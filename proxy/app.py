@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import make_url
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from proxy import stop_deadline
 from proxy.access import Access
 from proxy.accounts.directory import Directory
 from proxy.accounts.fairness import UserLimits
@@ -475,6 +476,7 @@ def _lifespan(
         try:
             yield
         finally:
+            stop_deadline.begin()  # in a served process: a cleanup that sticks ends it anyway
             if shared is not None:
                 await shared.aclose()
             if polling is not None:

@@ -205,6 +205,7 @@ def serve(settings: Settings) -> None:
     """Run the gateway in the foreground until interrupted."""
     import uvicorn
 
+    from proxy import stop_deadline
     from proxy.app import create_app
     from proxy.logs import configure_logging
     from proxy.metrics import clear_shared
@@ -214,6 +215,7 @@ def serve(settings: Settings) -> None:
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     raise_file_limit()  # before the workers start: they inherit it
     if settings.workers == 1:
+        stop_deadline.arm(settings.shutdown_cleanup_seconds)
         serve_app(create_app(settings), settings)
         return
     # Several processes: migrate once here, then let each worker build its app from the
@@ -228,12 +230,14 @@ def serve(settings: Settings) -> None:
 
 def worker_app() -> Any:
     """App factory for ``serve --workers N`` (called in each worker process)."""
+    from proxy import stop_deadline
     from proxy.app import create_app
     from proxy.logs import configure_logging
 
     values = json.loads(os.environ[_SETTINGS_ENV])
     settings = Settings(**values | {"auto_migrate": False})
     configure_logging(settings.log_level)
+    stop_deadline.arm(settings.shutdown_cleanup_seconds)
     return create_app(settings)
 
 

@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         description="On SIGTERM or Ctrl-C, how long transfers in flight may go on before they "
         "are aborted; a second signal stops at once.",
     )
+    shutdown_cleanup_seconds: float = Field(
+        8.0,
+        ge=0,
+        description="After the grace, how long closing the clients and flushing the caches "
+        "may take; a stop still stuck past it logs what each thread is doing and exits (status "
+        "1) rather than hang (0: wait for ever).",
+    )
     allow_remote_open: bool = Field(
         False,
         description="Listen beyond loopback although no lab accounts protect the gateway "

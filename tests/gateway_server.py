@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -163,6 +165,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: What the gateway logs when its stop deadline ends a stuck stop (proxy.stop_deadline).
+STUCK = "the stop is stuck"
+
+
+class StopTimedOut(AssertionError):
+    """A gateway process did not exit in time after SIGTERM."""
+
+
 class GatewayProcess:
     """``python -m proxy serve`` as its own process, as a user runs it (for memory, workers).
 
@@ -181,7 +191,8 @@ class GatewayProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [
-            sys.executable, "-m", "proxy", "serve", "--port", str(self.port),
+            # faulthandler: SIGABRT, sent when a stop times out, prints every thread's stack.
+            sys.executable, "-X", "faulthandler", "-m", "proxy", "serve", "--port", str(self.port),
             "--upstream", upstream, "--data-dir", str(data_dir), "--log-level", "warning", *args,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
@@ -209,17 +220,34 @@ class GatewayProcess:
                 time.sleep(0.05)
 
     def stop(self, timeout: float) -> int:
-        """SIGTERM, then its exit code; :class:`subprocess.TimeoutExpired` (the process is
-        killed) when it has not exited within ``timeout`` seconds."""
+        """SIGTERM, then its exit code; :class:`StopTimedOut` (the process is killed, its
+        threads' stacks in its stderr and in the error) when it has not exited within
+        ``timeout`` seconds. A stop the gateway's own deadline cut short is a warning."""
         assert self.process is not None
+        if self.process.poll() is not None:  # stopped already (and said so then)
+            self.exit_code = self.process.returncode
+            return self.exit_code
         self.process.terminate()
         try:
             self.exit_code = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
+            self.process.send_signal(signal.SIGABRT)  # faulthandler's dump, then the end
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            tail = self.log_tail()
+            raise StopTimedOut(f"the gateway did not stop within {timeout} s\n{tail}") from None
+        if STUCK in self.log_tail():
+            warnings.warn(f"a gateway's stop was stuck\n{self.log_tail()}", stacklevel=2)
         return self.exit_code
+
+    def log_tail(self, size: int = 8000) -> str:
+        """The end of the gateway's stderr, when it goes to a file."""
+        if self.stderr is None or not self.stderr.exists():
+            return ""
+        return self.stderr.read_bytes()[-size:].decode(errors="replace")
 
     def __exit__(self, *exc_info: object) -> None:
         # A gateway may take its whole shutdown_grace_seconds (30) plus the unwind to stop when

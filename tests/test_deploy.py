@@ -26,6 +26,7 @@ import yaml
 
 from proxy.cli import build_parser
 from proxy.config import ENV_PREFIX, Settings, load_settings
+from proxy.server import UNWIND_SECONDS
 from tests.deploy_nginx import NGINX_CONF, local_nginx_conf, upstream_servers
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "nbia-proxy.service"
@@ -117,6 +118,18 @@ def _compose() -> dict[str, Any]:
     return loaded
 
 
+def _longest_stop() -> float:
+    """The longest a gateway on its defaults takes to stop: the grace for transfers in
+    flight, their unwind, then the cleanup's deadline."""
+    defaults = Settings()
+    return defaults.shutdown_grace_seconds + UNWIND_SECONDS + defaults.shutdown_cleanup_seconds
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s") and duration[:-1].isdigit(), duration
+    return float(duration[:-1])
+
+
 def _gateways(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     services: dict[str, dict[str, Any]] = compose["services"]
     return {name: s for name, s in services.items() if name.startswith("gateway")}
@@ -181,6 +194,9 @@ def test_compose_runs_migrations_once_before_two_replicas_on_one_database() -> N
         assert "@db:" in environment["NBIA_PROXY_DATABASE_URL"]
         assert "redis://redis:" in environment["NBIA_PROXY_REDIS_URL"]
         assert f"series-cache:{environment['NBIA_PROXY_BINARY_DIR']}" in gateway["volumes"]
+        # Docker kills a container still running after its stop period: a stuck stop must have
+        # logged why by then.
+        assert _seconds(gateway["stop_grace_period"]) > _longest_stop()
     assert migrate["environment"] == next(iter(gateways.values()))["environment"]
     assert "series-cache" in compose["volumes"] and "pgdata" in compose["volumes"]
 
@@ -451,8 +467,7 @@ def test_the_deployment_probes_runs_unprivileged_and_writes_only_to_volumes() ->
     resources = container["resources"]
     assert resources["requests"]["cpu"] and resources["requests"]["memory"]
     assert resources["limits"]["memory"]
-    grace = pod["terminationGracePeriodSeconds"]
-    assert grace > Settings().shutdown_grace_seconds
+    assert pod["terminationGracePeriodSeconds"] > _longest_stop()
 
 
 def test_the_kubernetes_settings_are_valid_and_secrets_are_files(tmp_path: Path) -> None:
