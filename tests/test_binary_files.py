@@ -28,8 +28,9 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from proxy.binary import disk as disk_module
 from proxy.binary import files as files_module
-from proxy.binary.disk import read_at
+from proxy.binary.disk import read_at, sha256_of
 from proxy.binary.files import (
     MARKER,
     BinaryStore,
@@ -736,9 +737,106 @@ def test_a_full_disk_under_a_batch_breaks_the_fill(
     monkeypatch.setattr(files_module.os, "pwrite", full)
     monkeypatch.setattr(files_module.os, "pwritev", full)
     with store.open_fill(image_key("full")) as fill:
-        fill.write_all([b"a" * 4096, b"b" * 4096])
-        fill.write_all([b"c" * 4096, b"d" * 4096])  # ignored: broken already
+        fill.append([b"a" * 4096, b"b" * 4096])
+        fill.append([b"c" * 4096, b"d" * 4096])  # ignored: broken already
         assert fill.commit(ZIP) is None
     assert fill.broken is not None and "No space left" in fill.broken
     assert files_in(store.directory) == []
     assert store.counters.write_failures == 1
+
+
+# the sha256, read back --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 1024 * 1024, 3 * 1024 * 1024 + 7])
+@pytest.mark.parametrize("direct", [True, False])
+def test_sha256_of_is_the_sha256_of_the_bytes(tmp_path: Path, size: int, direct: bool) -> None:
+    data = os.urandom(size)
+    path = tmp_path / "kept"
+    path.write_bytes(data)
+    assert sha256_of(path, direct=direct) == hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_of_reads_past_the_page_cache_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kept"
+    path.write_bytes(b"x" * 10_000)
+    flags: list[int] = []
+    real_open = os.open
+
+    def recording(file: Any, flag: int, *args: Any) -> int:
+        flags.append(flag)
+        return real_open(file, flag, *args)
+
+    monkeypatch.setattr(disk_module.os, "open", recording)
+    sha256_of(path, direct=True)
+    sha256_of(path, direct=False)
+    assert [bool(flag & os.O_DIRECT) for flag in flags] == [True, False]
+
+
+def test_sha256_of_falls_back_where_the_file_system_refuses_direct_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(70_000)
+    path = tmp_path / "kept"
+    path.write_bytes(data)
+    real_open = os.open
+
+    def no_direct(file: Any, flag: int, *args: Any) -> int:
+        if flag & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(file, flag, *args)
+
+    monkeypatch.setattr(disk_module.os, "open", no_direct)
+    assert sha256_of(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_of(tmp_path / "gone") is None
+
+
+def test_the_kept_files_name_and_etag_are_the_sha256_of_the_bytes_on_the_disk(
+    store: BinaryStore,
+) -> None:
+    """The commit reads the sha256 back from the file, not from the bytes on their way: what
+    names the file (and what ``cache verify`` compares) is what a hit will send."""
+    with store.open_fill(image_key("disk")) as fill:
+        fill.append([b"a" * 5000, b"b" * 5000])
+        assert fill.temp is not None
+        fill._file.finish()  # type: ignore[union-attr]  # on the disk, then changed there
+        fd = os.open(fill.temp, os.O_WRONLY)
+        os.pwrite(fd, b"Z", 7000)
+        os.close(fd)
+        kept = fill.commit(ZIP)
+    assert kept is not None
+    on_disk = b"a" * 5000 + b"b" * 2000 + b"Z" + b"b" * 2999
+    assert kept.sha256 == hashlib.sha256(on_disk).hexdigest()
+    assert kept.path.read_bytes() == on_disk
+
+
+def test_a_file_whose_size_on_the_disk_is_not_the_downloads_is_not_kept(
+    store: BinaryStore,
+) -> None:
+    with store.open_fill(image_key("short")) as fill:
+        fill.append([b"a" * 9000])
+        assert fill.temp is not None
+        fill._file.finish()  # type: ignore[union-attr]
+        os.truncate(fill.temp, 4096)
+        assert fill.commit(ZIP) is None
+    assert fill.broken is not None and "not the size of the download" in fill.broken
+    assert files_in(store.directory) == []
+    assert store.counters.write_failures == 1
+
+
+def test_sha256_of_a_file_that_shrinks_while_it_is_read_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "kept"
+    path.write_bytes(b"x" * 5000)
+    real_fstat = os.fstat
+
+    class Larger:
+        def __init__(self, real: os.stat_result) -> None:
+            self.st_size = real.st_size + 4096  # what it held when the hashing began
+
+    monkeypatch.setattr(disk_module.os, "fstat", lambda fd: Larger(real_fstat(fd)))
+    with pytest.raises(OSError, match="shrank"):
+        sha256_of(path)

@@ -1,4 +1,5 @@
-"""Reading a kept file's bytes from disk without the event loop waiting on the disk.
+"""Reading files' bytes from disk: a piece at a time for a reader, without the event loop
+waiting on the disk (:func:`read_at`), or whole for their sha256 (:func:`sha256_of`).
 
 A kept file is sent with ``sendfile`` when the server offers the ASGI zero-copy send
 (:mod:`proxy.zerocopy`: plain TCP under :class:`proxy.hit_protocol.HitProtocol`); this is the
@@ -10,7 +11,15 @@ read here and sent as a body message. Measured (``bench.series_cache``), that wa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import hashlib
+import mmap
 import os
+from pathlib import Path
+
+#: Bytes read at once for a sha256: an aligned buffer (a direct read needs one) of this size.
+HASH_READ_BYTES = 1024 * 1024
 
 
 async def read_at(fd: int, count: int, offset: int) -> bytearray:
@@ -27,3 +36,54 @@ async def read_at(fd: int, count: int, offset: int) -> bytearray:
     if read < count:
         del buffer[read:]
     return buffer
+
+
+def sha256_of(path: Path, *, direct: bool = True) -> str | None:
+    """The sha256 of the bytes of the file at ``path`` as the disk has them; None when it is
+    gone. Blocking: call from a thread.
+
+    ``direct``: read past the page cache (``O_DIRECT``) where the file system allows, so that
+    hashing a multi-GB file neither fills the page cache nor pays for it (on a small VM a
+    buffered read of 1 GB cost 2.7 s of CPU against 0.1 s read directly); elsewhere, and
+    without ``direct``, the reads are buffered.
+    """
+    try:
+        fd = _open_for_hashing(path, direct)
+    except FileNotFoundError:
+        return None
+    try:
+        return _hash_reads(fd, path.name)
+    finally:
+        os.close(fd)
+
+
+def _hash_reads(fd: int, name: str) -> str:
+    # One read, then its hash: reading the next piece in a thread of its own while this one
+    # was hashed (two buffers) was no faster on the benchmark's disk, for 1 MiB more RSS.
+    digest = hashlib.sha256()
+    size = os.fstat(fd).st_size
+    with mmap.mmap(-1, HASH_READ_BYTES) as buffer, memoryview(buffer) as view:
+        offset = 0
+        # Up to the size, not to a read of nothing: after the short read of the last block,
+        # a direct read at that unaligned offset would be refused.
+        while offset < size:
+            read = os.preadv(fd, [buffer], offset)
+            if not read:
+                raise OSError(errno.EIO, f"{name} shrank while it was hashed")
+            digest.update(view[:read])
+            offset += read
+    return digest.hexdigest()
+
+
+def _open_for_hashing(path: Path, direct: bool) -> int:
+    flag = getattr(os, "O_DIRECT", 0) if direct else 0
+    if flag:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
+                raise
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return fd

@@ -6,10 +6,11 @@ key starts a :class:`Filling`, a task of its own that owns the upstream response
 the first included, is a reader of it. Each chunk goes to a bounded in-memory window (readers
 that keep up are served from it) and, in batches, to two worker threads side by side: one
 appends it to the temporary file (:class:`~proxy.binary.files.Fill`, past the page cache where
-the file system allows: :mod:`proxy.binary.appender`), the other hashes it and feeds the check
+the file system allows: :mod:`proxy.binary.appender`), the other feeds it to the check
 (:mod:`proxy.binary.zipcheck`, :mod:`proxy.binary.imagecheck`); readers behind the window read
 the file. So memory is flat whatever the download's size, and a joiner gets the bytes already
-there at once.
+there at once. The file's sha256 is not taken on the way: the commit reads it back from the
+disk once every reader has its last byte (:meth:`proxy.binary.files.Fill.commit`).
 
 The last chunk is held back from every reader until the check's verdict is ok (a zip's last
 bytes are its end record: without them no client takes it for complete). A failed check or a
@@ -414,13 +415,13 @@ class _Writer:
                 batch, self._pending = self._pending, []
                 self._pending_bytes = 0
                 # Two threads a batch, side by side: the write, which mostly waits for the
-                # disk (a direct write returns when the device has the bytes), and the sha256
-                # and the check, which are CPU (their C code lets go of the GIL). One after the
-                # other, each batch waited for the disk before its hashing began.
+                # disk (a direct write returns when the device has the bytes), and the check,
+                # which is CPU (CRC-32 and MD5 let go of the GIL). One after the other, each
+                # batch waited for the disk before its check began.
                 loop = asyncio.get_running_loop()
                 done = await asyncio.gather(
                     loop.run_in_executor(_writer_threads(), self.fill.append, batch),
-                    loop.run_in_executor(_writer_threads(), self._hash_and_check, batch),
+                    loop.run_in_executor(_writer_threads(), self._check, batch),
                     return_exceptions=True,
                 )
                 for outcome in done:
@@ -433,8 +434,7 @@ class _Writer:
             self.filling.wrote(self.fill.size, self.fill.on_disk, True)
             raise
 
-    def _hash_and_check(self, batch: list[bytes]) -> None:
-        self.fill.hash(batch)
+    def _check(self, batch: list[bytes]) -> None:
         for chunk in batch:
             self.check.feed(chunk)
 
