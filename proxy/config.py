@@ -256,9 +256,10 @@ class Settings(BaseSettings):
     )
     binary_direct_writes: bool = Field(
         True,
-        description="Fills write their files past the page cache (O_DIRECT) where the "
-        "filesystem allows it, else through it: far less CPU per GB on virtual machines, and "
-        "a multi-GB download does not push what is read often out of the page cache.",
+        description="Fills write their files, and read them back for their sha256, past the "
+        "page cache (O_DIRECT) where the filesystem allows it, else through it: far less CPU "
+        "per GB on virtual machines, and a multi-GB download does not push what is read often "
+        "out of the page cache.",
     )
     warm_concurrency: int = Field(
         2,

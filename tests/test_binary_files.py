@@ -840,3 +840,20 @@ def test_sha256_of_a_file_that_shrinks_while_it_is_read_is_an_error(
     monkeypatch.setattr(disk_module.os, "fstat", lambda fd: Larger(real_fstat(fd)))
     with pytest.raises(OSError, match="shrank"):
         sha256_of(path)
+
+
+def test_a_stopped_commit_keeps_nothing_and_is_no_write_failure(store: BinaryStore) -> None:
+    with store.open_fill(image_key("stopped")) as fill:
+        fill.append([b"a" * 9000])
+        fill.stop_commit()
+        assert fill.commit(ZIP) is None
+    assert fill.broken == "stopped while it was kept"
+    assert files_in(store.directory) == []
+    assert store.counters.write_failures == 0
+    assert store.lookup(image_key("stopped").digest) is None
+    stop = threading.Event()
+    stop.set()
+    path = store.directory / "any"
+    path.write_bytes(b"x")
+    with pytest.raises(disk_module.Stopped):
+        sha256_of(path, stop=stop)

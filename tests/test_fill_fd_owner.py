@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
+from proxy.binary import files as files_module
 from proxy.binary.appender import Appender
 from proxy.binary.files import BinaryStore
 from proxy.binary.fill import BATCH_BYTES, Filling, FillJob, Fills, _outlast
@@ -175,3 +176,63 @@ def test_a_teardown_cancelled_again_still_waits_for_the_thread_before_cleaning_u
         return cleaned
 
     assert asyncio.run(main()) == [True]
+
+
+class _GoodCheck(_Check):
+    def finish(self) -> Verdict:
+        return Verdict(ok=True, reason=None, message="", level="self")
+
+
+class _WholeAnswer:
+    """An upstream answer that ends after three batches."""
+
+    headers = httpx.Headers({"content-type": "application/zip"})
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"z" * BATCH_BYTES
+
+
+def test_a_stop_during_the_commit_ends_its_sha256_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checked fill is cancelled only by the gateway's stop; its commit, reading a
+    multi-GB file back for the sha256, must then give up at the next MiB rather than hold the
+    stop up: nothing kept, nothing left, not counted as a write failure."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    migrate(url)
+    engine = make_engine(url)
+    store = BinaryStore(engine, tmp_path / "binaries", 1 << 40)
+    store.start()
+    reading, told = threading.Event(), []
+    real_sha256_of = files_module.sha256_of
+
+    def slow_read_back(path: Path, *, direct: bool, stop: threading.Event) -> str | None:
+        reading.set()
+        told.append(stop.wait(60))  # a multi-GB file: still reading when the stop comes
+        return real_sha256_of(path, direct=direct, stop=stop)
+
+    monkeypatch.setattr(files_module, "sha256_of", slow_read_back)
+    fills = Fills(store, None, background=False, max_error_bytes=1024)  # type: ignore[arg-type]
+    job = FillJob(None, None, None, _key(), _GoodCheck)  # type: ignore[arg-type]
+
+    async def main() -> Filling:
+        filling = Filling(job.key)
+        answer: Any = _WholeAnswer()
+        task = asyncio.ensure_future(fills._fill(filling, job, answer))
+        await asyncio.to_thread(reading.wait, 60)
+        assert reading.is_set(), "the fill never reached its commit"
+        assert filling.checked  # every byte released: only a stop cancels it now
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return filling
+
+    try:
+        filling = asyncio.run(main())
+    finally:
+        engine.dispose()
+    assert told == [True], "the commit was not told to stop"
+    assert filling.kept is None
+    assert not [p for p in (tmp_path / "binaries").rglob("*") if p.is_file() and p.name[0] != "."]
+    assert store.counters.write_failures == 0, store.counters.last_failure

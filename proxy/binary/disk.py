@@ -16,6 +16,7 @@ import errno
 import hashlib
 import mmap
 import os
+import threading
 from pathlib import Path
 
 #: Bytes read at once for a sha256: an aligned buffer (a direct read needs one) of this size.
@@ -38,26 +39,33 @@ async def read_at(fd: int, count: int, offset: int) -> bytearray:
     return buffer
 
 
-def sha256_of(path: Path, *, direct: bool = True) -> str | None:
+class Stopped(Exception):
+    """A read stopped by its caller (:func:`sha256_of`'s ``stop``)."""
+
+
+def sha256_of(
+    path: Path, *, direct: bool = True, stop: threading.Event | None = None
+) -> str | None:
     """The sha256 of the bytes of the file at ``path`` as the disk has them; None when it is
     gone. Blocking: call from a thread.
 
     ``direct``: read past the page cache (``O_DIRECT``) where the file system allows, so that
     hashing a multi-GB file neither fills the page cache nor pays for it (on a small VM a
     buffered read of 1 GB cost 2.7 s of CPU against 0.1 s read directly); elsewhere, and
-    without ``direct``, the reads are buffered.
+    without ``direct``, the reads are buffered. ``stop``, once set, ends the reading at the
+    next piece with :class:`Stopped`.
     """
     try:
         fd = _open_for_hashing(path, direct)
     except FileNotFoundError:
         return None
     try:
-        return _hash_reads(fd, path.name)
+        return _hash_reads(fd, path.name, stop)
     finally:
         os.close(fd)
 
 
-def _hash_reads(fd: int, name: str) -> str:
+def _hash_reads(fd: int, name: str, stop: threading.Event | None) -> str:
     # One read, then its hash: reading the next piece in a thread of its own while this one
     # was hashed (two buffers) was no faster on the benchmark's disk, for 1 MiB more RSS.
     digest = hashlib.sha256()
@@ -67,6 +75,8 @@ def _hash_reads(fd: int, name: str) -> str:
         # Up to the size, not to a read of nothing: after the short read of the last block,
         # a direct read at that unaligned offset would be refused.
         while offset < size:
+            if stop is not None and stop.is_set():
+                raise Stopped
             read = os.preadv(fd, [buffer], offset)
             if not read:
                 raise OSError(errno.EIO, f"{name} shrank while it was hashed")

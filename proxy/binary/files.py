@@ -61,7 +61,7 @@ from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from proxy.binary.appender import Appender
-from proxy.binary.disk import sha256_of
+from proxy.binary.disk import Stopped, sha256_of
 from proxy.binary.ranges import etag_for
 from proxy.binary.tables import BinaryFile, BinaryTag
 from proxy.cache.policy import CacheKey, glob_to_like
@@ -209,6 +209,7 @@ class Fill:
         self._store = store
         self._file = file
         self._done = temp is None
+        self._stopping = threading.Event()
         self.token = next(_tokens)
         # The descriptor's owner: the writer's thread, the commit's and a discard's (from
         # another thread, when the fill is stopped) take turns, so it is never closed under a
@@ -247,6 +248,11 @@ class Fill:
             return
         self.size += count
 
+    def stop_commit(self) -> None:
+        """Make a commit in progress (in another thread) give up at the next MiB it reads back:
+        the gateway is stopping, and a multi-GB file's sha256 would hold the stop up."""
+        self._stopping.set()
+
     def commit(self, meta: Meta) -> Kept | None:
         """Publish the file under its final name and record it; None when it is not kept."""
         with self._lock:  # a discard meanwhile waits, then finds the fill done
@@ -268,9 +274,12 @@ class Fill:
             # (bench.series_cache). And the name is that of the bytes on the disk.
             if _size(self.temp) != self.size:
                 raise OSError(errno.EIO, "the file on disk is not the size of the download")
-            sha256 = sha256_of(self.temp, direct=self._store.direct_writes)
+            sha256 = sha256_of(self.temp, direct=self._store.direct_writes, stop=self._stopping)
             if sha256 is None:
                 raise FileNotFoundError(errno.ENOENT, "the file went away", str(self.temp))
+        except Stopped:
+            self._give_up("stopped while it was kept")
+            return None
         except OSError as exc:
             self._store._write_failed(exc)
             self._give_up(describe_failure(exc))

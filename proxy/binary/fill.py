@@ -669,7 +669,9 @@ class Fills:
             if committing is not None:
                 # The file is the commit thread's until it returns (a cancelled await does not
                 # stop it): closing its descriptor under its fsync failed the commit (EBADF),
-                # or could have hit another file opened under the same number meanwhile.
+                # or could have hit another file opened under the same number meanwhile. Only
+                # a stop cancels a checked fill: its sha256, read back, ends at the next MiB.
+                fill.stop_commit()
                 await _outlast(committing)
             await asyncio.to_thread(fill.discard)
             raise
