@@ -66,6 +66,16 @@ class _Answer:
         await asyncio.Event().wait()
 
 
+def _start_fill(
+    store: BinaryStore, check: type[_Check], answer: Any
+) -> tuple[Filling, asyncio.Future[None]]:
+    """A fill of :func:`_key` reading ``answer``, as its own task (call on the event loop)."""
+    fills = Fills(store, None, background=False, max_error_bytes=1024)  # type: ignore[arg-type]
+    job = FillJob(None, None, None, _key(), check)  # type: ignore[arg-type]
+    filling = Filling(job.key)
+    return filling, asyncio.ensure_future(fills._fill(filling, job, answer))
+
+
 def _key() -> CacheKey:
     params = "?SeriesInstanceUID=1.2.3"
     digest = hashlib.sha256(params.encode()).hexdigest()
@@ -95,14 +105,10 @@ def test_a_stopped_fill_never_closes_the_descriptor_its_writer_uses(
         real_append(self, chunks)
 
     monkeypatch.setattr(Appender, "append", held_append)
-    fills = Fills(store, None, background=False, max_error_bytes=1024)  # type: ignore[arg-type]
-    job = FillJob(None, None, None, _key(), _Check)  # type: ignore[arg-type]
     other = tmp_path / "another-file"
 
     async def main() -> None:
-        filling = Filling(job.key)
-        answer: Any = _Answer()
-        task = asyncio.ensure_future(fills._fill(filling, job, answer))
+        _, task = _start_fill(store, _Check, _Answer())
         # The writer thread is inside its write (bounded: a file system the store cannot use,
         # whose free space reads 0, opens no fill at all).
         await asyncio.to_thread(entered.wait, 60)
@@ -213,13 +219,9 @@ def test_a_stop_during_the_commit_ends_its_sha256_read_back(
         return real_sha256_of(path, direct=direct, stop=stop)
 
     monkeypatch.setattr(files_module, "sha256_of", slow_read_back)
-    fills = Fills(store, None, background=False, max_error_bytes=1024)  # type: ignore[arg-type]
-    job = FillJob(None, None, None, _key(), _GoodCheck)  # type: ignore[arg-type]
 
     async def main() -> Filling:
-        filling = Filling(job.key)
-        answer: Any = _WholeAnswer()
-        task = asyncio.ensure_future(fills._fill(filling, job, answer))
+        filling, task = _start_fill(store, _GoodCheck, _WholeAnswer())
         await asyncio.to_thread(reading.wait, 60)
         assert reading.is_set(), "the fill never reached its commit"
         assert filling.checked  # every byte released: only a stop cancels it now
