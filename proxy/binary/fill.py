@@ -65,11 +65,13 @@ WINDOW_BYTES = 2 * 1024 * 1024
 #: Two batches: the one the threads are on and the next. With 1 MiB batches and a 2 MiB
 #: backlog, each thread hop's latency (a handoff of the GIL included) held the fill up: the
 #: fill waited 1.6 of its 2.3 s per GB for the threads while the two cores were 35 % idle;
-#: 4 MiB batches and this backlog made the cold 1 GB download 1.3x faster for 6 MB of peak
-#: RSS (bench/series_cache.py).
-BACKLOG_BYTES = 8 * 1024 * 1024
+#: 4 MiB batches and an 8 MiB backlog made the cold 1 GB download 1.3x faster for 6 MB of
+#: peak RSS (bench/series_cache.py). Once the sha256 left the fill for the commit, 3 MiB
+#: batches and this backlog were as fast (1.17x and 1.24x nginx's relay, against 0.97x to
+#: 1.41x with 8/4) at 97 to 98 MB of peak RSS instead of 99 to 100.
+BACKLOG_BYTES = 6 * 1024 * 1024
 #: Bytes handed to the writer threads at once.
-BATCH_BYTES = 4 * 1024 * 1024
+BATCH_BYTES = 3 * 1024 * 1024
 #: Threads of this process's fill writers (two a fill at a time): their own pool, so that
 #: fills never hold up the default executor's short jobs (a hit's lookup, a commit, a read of
 #: a lagging reader); fills beyond four at once queue among themselves.
