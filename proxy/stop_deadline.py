@@ -21,11 +21,15 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from types import FrameType
 
 log = logging.getLogger("nbia_proxy.server")
 
 #: Frames shown per thread or task: where it waits, and the two calls that led there.
 FRAMES = 3
+#: How long the report may take to be logged before the process ends without it (a stop may
+#: be stuck in a log write itself: a full pipe on stderr).
+REPORT_SECONDS = 2.0
 
 
 class StopDeadline:
@@ -53,30 +57,42 @@ class StopDeadline:
             self._timer.cancel()
 
     def expire(self) -> None:
-        """Log where the stop is stuck, then end the process (status 1)."""
+        """Log where the stop is stuck (for at most :data:`REPORT_SECONDS`), then end the
+        process (status 1) whatever the report did."""
+        try:
+            reporter = threading.Thread(target=self._report, name="nbia-proxy-stop-report")
+            reporter.daemon = True
+            reporter.start()
+            reporter.join(REPORT_SECONDS)
+        finally:
+            self._exit(1)
+
+    def _report(self) -> None:
+        try:
+            where = "\n".join(self.positions())
+        except Exception as exc:  # noqa: BLE001 -- the exit must not depend on the report
+            where = f"(the positions could not be read: {exc!r})"
         log.error(
             "the stop is stuck %.0f s after the shutdown began (shutdown_cleanup_seconds); "
             "exiting anyway. Still running:\n%s",
             self.seconds,
-            "\n".join(self.positions()),
+            where,
         )
         for handler in logging.getLogger().handlers:
             handler.flush()
-        self._exit(1)
 
     def positions(self) -> list[str]:
-        """One line per thread (but this one) and per unfinished task: where it is."""
-        frames = sys._current_frames()
+        """One line per thread (but the deadline's own) and per unfinished task: where it is."""
+        current = sys._current_frames()
         lines = []
         for thread in threading.enumerate():
-            frame = frames.get(thread.ident or -1)
-            if thread is threading.current_thread() or frame is None:
-                continue
+            frame = current.get(thread.ident or -1)
+            if thread.name.startswith("nbia-proxy-stop-") or frame is None:
+                continue  # the deadline's own threads
             lines.append(f"thread {thread.name}: {_where(traceback.extract_stack(frame))}")
         for task in self._tasks():
-            stack = traceback.StackSummary.extract(
-                (frame, frame.f_lineno) for frame in task.get_stack(limit=FRAMES)
-            )
+            awaited = _awaited_frames(task.get_coro())
+            stack = traceback.StackSummary.extract((f, f.f_lineno) for f in awaited)
             lines.append(f"task {task.get_name()}: {_where(stack)}")
         return lines
 
@@ -91,6 +107,18 @@ class StopDeadline:
             except RuntimeError:
                 continue
         return []
+
+
+def _awaited_frames(coroutine: object) -> list[FrameType]:
+    """The frames of a suspended coroutine and of what it awaits, outermost first, down to
+    where it waits (``Task.get_stack`` gives the outermost only)."""
+    frames = []
+    while coroutine is not None:
+        frame = getattr(coroutine, "cr_frame", None) or getattr(coroutine, "gi_frame", None)
+        if frame is not None:
+            frames.append(frame)
+        coroutine = getattr(coroutine, "cr_await", None) or getattr(coroutine, "gi_yieldfrom", None)
+    return frames
 
 
 def _where(stack: traceback.StackSummary) -> str:

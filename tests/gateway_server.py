@@ -239,8 +239,9 @@ class GatewayProcess:
                 self.process.wait()
             tail = self.log_tail()
             raise StopTimedOut(f"the gateway did not stop within {timeout} s\n{tail}") from None
-        if STUCK in self.log_tail():
-            warnings.warn(f"a gateway's stop was stuck\n{self.log_tail()}", stacklevel=2)
+        if self.stderr is not None and self.stderr.exists():
+            if STUCK.encode() in self.stderr.read_bytes():
+                warnings.warn(f"a gateway's stop was stuck\n{self.log_tail()}", stacklevel=2)
         return self.exit_code
 
     def log_tail(self, size: int = 8000) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -857,3 +858,40 @@ def test_a_stopped_commit_keeps_nothing_and_is_no_write_failure(store: BinarySto
     path.write_bytes(b"x")
     with pytest.raises(disk_module.Stopped):
         sha256_of(path, stop=stop)
+
+
+def _refuses_direct(real: Any) -> Any:
+    """``real`` (os.pwrite or os.preadv), refusing a descriptor opened with O_DIRECT as some
+    file systems do: the flag taken at open, the I/O refused (EINVAL)."""
+
+    def call(fd: int, *args: Any) -> Any:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, *args)
+
+    return call
+
+
+def test_sha256_of_falls_back_where_direct_reads_are_refused_after_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 11)
+    path = tmp_path / "kept"
+    path.write_bytes(data)
+    monkeypatch.setattr(disk_module.os, "preadv", _refuses_direct(os.preadv))
+    assert sha256_of(path, direct=True) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_file_system_refusing_direct_io_after_the_open_still_keeps_files(
+    store: BinaryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "pwrite", _refuses_direct(os.pwrite))
+    monkeypatch.setattr(os, "preadv", _refuses_direct(os.preadv))
+    data = [os.urandom(700_000) for _ in range(4)]
+    with store.open_fill(image_key("refusing")) as fill:
+        fill.append(data)
+        kept = fill.commit(ZIP)
+    assert kept is not None, fill.broken
+    assert kept.sha256 == hashlib.sha256(b"".join(data)).hexdigest()
+    assert kept.path.read_bytes() == b"".join(data)
+    assert store.counters.write_failures == 0

@@ -48,7 +48,7 @@ def test_an_expired_deadline_names_the_stuck_thread_and_exits_1(
     try:
         with caplog.at_level(logging.ERROR, logger="nbia_proxy.server"):
             StopDeadline(0.05, exit=exits).start()
-            exits.called.wait()
+            assert exits.called.wait(60), "the deadline never ended the process"
     finally:
         release.set()
         stuck.join()
@@ -59,25 +59,62 @@ def test_an_expired_deadline_names_the_stuck_thread_and_exits_1(
     assert "thread nbia-proxy-stop-deadline" not in message  # not itself
 
 
-def test_the_deadline_names_the_tasks_still_running() -> None:
+def test_the_deadline_names_where_a_task_waits_not_only_its_outermost_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     exits = Exits()
 
     async def waits_for_ever(never: asyncio.Event) -> None:
         await never.wait()
 
-    async def run() -> list[str]:
-        task = asyncio.create_task(waits_for_ever(asyncio.Event()), name="stuck-task")
-        await asyncio.sleep(0)
-        deadline = StopDeadline(3600, exit=exits)
-        deadline.start(asyncio.get_running_loop())
-        deadline.cancel()
-        lines = deadline.positions()
-        task.cancel()
-        return lines
+    async def outer(never: asyncio.Event) -> None:
+        await waits_for_ever(never)
 
-    lines = asyncio.run(run())
-    assert any(line.startswith("task stuck-task: waits_for_ever (") for line in lines), lines
-    assert exits.status is None  # cancelled: never expired
+    async def run() -> None:
+        task = asyncio.create_task(outer(asyncio.Event()), name="stuck-task")
+        StopDeadline(0.05, exit=exits).start(asyncio.get_running_loop())
+        assert await asyncio.to_thread(exits.called.wait, 60), "the deadline never expired"
+        task.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="nbia_proxy.server"):
+        asyncio.run(run())
+    [line] = [
+        ln for r in caplog.records for ln in r.getMessage().splitlines() if "stuck-task" in ln
+    ]
+    assert line.startswith("task stuck-task: wait (locks.py:"), line  # the innermost first
+    assert " < waits_for_ever (test_stop_deadline.py:" in line
+    assert " < outer (test_stop_deadline.py:" in line
+
+
+def test_the_process_ends_even_when_the_report_cannot_be_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop stuck in a log write (a full pipe on stderr) must not keep the deadline from
+    ending the process; nor may a report that fails."""
+    monkeypatch.setattr(stop_deadline, "REPORT_SECONDS", 0.05)
+    blocked = threading.Event()
+
+    class Stuck(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            blocked.wait()
+
+    handler = Stuck()
+    logging.getLogger("nbia_proxy.server").addHandler(handler)
+    try:
+        exits = Exits()
+        StopDeadline(0.01, exit=exits).start()
+        assert exits.called.wait(60) and exits.status == 1
+    finally:
+        blocked.set()
+        logging.getLogger("nbia_proxy.server").removeHandler(handler)
+
+    def fails(self: StopDeadline) -> list[str]:
+        raise RuntimeError("frames gone")
+
+    monkeypatch.setattr(StopDeadline, "positions", fails)
+    exits = Exits()
+    StopDeadline(0.01, exit=exits).start()
+    assert exits.called.wait(60) and exits.status == 1
 
 
 def test_a_process_without_a_deadline_starts_none(monkeypatch: pytest.MonkeyPatch) -> None:

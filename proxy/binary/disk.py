@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
 import threading
 from pathlib import Path
 
+#: Where the platform has it (Linux): reads past the page cache.
+DIRECT_FLAG: int = getattr(os, "O_DIRECT", 0)
 #: Bytes read at once for a sha256: an aligned buffer (a direct read needs one) of this size.
 HASH_READ_BYTES = 1024 * 1024
 
@@ -51,42 +54,52 @@ def sha256_of(
 
     ``direct``: read past the page cache (``O_DIRECT``) where the file system allows, so that
     hashing a multi-GB file neither fills the page cache nor pays for it (on a small VM a
-    buffered read of 1 GB cost 2.7 s of CPU against 0.1 s read directly); elsewhere, and
-    without ``direct``, the reads are buffered. ``stop``, once set, ends the reading at the
-    next piece with :class:`Stopped`.
+    buffered read of 1 GB cost 2.7 s of CPU against 0.1 s read directly); where the open or a
+    read refuses it, and without ``direct``, the reads are buffered. ``stop``, once set, ends
+    the reading at the next piece with :class:`Stopped`.
     """
     try:
         fd = _open_for_hashing(path, direct)
     except FileNotFoundError:
         return None
+    digest = hashlib.sha256()
     try:
-        return _hash_reads(fd, path.name, stop)
+        size = os.fstat(fd).st_size
+        with mmap.mmap(-1, HASH_READ_BYTES) as buffer, memoryview(buffer) as view:
+            offset = 0
+            # Up to the size, not to a read of nothing: after the short read of the last
+            # block, a direct read at that unaligned offset would be refused.
+            while offset < size:
+                if stop is not None and stop.is_set():
+                    raise Stopped
+                try:
+                    read = os.preadv(fd, [buffer], offset)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not _is_direct(fd):
+                        raise
+                    # The file system took the flag at open but refuses direct reads (as
+                    # some refuse direct writes: proxy.binary.appender): on, buffered.
+                    _go_buffered(fd)
+                    continue
+                if not read:
+                    raise OSError(errno.EIO, f"{path.name} shrank while it was hashed")
+                digest.update(view[:read])
+                offset += read
     finally:
         os.close(fd)
-
-
-def _hash_reads(fd: int, name: str, stop: threading.Event | None) -> str:
-    # One read, then its hash: reading the next piece in a thread of its own while this one
-    # was hashed (two buffers) was no faster on the benchmark's disk, for 1 MiB more RSS.
-    digest = hashlib.sha256()
-    size = os.fstat(fd).st_size
-    with mmap.mmap(-1, HASH_READ_BYTES) as buffer, memoryview(buffer) as view:
-        offset = 0
-        # Up to the size, not to a read of nothing: after the short read of the last block,
-        # a direct read at that unaligned offset would be refused.
-        while offset < size:
-            if stop is not None and stop.is_set():
-                raise Stopped
-            read = os.preadv(fd, [buffer], offset)
-            if not read:
-                raise OSError(errno.EIO, f"{name} shrank while it was hashed")
-            digest.update(view[:read])
-            offset += read
     return digest.hexdigest()
 
 
+def _is_direct(fd: int) -> bool:
+    return bool(DIRECT_FLAG and fcntl.fcntl(fd, fcntl.F_GETFL) & DIRECT_FLAG)
+
+
+def _go_buffered(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~DIRECT_FLAG)
+
+
 def _open_for_hashing(path: Path, direct: bool) -> int:
-    flag = getattr(os, "O_DIRECT", 0) if direct else 0
+    flag = DIRECT_FLAG if direct else 0
     if flag:
         try:
             return os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)

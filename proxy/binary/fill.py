@@ -72,9 +72,9 @@ WINDOW_BYTES = 2 * 1024 * 1024
 BACKLOG_BYTES = 6 * 1024 * 1024
 #: Bytes handed to the writer threads at once.
 BATCH_BYTES = 3 * 1024 * 1024
-#: Threads of this process's fill writers (two a fill at a time): their own pool, so that
-#: fills never hold up the default executor's short jobs (a hit's lookup, a commit, a read of
-#: a lagging reader); fills beyond four at once queue among themselves.
+#: Threads of this process's fill writers (two a fill at a time, one while it commits): their
+#: own pool, so that fills never hold up the default executor's short jobs (a hit's lookup, a
+#: read of a lagging reader); fills beyond four at once queue among themselves.
 WRITER_THREADS = 8
 #: Kept files remembered per process for requests that raced their fill's commit.
 RECENT_FILES = 256
@@ -654,7 +654,11 @@ class Fills:
                 content_disposition=_header(headers, b"content-disposition"),
                 validation=verdict.level,
             )
-            committing = asyncio.ensure_future(asyncio.to_thread(fill.commit, meta))
+            # On the fill writers' pool: reading a multi-GB file back for its sha256 holds a
+            # thread for seconds, which the default executor's short jobs (a hit's lookup, a
+            # lagging reader's read) must not queue behind.
+            loop = asyncio.get_running_loop()
+            committing = loop.run_in_executor(_writer_threads(), fill.commit, meta)
             kept = await asyncio.shield(committing)
             if kept is not None:
                 self.counters.kept += 1
