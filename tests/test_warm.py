@@ -25,6 +25,7 @@ import pytest
 from tcia_utils import nbia
 
 from proxy.accounts.registry import Registry
+from proxy.binary import files as binary_files
 from proxy.cli import main
 from proxy.db import database_url, make_engine, migrate
 from proxy.tcia import gateway_url_builder
@@ -113,6 +114,32 @@ def test_warm_collection_then_tcia_utils_works_with_the_upstream_down(
     blobs = sorted((tmp_path / "data").rglob("*-*"))
     hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in blobs if p.is_file()}
     assert set(kept.values()) <= hashes  # the record names the kept files' bytes
+
+
+def test_a_warm_run_ends_only_once_its_last_zips_are_kept(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    nbia_upstream: FakeServer,
+    tmp_path: Path,
+) -> None:
+    """A kept file's commit (its sha256 read back from the disk) ends after the client's last
+    byte: the in-process gateway must not be stopped under it, or the run says "ready" for
+    zips it did not keep."""
+    real_sha256_of = binary_files.sha256_of
+
+    def slow_read_back(path: Path, **options: Any) -> str | None:
+        threading.Event().wait(0.5)  # a large file on a slow disk
+        return real_sha256_of(path, **options)
+
+    monkeypatch.setattr(binary_files, "sha256_of", slow_read_back)
+    uids = _series(nbia_upstream, "4D-Lung")
+    code, out = _warm(capsys, nbia_upstream, tmp_path / "data", "--collection", "4D-Lung")
+    assert code == 0, out
+    assert "not kept" not in out
+    record = json.loads((tmp_path / "record.json").read_text())
+    kept = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "data").rglob("*-*") if p.is_file()}
+    assert len(record["series"]) == len(uids)
+    assert len([name for name in kept if len(name) == 64]) == len(uids)
 
 
 def _manifest(path: Path, uids: list[str]) -> Path:

@@ -28,6 +28,7 @@ from typing import Any, Literal, TextIO
 import httpx
 
 from proxy import __version__
+from proxy.binary.fill import Fills
 from proxy.config import Settings
 from proxy.warm import plan, progress
 from proxy.warm.plan import Cohort, Request
@@ -546,7 +547,8 @@ def local_gateway(settings: Settings) -> Iterator[str]:
     # keys do not depend on the lab user, so what it keeps serves every user).
     local = settings.model_copy(update={"host": "127.0.0.1", "port": 0, "access": "open"})
     options = uvicorn_options(local) | {"port": 0, "log_level": "warning", "lifespan": "on"}
-    server = Server(uvicorn.Config(create_app(local), **options))
+    app = create_app(local)
+    server = Server(uvicorn.Config(app, **options))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
     while not server.started:
@@ -557,8 +559,21 @@ def local_gateway(settings: Settings) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        if app.series is not None:
+            _until_committed(app.series.fills)
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def _until_committed(fills: Fills) -> None:
+    """Wait for the commits of downloads every client has read (each reads its file back for
+    the sha256, seconds per GB): stopped, they would keep nothing. Fills still downloading
+    (after Ctrl-C) are not waited for."""
+    deadline = time.monotonic() + READ_TIMEOUT_SECONDS
+    while any(f.checked and not f.done for f in fills.active()):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def is_terminal(stream: TextIO) -> bool:
