@@ -162,8 +162,7 @@ class Appender:
 
     def _go_buffered(self) -> None:
         if self.direct:
-            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~DIRECT_FLAG)
+            clear_direct(self.fd)
             self.direct = False
 
     def _free(self) -> None:
@@ -176,6 +175,16 @@ class Appender:
             # goes when that does.
             with contextlib.suppress(BufferError):
                 buffer.close()
+
+
+def is_direct(fd: int) -> bool:
+    """Whether ``fd``'s reads and writes go past the page cache."""
+    return bool(DIRECT_FLAG and fcntl.fcntl(fd, fcntl.F_GETFL) & DIRECT_FLAG)
+
+
+def clear_direct(fd: int) -> None:
+    """From now on ``fd``'s reads and writes go through the page cache (no alignment)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~DIRECT_FLAG)
 
 
 def _write_fully(fd: int, chunks: Sequence[bytes], offset: int) -> int:

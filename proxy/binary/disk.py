@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import hashlib
 import mmap
 import os
 import threading
 from pathlib import Path
 
-#: Where the platform has it (Linux): reads past the page cache.
-DIRECT_FLAG: int = getattr(os, "O_DIRECT", 0)
+from proxy.binary.appender import DIRECT_FLAG, clear_direct, is_direct
+
 #: Bytes read at once for a sha256: an aligned buffer (a direct read needs one) of this size.
 HASH_READ_BYTES = 1024 * 1024
 
@@ -75,11 +74,11 @@ def sha256_of(
                 try:
                     read = os.preadv(fd, [buffer], offset)
                 except OSError as exc:
-                    if exc.errno != errno.EINVAL or not _is_direct(fd):
+                    if exc.errno != errno.EINVAL or not is_direct(fd):
                         raise
                     # The file system took the flag at open but refuses direct reads (as
                     # some refuse direct writes: proxy.binary.appender): on, buffered.
-                    _go_buffered(fd)
+                    clear_direct(fd)
                     continue
                 if not read:
                     raise OSError(errno.EIO, f"{path.name} shrank while it was hashed")
@@ -88,14 +87,6 @@ def sha256_of(
     finally:
         os.close(fd)
     return digest.hexdigest()
-
-
-def _is_direct(fd: int) -> bool:
-    return bool(DIRECT_FLAG and fcntl.fcntl(fd, fcntl.F_GETFL) & DIRECT_FLAG)
-
-
-def _go_buffered(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~DIRECT_FLAG)
 
 
 def _open_for_hashing(path: Path, direct: bool) -> int:

@@ -3,10 +3,9 @@
 A download is written to a temporary file beside its final name (``<digest>.part-<host>-<pid>-
 <random>``, created exclusively, mode 0600) while it is relayed; only :meth:`Fill.commit`, after
 validation, fsyncs it, reads its sha256 back from the disk, renames it into place
-(``os.replace``) and then writes the row. A crash
-or ``kill -9`` at any moment leaves a ``.part`` file (never served: nothing names it) or a
-complete file without a row (never served either); :meth:`BinaryStore.sweep_leftovers` removes
-both at start.
+(``os.replace``) and then writes the row. A crash or ``kill -9`` at any moment leaves a ``.part``
+file (never served: nothing names it) or a complete file without a row (never served either);
+:meth:`BinaryStore.sweep_leftovers` removes both at start.
 
 Layout: ``<binary_dir>/<d[0:2]>/<d[2:4]>/<digest>-<sha256[:16]>``, ``digest`` being the request's
 cache key (:class:`proxy.cache.policy.CacheKey`). The content hash in the name means a file never
@@ -32,12 +31,11 @@ Blocking I/O throughout (file system and database), and the store is thread-safe
 touches the database or fsyncs (:meth:`BinaryStore.lookup`, :meth:`Fill.commit`, the sweep,
 eviction) belongs in a thread (``asyncio.to_thread``), never on the event loop;
 :meth:`Fill.append` writes through :mod:`proxy.binary.appender` (past the page cache where the
-file system allows), batched per thread hop by the caller. Writes are rare (one row per
-download) and small, so unlike the metadata cache there is no
-writer thread; the served times are batched (:meth:`BinaryStore.touch`). Failures to write (a
-full disk, a directory that is not writable, the database) never raise into the relay: the fill
-turns broken, the store counts it and logs it once (then once a minute with a count), and the
-download goes on uncached.
+file system allows), batched per thread hop by the caller. Writes are rare (one row per download)
+and small, so unlike the metadata cache there is no writer thread; the served times are batched
+(:meth:`BinaryStore.touch`). Failures to write (a full disk, a directory that is not writable,
+the database) never raise into the relay: the fill turns broken, the store counts it and logs it
+once (then once a minute with a count), and the download goes on uncached.
 """
 
 from __future__ import annotations
